@@ -1,0 +1,167 @@
+"""Storage backends: named objects, written whole.
+
+A repository is a set of named objects (``config``, ``data/ab/abcd…``,
+``index/…``, ``snapshots/…``).  A backend stores them and knows nothing of
+what they mean.  The protocol is what S3-compatible object storage offers:
+whole-object put, get (optionally a byte range), list by prefix, delete.
+There is no rename, no append and no lock, so everything above is built from
+whole-object writes and works the same on a local directory and a bucket.
+
+``LocalBackend`` keeps objects as files.  A put writes a temporary file,
+fsyncs it, renames it into place and fsyncs the directory, so an object is
+either absent or complete, whatever moment a crash comes at.  Files are
+created 0600 and directories 0700: backups hold the whole database.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from pathlib import Path
+from typing import Iterator, Protocol
+
+from .errors import FpvaultError, RepositoryDamaged
+
+# Temporary files carry this marker; list() never shows them and a crash can
+# leave them behind harmlessly.
+TEMP_MARKER = ".tmp-"
+
+
+class Backend(Protocol):
+    """What fpvault needs from a storage location."""
+
+    def put(self, name: str, data: bytes) -> None:
+        """Store ``data`` as ``name``, atomically and durably."""
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Return the object, or ``length`` bytes of it from ``offset``."""
+
+    def exists(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int: ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Names under ``prefix`` (a folder-like path ending in ``/``)."""
+
+    def delete(self, name: str) -> None: ...
+
+    def describe(self) -> str:
+        """Where this backend stores, for messages."""
+
+
+class ObjectMissing(RepositoryDamaged):
+    """A named object the repository refers to is not there."""
+
+
+class LocalBackend:
+    """A repository in a local directory."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = Path(root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+    def _path(self, name: str) -> Path:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"bad object name {name!r}")
+        return self.root / name
+
+    def put(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        self._makedirs(path.parent)
+        tmp = path.with_name(path.name + TEMP_MARKER + secrets.token_hex(4))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as exc:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise _storage_error(exc, f"writing {name}", self.root) from exc
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        path = self._path(name)
+        try:
+            with open(path, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                data = f.read() if length is None else f.read(length)
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"{name} is missing from the repository at {self.root}; "
+                                "run 'fpvault verify' to see what it affects.") from exc
+        except OSError as exc:
+            raise _storage_error(exc, f"reading {name}", self.root) from exc
+        if length is not None and len(data) != length:
+            raise RepositoryDamaged(f"{name} in {self.root} is shorter than the index says "
+                                    f"(wanted {length} bytes at offset {offset}); "
+                                    "run 'fpvault verify'.")
+        return data
+
+    def exists(self, name: str) -> bool:
+        return self._path(name).is_file()
+
+    def size(self, name: str) -> int:
+        try:
+            return self._path(name).stat().st_size
+        except FileNotFoundError as exc:
+            raise ObjectMissing(f"{name} is missing from the repository at {self.root}.") from exc
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for filename in filenames:
+                if TEMP_MARKER in filename:
+                    continue
+                full = Path(dirpath) / filename
+                yield full.relative_to(self.root).as_posix()
+
+    def delete(self, name: str) -> None:
+        try:
+            self._path(name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def _makedirs(self, path: Path) -> None:
+        if path.is_dir():
+            return
+        self._makedirs(path.parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _storage_error(exc, f"creating {path}", self.root) from exc
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(exc: OSError, doing: str, root: Path) -> FpvaultError:
+    if exc.errno == errno.ENOSPC:
+        return FpvaultError(f"No space left on the device of {root} while {doing}; "
+                            "free some space (or run 'fpvault prune') and try again. "
+                            "Nothing was committed.")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FpvaultError(f"Permission denied while {doing} in {root}: {exc.strerror}. "
+                            "Check the repository's owner and mode.")
+    return FpvaultError(f"Storage error while {doing} in {root}: {exc.strerror or exc}.")

@@ -1,0 +1,241 @@
+"""The chunk store: put and get blobs by the hash of their content.
+
+``put`` hashes a blob, skips it when the repository (or this session) already
+has it, compresses it, checks that the compressed bytes decode back to the
+same content, and adds it to the open pack.  ``flush`` writes the open pack
+and an *index* file naming every blob added since the last flush: the index
+is what makes blobs findable, so a blob is only part of the repository once
+the index file that names it exists.  ``get`` reads a blob back and re-hashes
+it before returning it.
+
+The *index* maps blob id -> (pack id, entry).  It is the union of all
+``index/<id>`` objects, each a zstd-compressed msgpack list of
+``(pack id, [entry, ...])``, named by the hash of its bytes.
+
+The store is safe to use from several threads: hashing and compression run
+outside the lock (blake3 and zstd release the GIL), only the bookkeeping runs
+inside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import msgspec
+import zstandard
+
+from . import packs
+from .backend import Backend
+from .errors import RepositoryDamaged
+from .packs import BlobEntry
+
+INDEX_PREFIX = "index/"
+
+_index_encoder = msgspec.msgpack.Encoder()
+_index_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, list[BlobEntry]]])
+
+
+class BlobDamaged(RepositoryDamaged):
+    """A blob is missing from the index, or does not match its hash."""
+
+    def __init__(self, blob: bytes, why: str):
+        super().__init__(f"blob {blob.hex()[:16]} is damaged: {why}")
+        self.blob = blob
+        self.why = why
+
+
+@dataclass
+class StoreStats:
+    blobs_added: int = 0
+    bytes_added: int = 0      # stored bytes written: packs and index files
+    raw_bytes_added: int = 0  # plaintext bytes of new blobs
+
+
+class Index:
+    """Which blob lives in which pack, loaded from every index file."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[bytes, tuple[bytes, BlobEntry]] = {}
+        self.files: list[str] = []
+
+    @classmethod
+    def load(cls, backend: Backend) -> "Index":
+        index = cls()
+        for name in sorted(backend.list(INDEX_PREFIX)):
+            index.add_file(name, backend.get(name))
+        return index
+
+    def add_file(self, name: str, data: bytes) -> None:
+        for pack_id, entries in decode_index(name, data):
+            self.add_pack(pack_id, entries)
+        self.files.append(name)
+
+    def add_pack(self, pack_id: bytes, entries: Iterable[BlobEntry]) -> None:
+        for e in entries:
+            self.blobs[e.id] = (pack_id, e)
+
+    def __contains__(self, blob: bytes) -> bool:
+        return blob in self.blobs
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def packs(self) -> set[bytes]:
+        return {pack_id for pack_id, _ in self.blobs.values()}
+
+
+def encode_index(packs_entries: list[tuple[bytes, list[BlobEntry]]]) -> tuple[str, bytes]:
+    raw = _index_encoder.encode(packs_entries)
+    name = INDEX_PREFIX + packs.blob_id(raw).hex()
+    return name, zstandard.ZstdCompressor(level=3).compress(raw)
+
+
+def decode_index(name: str, data: bytes) -> list[tuple[bytes, list[BlobEntry]]]:
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data)
+    except zstandard.ZstdError as exc:
+        raise RepositoryDamaged(f"index file {name} does not decompress ({exc}); "
+                                "rebuild it from the packs.") from exc
+    if packs.blob_id(raw).hex() != name.rsplit("/", 1)[-1]:
+        raise RepositoryDamaged(f"index file {name} does not match its hash; "
+                                "rebuild it from the packs.")
+    return _index_decoder.decode(raw)
+
+
+class ChunkStore:
+    """Content-addressed blobs over a backend."""
+
+    def __init__(self, backend: Backend, index: Index, level: int = 3):
+        self.backend = backend
+        self.index = index
+        self.level = level
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._pending: set[bytes] = set()     # added this session, maybe not yet indexed
+        self._builder = packs.PackBuilder()
+        self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
+
+    # -- codecs, one per thread (zstd contexts are not thread-safe)
+
+    def _cctx(self) -> zstandard.ZstdCompressor:
+        c = getattr(self._local, "cctx", None)
+        if c is None:
+            c = self._local.cctx = zstandard.ZstdCompressor(level=self.level)
+        return c
+
+    def _dctx(self) -> zstandard.ZstdDecompressor:
+        d = getattr(self._local, "dctx", None)
+        if d is None:
+            d = self._local.dctx = zstandard.ZstdDecompressor()
+        return d
+
+    # -- writing
+
+    def put(self, data: bytes, type: int = packs.DATA) -> bytes:
+        """Store ``data`` unless it is already stored; return its id."""
+        blob = packs.blob_id(data)
+        with self._lock:
+            if blob in self.index or blob in self._pending:
+                return blob
+            self._pending.add(blob)
+        try:
+            stored = self._cctx().compress(data)
+            encoding = packs.ZSTD
+            if len(stored) >= len(data):
+                stored, encoding = bytes(data), packs.RAW
+            elif self._dctx().decompress(stored, max_output_size=len(data)) != data:
+                raise RepositoryDamaged("zstd did not round-trip a chunk; refusing to store it "
+                                        "(this is a bug or failing memory).")
+        except BaseException:
+            with self._lock:
+                self._pending.discard(blob)
+            raise
+        with self._lock:
+            self._builder.add(blob, type, stored, len(data), encoding)
+            self.stats.blobs_added += 1
+            self.stats.raw_bytes_added += len(data)
+            if len(self._builder) >= packs.PACK_TARGET_SIZE:
+                self._write_pack()
+        return blob
+
+    def _write_pack(self) -> None:
+        builder, self._builder = self._builder, packs.PackBuilder()
+        pack_id, data = builder.finish()
+        self.backend.put(packs.pack_name(pack_id), data)
+        self.stats.bytes_added += len(data)
+        self._unindexed.append((pack_id, builder.entries))
+
+    def flush(self) -> None:
+        """Write the open pack and an index file for every pack written since."""
+        with self._lock:
+            if self._builder.entries:
+                self._write_pack()
+            if not self._unindexed:
+                return
+            name, data = encode_index(self._unindexed)
+            self.backend.put(name, data)
+            self.stats.bytes_added += len(data)
+            for pack_id, entries in self._unindexed:
+                self.index.add_pack(pack_id, entries)
+            self.index.files.append(name)
+            self._unindexed = []
+            self._pending.clear()
+
+    # -- reading
+
+    def get(self, blob: bytes) -> bytes:
+        """The plaintext of ``blob``, checked against its hash."""
+        try:
+            pack_id, e = self.index.blobs[blob]
+        except KeyError:
+            raise BlobDamaged(blob, "it is not in the index") from None
+        stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
+        return self.decode(blob, e, stored)
+
+    def decode(self, blob: bytes, e: BlobEntry, stored: bytes) -> bytes:
+        if e.encoding == packs.RAW:
+            data = stored
+        elif e.encoding == packs.ZSTD:
+            try:
+                data = self._dctx().decompress(stored, max_output_size=e.raw_length)
+            except zstandard.ZstdError as exc:
+                raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
+        else:
+            raise BlobDamaged(blob, f"unknown encoding {e.encoding} (written by a newer fpvault?)")
+        if len(data) != e.raw_length or packs.blob_id(data) != blob:
+            raise BlobDamaged(blob, "its content does not match its hash")
+        return data
+
+    def get_many(self, blobs: Iterable[bytes]) -> Iterator[bytes]:
+        for blob in blobs:
+            yield self.get(blob)
+
+    # -- chunk lists
+
+    def put_list(self, chunks: list[tuple[bytes, int]]) -> bytes:
+        return self.put(encode_list(chunks), packs.LIST)
+
+    def get_list(self, blob: bytes) -> list[tuple[bytes, int]]:
+        return decode_list(blob, self.get(blob))
+
+
+# A chunk list is the concatenation of (32-byte id, 4-byte little-endian size).
+_LIST_ITEM = 36
+
+
+def encode_list(chunks: list[tuple[bytes, int]]) -> bytes:
+    out = bytearray()
+    for blob, size in chunks:
+        out += blob
+        out += size.to_bytes(4, "little")
+    return bytes(out)
+
+
+def decode_list(blob: bytes, data: bytes) -> list[tuple[bytes, int]]:
+    if len(data) % _LIST_ITEM:
+        raise BlobDamaged(blob, "chunk list has a partial entry")
+    return [(data[i:i + 32], int.from_bytes(data[i + 32:i + 36], "little"))
+            for i in range(0, len(data), _LIST_ITEM)]

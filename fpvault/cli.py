@@ -1,0 +1,344 @@
+"""The command line: parse, call one function, render text or JSON.
+
+This is the only place where errors become exit codes (cli.md): 0 success,
+1 failed, 2 usage, 3 repository damaged, 4 locked, 5 database unreachable or
+refused.  No traceback is shown unless ``--debug`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import click
+
+from . import restore as restore_mod
+from . import snapshot as snapshot_mod
+from .errors import FpvaultError
+from .manifest import Snapshot
+from .vault import Vault, default_repo, parse_time, snapshot_id
+
+
+class Ctx:
+    def __init__(self) -> None:
+        self.repo: str | None = None
+        self.quiet = False
+        self.debug = False
+
+    def location(self) -> str:
+        return self.repo or os.environ.get("FPVAULT_REPO") or default_repo()
+
+    def open(self, create: bool = False) -> Vault:
+        return Vault.open(self.location(), create=create)
+
+
+def _set_repo(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(Ctx).repo = value
+
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).quiet = True
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).debug = True
+
+
+def common_options(f):
+    """-r/--repo, -q and --debug are accepted before or after the command name."""
+    f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
+                     help="Show tracebacks.")(f)
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                     help="Print nothing but errors (and the result a script needs).")(f)
+    f = click.option("-r", "--repo", metavar="PATH", expose_value=False, callback=_set_repo,
+                     help="Repository (default: $FPVAULT_REPO, else "
+                          "$XDG_DATA_HOME/fpvault or ~/.local/share/fpvault).")(f)
+    return f
+
+
+def info(ctx: Ctx, msg: str, json_mode: bool = False) -> None:
+    """Human output: stdout normally, stderr when stdout carries JSON."""
+    if ctx.quiet:
+        return
+    click.echo(msg, err=json_mode)
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def local_time(iso: str) -> str:
+    return parse_time(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog="Example:\n\n\b\n  fpvault init -r /backups/app\n"
+                    "  fpvault snap -r /backups/app -d appdb --tag nightly\n"
+                    "  fpvault restore -r /backups/app latest --to newdb")
+@common_options
+@click.version_option(package_name="fpvault")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Incremental, deduplicated history of a PostgreSQL database.
+
+    Every snapshot is a complete, consistent logical backup (schema and
+    data); unchanged data is stored once.
+    """
+    ctx.ensure_object(Ctx)
+
+
+@cli.command(epilog="Example:\n\n\b\n  fpvault init -r /backups/app")
+@common_options
+@click.pass_obj
+def init(ctx: Ctx) -> None:
+    """Create an empty repository (an error if one exists there)."""
+    vault = Vault.create(ctx.location())
+    info(ctx, f"Created repository {vault.config.id[:8]} at {vault.backend.describe()}")
+
+
+class TermProgress(snapshot_mod.Progress):
+    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+
+    def __init__(self) -> None:
+        self.tables = self.done = 0
+        self.total = self.read = 0
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def start(self, tables: int, total_bytes: int) -> None:
+        self.tables, self.total = tables, total_bytes
+
+    def advance(self, nbytes: int) -> None:
+        with self._lock:
+            self.read += nbytes
+            self._draw()
+
+    def table_done(self, qname: str) -> None:
+        with self._lock:
+            self.done += 1
+            self._draw(force=True)
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        rate = self.read / max(now - self.started, 1e-6)
+        click.echo(f"\r  tables {self.done}/{self.tables}  read {human_bytes(self.read)}"
+                   f"  {human_bytes(rate)}/s   ", nl=False, err=True)
+
+    def finish(self) -> None:
+        click.echo("\r" + " " * 70 + "\r", nl=False, err=True)
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault snap -d appdb --tag before-migration\n"
+                    "  fpvault snap -d 'host=db1 user=backup dbname=app' -n public -j 2 --json")
+@click.option("-d", "--dbname", "conninfo", default="", metavar="CONNINFO",
+              help="Database name, key=value string or postgresql:// URI (PG* variables, "
+                   "~/.pgpass and services fill in the rest).")
+@click.option("--tag", "tags", multiple=True, help="Label the snapshot (repeatable).")
+@click.option("-n", "--schema", "schemas", multiple=True, metavar="PATTERN",
+              help="Only these schemas (pg_dump patterns, repeatable).")
+@click.option("-N", "--exclude-schema", "exclude_schemas", multiple=True, metavar="PATTERN",
+              help="Leave out these schemas.")
+@click.option("-t", "--table", "tables", multiple=True, metavar="PATTERN",
+              help="Only these tables.")
+@click.option("-T", "--exclude-table", "exclude_tables", multiple=True, metavar="PATTERN",
+              help="Leave out these tables.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Connections reading tables in parallel (all in one snapshot).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclude_tables,
+         jobs: int, as_json: bool) -> None:
+    """Take a snapshot of a database.
+
+    Creates the default repository on first use.  Text output ends with the
+    snapshot id on its own line (printed even with -q).
+    """
+    vault = ctx.open(create=True)
+    progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
+    filters = snapshot_mod.Filters(schemas, exclude_schemas, tables, exclude_tables)
+    result = snapshot_mod.take(vault, conninfo, tags=tags, filters=filters, jobs=jobs,
+                               progress=progress)
+    s = result.snapshot
+    if as_json:
+        emit_json({"id": result.id, "time": s.time, "tables": len(s.tables), "rows": s.rows,
+                   "bytes_read": result.bytes_read, "bytes_added": result.bytes_added,
+                   "seconds": round(result.seconds, 3)})
+        return
+    info(ctx, f"snapshot of {s.source.database} (PostgreSQL {s.source.server_version}): "
+              f"{len(s.tables)} tables, {s.rows} rows, {len(s.sequences)} sequences, "
+              f"{len(s.large_objects)} large objects")
+    info(ctx, f"read {human_bytes(result.bytes_read)}, added {human_bytes(result.bytes_added)} "
+              f"in {result.seconds:.1f} s")
+    click.echo(result.id)
+
+
+def _snapshot_row(s: Snapshot) -> dict[str, Any]:
+    return {"id": snapshot_id(s), "time": s.time, "tags": s.tags, "database": s.source.database,
+            "tables": len(s.tables), "rows": s.rows, "bytes": s.bytes,
+            "bytes_added": s.bytes_added}
+
+
+@cli.command(name="list", epilog="Examples:\n\n\b\n  fpvault list\n  fpvault list --tag nightly --json")
+@click.option("--tag", "tags", multiple=True, help="Only snapshots with this tag (repeatable: any).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def list_(ctx: Ctx, tags, as_json: bool) -> None:
+    """List snapshots, oldest first."""
+    snaps = [s for s in ctx.open().snapshots() if not tags or set(tags) & set(s.tags)]
+    rows = [_snapshot_row(s) for s in snaps]
+    if as_json:
+        emit_json(rows)
+        return
+    header = f"{'id':<8}  {'time':<19}  {'database':<16} {'tables':>6} {'rows':>11} {'size':>10} {'added':>10}  tags"
+    click.echo(header)
+    for r in rows:
+        click.echo(f"{r['id'][:8]:<8}  {local_time(r['time']):<19}  {r['database'][:16]:<16} "
+                   f"{r['tables']:>6} {r['rows']:>11} {human_bytes(r['bytes']):>10} "
+                   f"{human_bytes(r['bytes_added']):>10}  {','.join(r['tags'])}")
+    info(ctx, f"{len(rows)} snapshots")
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault show latest\n  fpvault show 3f2a91c0 --json")
+@click.argument("snapshot")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
+    """Show a snapshot's tables in restore order, with rows and bytes."""
+    sid, s = ctx.open().resolve(snapshot)
+    tables = [{"name": t.qname, "rows": t.rows, "bytes": t.data.bytes,
+               "key": t.key, "chunks": t.data.chunks} for t in s.tables]
+    if as_json:
+        emit_json({"id": sid, "time": s.time, "tags": s.tags, "database": s.source.database,
+                   "server_version": s.source.server_version, "tables": tables,
+                   "sequences": [{"name": q.qname, "last_value": q.last_value,
+                                  "is_called": q.is_called} for q in s.sequences],
+                   "large_objects": [{"oid": lo.oid, "bytes": lo.data.bytes}
+                                     for lo in s.large_objects]})
+        return
+    src = s.source
+    click.echo(f"snapshot {sid}\ntime     {local_time(s.time)}\ntags     {', '.join(s.tags)}\n"
+               f"source   {src.database} on {src.host}:{src.port} as {src.user} "
+               f"(PostgreSQL {src.server_version}, {src.encoding})")
+    if s.filters:
+        click.echo("filters  " + "; ".join(f"{k}={','.join(v)}" for k, v in s.filters.items()))
+    click.echo(f"\n{'rows':>11} {'size':>10}  table")
+    for t in tables:
+        click.echo(f"{t['rows']:>11} {human_bytes(t['bytes']):>10}  {t['name']}")
+    click.echo(f"\n{len(tables)} tables, {s.rows} rows, {human_bytes(s.bytes)}; "
+               f"{len(s.sequences)} sequences, {len(s.large_objects)} large objects")
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault restore latest --to newdb\n"
+                    "  fpvault restore latest~3 -t public.orders --data-only --to appdb\n"
+                    "  fpvault restore --at '2026-11-25 08:00' -o before.sql")
+@click.argument("snapshot", required=False)
+@click.option("--to", "to", metavar="CONNINFO", help="Restore into this database.")
+@click.option("-o", "--output", metavar="FILE|-", help="Write a SQL script ('-': stdout).")
+@click.option("--schema-only", is_flag=True, help="Only the schema, no data.")
+@click.option("--data-only", is_flag=True,
+              help="Only data, into an existing schema (needs a superuser: triggers and "
+                   "foreign-key checks are off while loading).")
+@click.option("-t", "--table", "tables", multiple=True, metavar="TABLE",
+              help="Only this table (schema.table; repeatable).")
+@click.option("--no-owner", is_flag=True, help="Do not set object owners.")
+@click.option("--no-privileges", is_flag=True, help="Do not restore grants.")
+@click.option("--at", "at", metavar="TIME",
+              help="Use the latest snapshot taken at or before TIME (ISO 8601) instead of SNAPSHOT.")
+@common_options
+@click.pass_obj
+def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
+            schema_only: bool, data_only: bool, tables, no_owner: bool, no_privileges: bool,
+            at: str | None) -> None:
+    """Restore a snapshot into a database, or write it as a SQL script.
+
+    A full restore needs an empty database and runs in one transaction:
+    if anything fails, the database is left as it was.  The script loads
+    with: psql -X -v ON_ERROR_STOP=1 -f FILE
+    """
+    if (to is None) == (output is None):
+        raise click.UsageError("Give exactly one of --to CONNINFO or -o FILE.")
+    if (snapshot is None) == (at is None):
+        raise click.UsageError("Give a SNAPSHOT or --at TIME (one of them).")
+    vault = ctx.open()
+    sid, s = vault.resolve_at(at) if at else vault.resolve(snapshot)
+    opts = restore_mod.Options(schema_only=schema_only, data_only=data_only, tables=tables,
+                               no_owner=no_owner, no_privileges=no_privileges)
+    plan = restore_mod.make_plan(vault, sid, s, opts)
+    started = time.monotonic()
+    if to is not None:
+        restore_mod.to_database(vault, plan, to)
+        info(ctx, f"restored snapshot {sid[:8]} ({len(plan.tables)} tables) in "
+                  f"{time.monotonic() - started:.1f} s", json_mode=True)
+        return
+    if output == "-":
+        restore_mod.to_script(vault, plan, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+        return
+    tmp = output + ".partial"
+    try:
+        with open(tmp, "wb") as f:
+            restore_mod.to_script(vault, plan, f)
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}", json_mode=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ctx = Ctx()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, obj=ctx, standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except FpvaultError as exc:
+        if debug:
+            raise
+        click.echo(f"fpvault: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("Interrupted; nothing was committed.", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: say so plainly
+        if debug:
+            raise
+        click.echo(f"fpvault: internal error: {type(exc).__name__}: {exc}. "
+                   "Rerun with --debug for a traceback and report it.", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Snapshot manifests and the repository config: msgspec structs.
+
+A *snapshot manifest* describes one complete backup: when, of what (the
+source, never a password), the schema (as blobs), and the ordered *table
+entries*, sequences and large objects.  Streams are referred to by the id of
+their chunk list, so a table that did not change adds only that reference.
+
+A manifest is stored as ``snapshots/<id>``, zstd-compressed JSON, where the
+id is the BLAKE3 hash of the JSON.  It is written last, after every blob and
+index it refers to, so a snapshot either exists whole or not at all.
+
+Format rules: ``FORMAT_VERSION`` changes only when an older fpvault could
+misread new data; new fields always get defaults, so older manifests keep
+decoding (tests/data holds a frozen repository that checks this).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+FORMAT_VERSION = 1
+
+
+class Stream(msgspec.Struct, kw_only=True):
+    """A byte stream stored as chunks."""
+
+    list: str             # hex id of the chunk list blob
+    bytes: int            # plaintext length
+    hash: str             # hex BLAKE3 of the whole stream
+    chunks: int = 0       # number of chunks
+
+
+class TableEntry(msgspec.Struct, kw_only=True):
+    """One table in one snapshot."""
+
+    schema: str
+    name: str
+    qname: str                        # as PostgreSQL quotes it: "Weird Schema"."T"
+    oid: int                          # in the source database, for the schema archive
+    columns: list[str]                # COPY column list (no generated or dropped columns)
+    key: list[str] = []               # ORDER BY key; empty: physical order, a bag of rows
+    rows: int = 0
+    data: Stream
+    relkind: str = "r"
+    persistence: str = "p"            # p permanent, u unlogged
+    parent: str | None = None         # partitioned parent (qname) for a leaf partition
+    related_oids: list[int] = []      # indexes, constraints, triggers, policies... of the table
+    owned_sequences: list[str] = []   # qnames
+
+
+class SequenceState(msgspec.Struct, kw_only=True):
+    qname: str
+    oid: int
+    last_value: int
+    is_called: bool
+
+
+class LargeObject(msgspec.Struct, kw_only=True):
+    oid: int
+    data: Stream
+
+
+class Source(msgspec.Struct, kw_only=True):
+    """What was backed up; never a password."""
+
+    host: str = ""
+    port: str = ""
+    database: str = ""
+    user: str = ""
+    server_version: str = ""
+    server_version_num: int = 0
+    encoding: str = "UTF8"
+    pg_dump_version: str = ""
+
+
+class SchemaBlobs(msgspec.Struct, kw_only=True):
+    """The schema: pg_dump's custom archive (pre-data + post-data), and its text."""
+
+    archive: Stream
+    pre_data: Stream
+    post_data: Stream
+
+
+class Snapshot(msgspec.Struct, kw_only=True, dict=True):
+    """A snapshot manifest.  Its id is the hash of its encoding, so it is not a
+    field: ``Vault`` sets the undeclared attribute ``id`` when it reads or writes one."""
+
+    version: int = FORMAT_VERSION
+    time: str                          # ISO 8601, UTC
+    tags: list[str] = []
+    hostname: str = ""                 # the machine fpvault ran on
+    source: Source
+    filters: dict[str, list[str]] = {}
+    schema: SchemaBlobs
+    tables: list[TableEntry] = []
+    sequences: list[SequenceState] = []
+    large_objects: list[LargeObject] = []
+    seconds: float = 0.0
+    bytes_added: int = 0
+
+    @property
+    def rows(self) -> int:
+        return sum(t.rows for t in self.tables)
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.data.bytes for t in self.tables) + sum(lo.data.bytes for lo in self.large_objects)
+
+
+class ChunkerParams(msgspec.Struct, kw_only=True):
+    avg_size: int
+    min_size: int
+    max_size: int
+
+
+class Config(msgspec.Struct, kw_only=True):
+    """The ``config`` object: fixed at init."""
+
+    version: int = FORMAT_VERSION
+    id: str
+    created: str
+    chunker: ChunkerParams
+    compression_level: int = 3
+
+
+json_encoder = msgspec.json.Encoder()
+
+
+def decode_snapshot(data: bytes) -> Snapshot:
+    return msgspec.json.decode(data, type=Snapshot)
+
+
+def decode_config(data: bytes) -> Config:
+    return msgspec.json.decode(data, type=Config)

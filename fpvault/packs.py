@@ -1,0 +1,112 @@
+"""Pack files: many compressed blobs in one object.
+
+A *blob* is a stored piece of content addressed by the BLAKE3 hash of its
+plaintext: a data chunk of a COPY stream, a chunk list, or a piece of schema.
+Blobs are stored in *packs* (target ``PACK_TARGET_SIZE``) so a repository is
+not millions of small files and maps well onto object storage.
+
+Layout of a pack (docs/format.md has the authoritative description)::
+
+    MAGIC (8 bytes)
+    blob 0 bytes, blob 1 bytes, ...          encoded as each entry says
+    trailer: zstd(msgpack([entry, ...]))
+    trailer length (4 bytes, little endian)
+    TRAILER_MAGIC (8 bytes)
+
+The trailer repeats what the index says of each blob, so the index can be
+rebuilt from the packs alone.  A pack's name is the BLAKE3 hash of its bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import blake3
+import msgspec
+import zstandard
+
+MAGIC = b"FPVPACK1"
+TRAILER_MAGIC = b"FPVPEND1"
+# Large enough that a 10 GB database is a few hundred objects; small enough
+# that a pack is buffered in memory while it fills, and uploads in one PUT.
+PACK_TARGET_SIZE = 32 * 1024 * 1024
+
+# Blob types.
+DATA = 0   # a chunk of a table's COPY stream or of a large object
+LIST = 1   # a chunk list: the ids and sizes of a stream's chunks
+META = 2   # schema text, the pg_dump archive
+
+# Encodings of a blob's bytes in a pack.
+RAW = 0    # stored as is (zstd did not make it smaller)
+ZSTD = 1   # a zstd frame
+
+
+class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
+    """Where one blob lives in its pack and how it is encoded."""
+
+    id: bytes
+    type: int
+    offset: int
+    length: int       # stored bytes
+    raw_length: int   # plaintext bytes
+    encoding: int
+
+
+_trailer_encoder = msgspec.msgpack.Encoder()
+_trailer_decoder = msgspec.msgpack.Decoder(list[BlobEntry])
+
+
+def blob_id(data: bytes | memoryview) -> bytes:
+    return blake3.blake3(data, max_threads=1).digest()
+
+
+def pack_name(pack_id: bytes) -> str:
+    hexid = pack_id.hex()
+    return f"data/{hexid[:2]}/{hexid}"
+
+
+class PackBuilder:
+    """Accumulates encoded blobs in memory until the pack is full."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(MAGIC)
+        self.entries: list[BlobEntry] = []
+
+    def add(self, id: bytes, type: int, stored: bytes, raw_length: int, encoding: int) -> None:
+        self.entries.append(BlobEntry(id, type, len(self.buf), len(stored), raw_length, encoding))
+        self.buf += stored
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """Return (pack id, pack bytes)."""
+        trailer = zstandard.ZstdCompressor(level=3).compress(_trailer_encoder.encode(self.entries))
+        self.buf += trailer
+        self.buf += struct.pack("<I", len(trailer))
+        self.buf += TRAILER_MAGIC
+        data = bytes(self.buf)
+        return blob_id(data), data
+
+
+class PackFormatError(ValueError):
+    pass
+
+
+def read_trailer(data: bytes) -> list[BlobEntry]:
+    """Entries of a whole pack; raises PackFormatError if it is malformed."""
+    if len(data) < len(MAGIC) + 12 or not data.startswith(MAGIC) or not data.endswith(TRAILER_MAGIC):
+        raise PackFormatError("not a pack file, or truncated")
+    (tlen,) = struct.unpack("<I", data[-12:-8])
+    start = len(data) - 12 - tlen
+    if start < len(MAGIC):
+        raise PackFormatError("trailer length out of range")
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data[start:len(data) - 12])
+        entries = _trailer_decoder.decode(raw)
+    except (zstandard.ZstdError, msgspec.DecodeError) as exc:
+        raise PackFormatError(f"trailer does not decode: {exc}") from exc
+    for e in entries:
+        if e.offset < len(MAGIC) or e.offset + e.length > start:
+            raise PackFormatError("blob outside the pack body")
+    return entries

@@ -1,0 +1,263 @@
+"""The PostgreSQL side: connections, the exported snapshot, the catalog, COPY out.
+
+Terms:
+
+- *conninfo*: what the user gave with ``-d``: a database name, ``key=value``
+  pairs or a ``postgresql://`` URI; libpq fills in the rest from ``PG*``
+  variables, ``~/.pgpass`` and service files, as psql does.
+- *leader*: the connection that exports the snapshot and holds it (and the
+  ACCESS SHARE locks) open until every reader is done, as pg_dump -j does.
+- *worker*: a further connection that joins the exported snapshot.
+
+Sessions are set up like pg_dump's (see ``SESSION_SETTINGS``).  In particular
+``row_security = off``: with it on, FORCE ROW LEVEL SECURITY would silently
+drop rows; off, a role that cannot bypass RLS gets an error, which is what a
+backup wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from .errors import DatabaseError, SnapshotFailed
+
+SESSION_SETTINGS = {
+    "DateStyle": "ISO",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "3",
+    "synchronize_seqscans": "off",
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+    "row_security": "off",
+}
+
+# Large objects are read in pieces of this size, to bound memory.
+LO_READ_SIZE = 1024 * 1024
+
+
+def conninfo_params(conninfo: str) -> dict[str, str]:
+    try:
+        return conninfo_to_dict(conninfo or "")
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseError(f"Cannot read the connection string: {exc}. Give a database name, "
+                            "key=value pairs or a postgresql:// URI.") from None
+
+
+def safe_conninfo(conninfo: str) -> tuple[str, str | None]:
+    """The conninfo without its password, and the password (for PGPASSWORD)."""
+    params = conninfo_params(conninfo)
+    password = params.pop("password", None)
+    return make_conninfo(**params), password
+
+
+def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
+    params = conninfo_params(conninfo)
+    try:
+        conn = psycopg.connect(conninfo or "", autocommit=True, connect_timeout=params.get(
+            "connect_timeout") or 30)
+    except psycopg.Error as exc:
+        where = describe(conninfo)
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(f"Cannot connect to {where}{' ' + purpose if purpose else ''}: {msg}. "
+                            "Check -d/--dbname and the PG* environment variables.") from None
+    return conn
+
+
+def describe(conninfo: str) -> str:
+    """Where a conninfo points, for messages (never the password)."""
+    p = conninfo_params(conninfo)
+    db = p.get("dbname") or p.get("user") or "the default database"
+    host = p.get("host") or p.get("hostaddr") or ""
+    port = p.get("port") or ""
+    where = f"{host}:{port}" if host and port else host or (f"port {port}" if port else "")
+    return f"database {db!r}" + (f" on {where}" if where else "")
+
+
+def setup_session(conn: psycopg.Connection) -> None:
+    with conn.cursor() as cur:
+        for name, value in SESSION_SETTINGS.items():
+            cur.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+
+
+def begin_snapshot(conn: psycopg.Connection, snapshot: str | None = None) -> str:
+    """Start the repeatable-read transaction; export or join a snapshot."""
+    with conn.cursor() as cur:
+        cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        if snapshot is None:
+            cur.execute("SELECT pg_catalog.pg_export_snapshot()")
+            return cur.fetchone()[0]
+        cur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        return snapshot
+
+
+@dataclass
+class TableInfo:
+    oid: int
+    schema: str
+    name: str
+    qname: str
+    relkind: str
+    persistence: str
+    parent: str | None
+    columns: list[str] = field(default_factory=list)
+    key: list[str] = field(default_factory=list)
+    related_oids: list[int] = field(default_factory=list)
+    owned_sequences: list[str] = field(default_factory=list)
+    size: int = 0
+
+    def copy_statement(self) -> sql.Composed:
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
+        table = sql.SQL(self.qname)
+        if self.key:
+            order = sql.SQL(", ").join(sql.Identifier(c) for c in self.key)
+            # ONLY: an inheritance parent's COPY stream holds its own rows, not its children's.
+            return sql.SQL("COPY (SELECT {} FROM ONLY {} ORDER BY {}) TO STDOUT").format(
+                cols, table, order)
+        if not self.columns:
+            return sql.SQL("COPY {} TO STDOUT").format(table)
+        return sql.SQL("COPY {} ({}) TO STDOUT").format(table, cols)
+
+
+def relations(conn: psycopg.Connection, oids: list[int]) -> dict[int, tuple[str, str, str, str]]:
+    """oid -> (relkind, schema, name, qname) for the given pg_class oids."""
+    with conn.cursor() as cur:
+        cur.execute("""
+            SELECT c.oid, c.relkind, n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname)
+            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.oid = ANY(%s)""", (oids,))
+        return {row[0]: tuple(row[1:]) for row in cur.fetchall()}
+
+
+def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
+    """What we need to know of each table to copy it and restore it."""
+    if not oids:
+        return []
+    with conn.cursor() as cur:
+        cur.execute("""
+            SELECT c.oid, n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname),
+                   c.relkind, c.relpersistence,
+                   (SELECT format('%%I.%%I', pn.nspname, pc.relname)
+                      FROM pg_catalog.pg_inherits i
+                      JOIN pg_catalog.pg_class pc ON pc.oid = i.inhparent
+                      JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
+                     WHERE i.inhrelid = c.oid AND pc.relkind = 'p'),
+                   pg_catalog.pg_relation_size(c.oid)
+            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.oid = ANY(%s)""", (oids,))
+        infos = {r[0]: TableInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], size=r[7])
+                 for r in cur.fetchall()}
+        cur.execute("""
+            SELECT attrelid, attname FROM pg_catalog.pg_attribute
+            WHERE attrelid = ANY(%s) AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+            ORDER BY attrelid, attnum""", (oids,))
+        for relid, attname in cur.fetchall():
+            infos[relid].columns.append(attname)
+        # The ordering key: the primary key, else the unique, non-partial index on plain
+        # NOT NULL columns with the fewest columns.  With it a table's stream is a function
+        # of its contents; without it the stream follows physical order.
+        cur.execute("""
+            SELECT i.indrelid,
+                   ARRAY(SELECT a.attname FROM unnest((i.indkey::int2[])[0:i.indnkeyatts - 1])
+                         WITH ORDINALITY AS k(attnum, ord)
+                         JOIN pg_catalog.pg_attribute a
+                           ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                         ORDER BY k.ord)
+            FROM pg_catalog.pg_index i
+            WHERE i.indrelid = ANY(%s) AND i.indisunique AND i.indisvalid AND i.indimmediate
+              AND i.indpred IS NULL AND i.indexprs IS NULL
+              AND NOT EXISTS (SELECT 1 FROM unnest(i.indkey::int2[]) k(attnum)
+                              JOIN pg_catalog.pg_attribute a
+                                ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                              WHERE NOT a.attnotnull OR a.attnum <= 0)
+            ORDER BY i.indrelid, i.indisprimary DESC, i.indnkeyatts, i.indexrelid""", (oids,))
+        for relid, key in cur.fetchall():
+            if not infos[relid].key:
+                infos[relid].key = list(key)
+        cur.execute("""
+            SELECT indrelid, indexrelid FROM pg_catalog.pg_index WHERE indrelid = ANY(%(o)s)
+            UNION ALL SELECT conrelid, oid FROM pg_catalog.pg_constraint WHERE conrelid = ANY(%(o)s)
+            UNION ALL SELECT tgrelid, oid FROM pg_catalog.pg_trigger
+                      WHERE tgrelid = ANY(%(o)s) AND NOT tgisinternal
+            UNION ALL SELECT polrelid, oid FROM pg_catalog.pg_policy WHERE polrelid = ANY(%(o)s)
+            UNION ALL SELECT ev_class, oid FROM pg_catalog.pg_rewrite WHERE ev_class = ANY(%(o)s)
+            UNION ALL SELECT adrelid, oid FROM pg_catalog.pg_attrdef WHERE adrelid = ANY(%(o)s)
+            ORDER BY 1, 2""", {"o": oids})
+        for relid, oid in cur.fetchall():
+            infos[relid].related_oids.append(oid)
+        cur.execute("""
+            SELECT d.refobjid, s.oid, format('%%I.%%I', n.nspname, s.relname)
+            FROM pg_catalog.pg_depend d
+            JOIN pg_catalog.pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+            JOIN pg_catalog.pg_namespace n ON n.oid = s.relnamespace
+            WHERE d.classid = 'pg_catalog.pg_class'::regclass
+              AND d.refclassid = 'pg_catalog.pg_class'::regclass
+              AND d.deptype IN ('a', 'i') AND d.refobjid = ANY(%s)
+            ORDER BY 1, 3""", (oids,))
+        for relid, seqoid, qname in cur.fetchall():
+            infos[relid].owned_sequences.append(qname)
+            infos[relid].related_oids.append(seqoid)
+    missing = set(oids) - set(infos)
+    if missing:
+        raise SnapshotFailed(f"{len(missing)} table(s) in pg_dump's list are not in the catalog "
+                             "of the snapshot; take the snapshot again.")
+    return [infos[o] for o in oids]
+
+
+def lock_tables(conn: psycopg.Connection, tables: list[TableInfo], nowait: bool = False) -> None:
+    """ACCESS SHARE locks, so concurrent DDL waits for us instead of breaking the snapshot."""
+    batch = 500  # names per LOCK statement: keeps statements a sane size
+    with conn.cursor() as cur:
+        for i in range(0, len(tables), batch):
+            names = sql.SQL(", ").join(sql.SQL(t.qname) for t in tables[i:i + batch])
+            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE{}").format(
+                names, sql.SQL(" NOWAIT" if nowait else "")))
+
+
+def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[str]:
+    """Tables truncated or rewritten after our snapshot began.
+
+    TRUNCATE and rewriting ALTER TABLE are not MVCC-safe: an older snapshot sees
+    such a table as empty.  The catalog row seen by our snapshot and the one in
+    the relation cache (always current) then name different files.
+    """
+    with conn.cursor() as cur:
+        cur.execute("""
+            SELECT format('%%I.%%I', n.nspname, c.relname)
+            FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE c.oid = ANY(%s) AND c.relfilenode <> 0
+              AND c.relfilenode IS DISTINCT FROM pg_catalog.pg_relation_filenode(c.oid)""",
+                    (oids,))
+        return [r[0] for r in cur.fetchall()]
+
+
+def copy_out(conn: psycopg.Connection, table: TableInfo) -> Iterator[memoryview]:
+    with conn.cursor() as cur:
+        with cur.copy(table.copy_statement()) as copy:
+            while data := copy.read():
+                yield data
+
+
+def sequence_state(conn: psycopg.Connection, qname: str) -> tuple[int, bool]:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT last_value, is_called FROM {}").format(sql.SQL(qname)))
+        last_value, is_called = cur.fetchone()
+        return int(last_value), bool(is_called)
+
+
+def large_object(conn: psycopg.Connection, oid: int) -> Iterator[bytes]:
+    with conn.cursor() as cur:
+        offset = 0
+        while True:
+            cur.execute("SELECT pg_catalog.lo_get(%s::oid, %s, %s)", (oid, offset, LO_READ_SIZE))
+            piece = cur.fetchone()[0]
+            if piece:
+                yield bytes(piece)
+            if len(piece) < LO_READ_SIZE:
+                return
+            offset += len(piece)

@@ -1,0 +1,164 @@
+"""pg_dump and pg_restore: finding them, checking their version, running them.
+
+fpvault reads table data itself but leaves DDL to pg_dump, which knows every
+object type of every server version.  pg_dump must be at least the server's
+major version (an older one refuses, or misses objects), and pg_restore at
+least the pg_dump that wrote an archive.
+
+Search order for a tool: the directory in ``FPVAULT_PG_BINDIR`` (only there,
+when set); Debian/Ubuntu's ``/usr/lib/postgresql/<major>/bin`` from the
+needed major upwards; ``pg_config --bindir``; ``PATH``.
+
+Since 15.14/16.10/17.6, plain-text output starts with ``\\restrict KEY`` and
+ends with ``\\unrestrict KEY`` with a random key.  We pass a fixed key, so the
+text is the same on every run, and strip those two lines: the SQL is executed
+through psycopg or written into fpvault's own script.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from .errors import ToolError
+
+RESTRICT_KEY = "fpvault"
+
+
+@dataclass(frozen=True)
+class Tool:
+    path: str
+    version: str      # e.g. "15.18"
+    major: int
+    supports_restrict_key: bool
+
+
+def _candidates(name: str, min_major: int) -> list[str]:
+    bindir = os.environ.get("FPVAULT_PG_BINDIR")
+    if bindir:
+        return [os.path.join(bindir, name)]
+    found: list[str] = []
+    majors = []
+    for d in glob.glob("/usr/lib/postgresql/*/bin"):
+        m = re.search(r"/postgresql/(\d+)/bin$", d)
+        if m:
+            majors.append((int(m.group(1)), d))
+    # The server's own major first, then newer ones.
+    for major, d in sorted(majors, key=lambda md: (md[0] < min_major, md[0])):
+        found.append(os.path.join(d, name))
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                                 timeout=10).stdout.strip()
+            if out:
+                found.append(os.path.join(out, name))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    on_path = shutil.which(name)
+    if on_path:
+        found.append(on_path)
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(path: str) -> Tool | None:
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        return None
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
+        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"\)\s+(\d+)(?:\.(\d+))?", out)
+    if not m:
+        return None
+    version = m.group(1) + (f".{m.group(2)}" if m.group(2) else "")
+    return Tool(path, version, int(m.group(1)), "--restrict-key" in helptext)
+
+
+def find_tool(name: str, min_major: int, why: str) -> Tool:
+    """The first ``name`` of at least ``min_major``, or a ToolError saying what to do."""
+    seen = []
+    for path in _candidates(name, min_major):
+        tool = _probe(path)
+        if tool is None:
+            continue
+        if tool.major >= min_major:
+            return tool
+        seen.append(f"{path} is version {tool.version}")
+    where = (f"in FPVAULT_PG_BINDIR={os.environ['FPVAULT_PG_BINDIR']}"
+             if os.environ.get("FPVAULT_PG_BINDIR") else "on this machine")
+    if seen:
+        raise ToolError(f"{name} {min_major} or newer is needed {why}, but only older ones are "
+                        f"{where} ({'; '.join(seen)}). Install the PostgreSQL {min_major} client "
+                        f"tools (e.g. apt-get install postgresql-client-{min_major}) or point "
+                        "FPVAULT_PG_BINDIR at their bin directory.")
+    raise ToolError(f"{name} was not found {where}; it is needed {why}. Install the PostgreSQL "
+                    "client tools (e.g. apt-get install postgresql-client) or point "
+                    "FPVAULT_PG_BINDIR at their bin directory.")
+
+
+def run_tool(tool: Tool, args: list[str], env: dict[str, str] | None = None,
+             what: str = "") -> bytes:
+    """Run a tool; return its stdout or raise ToolError with its stderr."""
+    try:
+        proc = subprocess.run([tool.path, *args], capture_output=True, env=env)
+    except OSError as exc:
+        raise ToolError(f"Could not run {tool.path}: {exc.strerror}.") from exc
+    if proc.returncode != 0:
+        err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = " ".join(err[-3:]) if err else f"exit status {proc.returncode}"
+        raise ToolError(f"{os.path.basename(tool.path)} failed{' ' + what if what else ''}: {detail}")
+    return proc.stdout
+
+
+def restrict_args(tool: Tool) -> list[str]:
+    return [f"--restrict-key={RESTRICT_KEY}"] if tool.supports_restrict_key else []
+
+
+def strip_restrict(sql: bytes) -> bytes:
+    """Remove the ``\\restrict``/``\\unrestrict`` lines of our fixed key."""
+    for line in (b"\\restrict " + RESTRICT_KEY.encode() + b"\n",
+                 b"\\unrestrict " + RESTRICT_KEY.encode() + b"\n"):
+        sql = sql.replace(line, b"")
+    return sql
+
+
+def archive_sql(pg_restore: Tool, archive_path: str, section: str, *, no_owner: bool = False,
+                no_privileges: bool = False, use_list: str | None = None) -> bytes:
+    """The SQL text of one section of a custom-format archive."""
+    args = [*restrict_args(pg_restore), f"--section={section}", "-f", "-"]
+    if no_owner:
+        args.append("--no-owner")
+    if no_privileges:
+        args.append("--no-privileges")
+    if use_list:
+        args.append(f"--use-list={use_list}")
+    args.append(archive_path)
+    return strip_restrict(run_tool(pg_restore, args, what=f"writing the {section} SQL"))
+
+
+@dataclass(frozen=True)
+class TocEntry:
+    line: str
+    dump_id: int
+    catalog: int
+    oid: int
+    rest: str   # "DESC SCHEMA NAME OWNER"
+
+
+def archive_toc(pg_restore: Tool, archive_path: str) -> list[TocEntry]:
+    out = run_tool(pg_restore, ["-l", archive_path], what="listing the schema archive")
+    entries = []
+    for line in out.decode("utf-8", "replace").splitlines():
+        m = re.match(r"^(\d+); (\d+) (\d+) (.*)$", line)
+        if m:
+            entries.append(TocEntry(line, int(m.group(1)), int(m.group(2)), int(m.group(3)),
+                                    m.group(4)))
+    return entries

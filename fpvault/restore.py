@@ -1,0 +1,362 @@
+"""Restore: a snapshot manifest back into SQL, live or as a script.
+
+A *plan* is the ordered list of what a restore does:
+
+1. pre-data DDL (types, tables, functions; large objects are created here);
+2. every table's data, by ``COPY ... FROM STDIN``;
+3. sequence values and large object contents;
+4. post-data DDL (indexes, constraints, triggers, policies, and
+   ``REFRESH MATERIALIZED VIEW`` last, as pg_dump orders it).
+
+Data is loaded before constraints and triggers exist, so triggers do not fire
+and circular foreign keys do not matter.  A ``--data-only`` restore into an
+existing schema sets ``session_replication_role = replica`` instead (which
+needs a superuser), so triggers and foreign-key checks stay quiet.
+
+The same plan runs against a live database (in one transaction: a failure
+leaves the target as it was) or is written as a script for
+``psql -X -v ON_ERROR_STOP=1 -f`` (also one transaction).  Every chunk is
+re-hashed as it is read; a damaged one stops the restore, naming the table.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+
+import psycopg
+from psycopg import sql
+
+from . import pgsource, pgtools
+from .chunkstore import BlobDamaged
+from .errors import DatabaseError, RepositoryDamaged, RestoreFailed, UsageError
+from .manifest import LargeObject, SequenceState, Snapshot, Stream, TableEntry
+from .vault import Vault
+
+
+@dataclass
+class Options:
+    schema_only: bool = False
+    data_only: bool = False
+    tables: tuple[str, ...] = ()
+    no_owner: bool = False
+    no_privileges: bool = False
+
+
+@dataclass
+class Plan:
+    snapshot_id: str
+    snapshot: Snapshot
+    options: Options
+    pre_data: bytes = b""
+    post_data: bytes = b""
+    tables: list[TableEntry] = field(default_factory=list)
+    sequences: list[SequenceState] = field(default_factory=list)
+    large_objects: list[LargeObject] = field(default_factory=list)
+
+
+# -- choosing what to restore
+
+def parse_name(text: str) -> tuple[str | None, str]:
+    """``schema.table`` as PostgreSQL reads it: quoted parts keep case, others fold."""
+    parts, i, n = [], 0, len(text)
+    while i <= n:
+        if i < n and text[i] == '"':
+            j, buf = i + 1, []
+            while True:
+                k = text.find('"', j)
+                if k < 0:
+                    raise UsageError(f"Unbalanced quotes in table name {text!r}.")
+                buf.append(text[j:k])
+                if k + 1 < n and text[k + 1] == '"':
+                    buf.append('"')
+                    j = k + 2
+                    continue
+                i = k + 1
+                break
+            parts.append("".join(buf))
+        else:
+            k = text.find(".", i)
+            k = n if k < 0 else k
+            parts.append(text[i:k].strip().lower())
+            i = k
+        if i < n and text[i] != ".":
+            raise UsageError(f"Cannot read table name {text!r}; write it as schema.table.")
+        i += 1
+    if len(parts) == 1:
+        return None, parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise UsageError(f"Cannot read table name {text!r}; write it as schema.table.")
+
+
+def select_tables(snap: Snapshot, patterns: tuple[str, ...], sid: str = "") -> list[TableEntry]:
+    if not patterns:
+        return list(snap.tables)
+    chosen: dict[int, TableEntry] = {}
+    for pattern in patterns:
+        schema, name = parse_name(pattern)
+        hits = [t for t in snap.tables if t.name == name and (schema is None or t.schema == schema)]
+        if not hits and pattern == pattern.strip() and '"' not in pattern:
+            # Be kind to `-t MyTable`: PostgreSQL would fold it, but the user meant the case.
+            schema2, name2 = (pattern.split(".", 1) if "." in pattern else (None, pattern))
+            hits = [t for t in snap.tables
+                    if t.name == name2 and (schema2 is None or t.schema == schema2)]
+        if not hits:
+            raise UsageError(f"Snapshot {sid[:8]} has no table {pattern!r}; "
+                             f"'fpvault show {sid[:8]}' lists its tables.")
+        if len(hits) > 1:
+            raise UsageError(f"Table name {pattern!r} is ambiguous in snapshot {sid[:8]} "
+                             f"({', '.join(t.qname for t in hits)}); qualify it with its schema.")
+        chosen[id(hits[0])] = hits[0]
+    return [t for t in snap.tables if id(t) in chosen]
+
+
+def make_plan(vault: Vault, sid: str, snap: Snapshot, opts: Options) -> Plan:
+    if opts.schema_only and opts.data_only:
+        raise UsageError("--schema-only and --data-only exclude each other.")
+    plan = Plan(sid, snap, opts)
+    plan.tables = select_tables(snap, opts.tables, sid)
+    if not opts.schema_only:
+        if opts.tables:
+            owned = {q for t in plan.tables for q in t.owned_sequences}
+            plan.sequences = [s for s in snap.sequences if s.qname in owned]
+        else:
+            plan.sequences = list(snap.sequences)
+            plan.large_objects = list(snap.large_objects)
+    if not opts.data_only:
+        plan.pre_data, plan.post_data = _schema_sql(vault, snap, plan.tables, opts)
+    if opts.schema_only:
+        plan.tables = []
+    return plan
+
+
+def _schema_sql(vault: Vault, snap: Snapshot, tables: list[TableEntry],
+                opts: Options) -> tuple[bytes, bytes]:
+    if not (opts.tables or opts.no_owner or opts.no_privileges):
+        return (_read(vault, snap.schema.pre_data, "the schema"),
+                _read(vault, snap.schema.post_data, "the schema"))
+    # Anything but the whole schema as dumped: let pg_restore do it from the archive.
+    major = int(snap.source.pg_dump_version.split(".")[0] or 0)
+    pg_restore = pgtools.find_tool("pg_restore", major, "to read the snapshot's schema archive")
+    with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
+        archive = os.path.join(tmp, "schema.dump")
+        with open(archive, "wb") as f:
+            f.write(_read(vault, snap.schema.archive, "the schema"))
+        use_list = None
+        if opts.tables:
+            use_list = os.path.join(tmp, "toc.list")
+            toc = pgtools.archive_toc(pg_restore, archive)
+            with open(use_list, "w", encoding="utf-8") as f:
+                for e in toc:
+                    if _belongs(e, tables):
+                        f.write(e.line + "\n")
+        kw = dict(no_owner=opts.no_owner, no_privileges=opts.no_privileges, use_list=use_list)
+        return (pgtools.archive_sql(pg_restore, archive, "pre-data", **kw),
+                pgtools.archive_sql(pg_restore, archive, "post-data", **kw))
+
+
+def _belongs(entry: pgtools.TocEntry, tables: list[TableEntry]) -> bool:
+    """Whether a schema archive entry is part of one of these tables' definitions."""
+    for t in tables:
+        if entry.oid == t.oid or entry.oid in t.related_oids:
+            return True
+        if entry.catalog == 0 and entry.oid == 0:
+            for prefix in (f"COMMENT {t.schema} TABLE {t.name} ", f"ACL {t.schema} TABLE {t.name} ",
+                           f"COMMENT {t.schema} COLUMN {t.name}."):
+                if entry.rest.startswith(prefix):
+                    return True
+    return False
+
+
+def _read(vault: Vault, stream: Stream, what: str, sid: str = "") -> bytes:
+    try:
+        return vault.read_bytes(stream)
+    except BlobDamaged as exc:
+        raise RepositoryDamaged(f"Snapshot {sid[:8]}: {what} cannot be read: {exc}. "
+                                "Run 'fpvault verify'.") from exc
+
+
+def table_chunks(vault: Vault, plan: Plan, table: TableEntry) -> Iterator[bytes]:
+    try:
+        yield from vault.read_stream(table.data)
+    except BlobDamaged as exc:
+        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: {exc}. "
+                                "The restore was stopped; run 'fpvault verify' to see what else "
+                                "is affected.") from exc
+
+
+def lo_chunks(vault: Vault, plan: Plan, lo: LargeObject) -> Iterator[bytes]:
+    try:
+        yield from vault.read_stream(lo.data)
+    except BlobDamaged as exc:
+        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, large object {lo.oid}: {exc}. "
+                                "Run 'fpvault verify'.") from exc
+
+
+def copy_in_statement(table: TableEntry) -> sql.Composed:
+    if not table.columns:
+        return sql.SQL("COPY {} FROM STDIN").format(sql.SQL(table.qname))
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in table.columns)
+    return sql.SQL("COPY {} ({}) FROM STDIN").format(sql.SQL(table.qname), cols)
+
+
+# -- into a live database
+
+def to_database(vault: Vault, plan: Plan, conninfo: str,
+                progress: Callable[[str], None] | None = None) -> None:
+    say = progress or (lambda _msg: None)
+    conn = pgsource.connect(conninfo, "to restore into")
+    where = pgsource.describe(conninfo)
+    step = "starting"
+    try:
+        _check_target(conn, plan, where)
+        with conn.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(sql.SQL("SET client_encoding = {}").format(
+                sql.Literal(plan.snapshot.source.encoding)))
+            if plan.options.data_only:
+                cur.execute("SET LOCAL session_replication_role = replica")
+            if plan.pre_data:
+                step = "the pre-data schema"
+                say("schema (pre-data)")
+                cur.execute(plan.pre_data)
+                # The archive's SQL empties search_path; our COPY names are qualified anyway.
+            for table in plan.tables:
+                step = f"the data of {table.qname}"
+                say(table.qname)
+                with cur.copy(copy_in_statement(table)) as copy:
+                    for chunk in table_chunks(vault, plan, table):
+                        copy.write(chunk)
+            for seq in plan.sequences:
+                step = f"sequence {seq.qname}"
+                cur.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                            (seq.qname, seq.last_value, seq.is_called))
+            for lo in plan.large_objects:
+                step = f"large object {lo.oid}"
+                _restore_lo(cur, vault, plan, lo)
+            if plan.post_data:
+                step = "the post-data schema (indexes, constraints, triggers)"
+                say("schema (post-data)")
+                cur.execute(plan.post_data)
+            step = "commit"
+            cur.execute("COMMIT")
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
+                            f"{_msg(exc)}. The restore was rolled back.") from exc
+    except psycopg.Error as exc:
+        hint = _hint(exc)
+        raise RestoreFailed(f"Restoring {step} into {where} failed: {_msg(exc)}.{hint} "
+                            "The restore was rolled back; the database is as it was.") from exc
+    finally:
+        conn.close()
+
+
+def _check_target(conn: psycopg.Connection, plan: Plan, where: str) -> None:
+    with conn.cursor() as cur:
+        if plan.options.data_only:
+            cur.execute("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            if not cur.fetchone()[0]:
+                raise RestoreFailed(
+                    f"A --data-only restore into {where} needs a superuser: it sets "
+                    "session_replication_role = replica so that triggers do not fire and "
+                    "foreign-key cycles load in any order. Connect as a superuser, or restore "
+                    "the whole snapshot (schema and data) into an empty database.")
+            return
+        if plan.options.tables:
+            return  # one table into an existing database: its CREATE says if it is there
+        cur.execute("""
+            SELECT count(*) FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+              AND n.nspname NOT LIKE 'pg\\_toast%%' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')""")
+        count = cur.fetchone()[0]
+        if count:
+            raise RestoreFailed(
+                f"{where} is not empty ({count} tables, views or sequences); a full restore "
+                "needs an empty database. Create one (createdb NEW) and restore there, or use "
+                "--data-only to load data into an existing schema.")
+
+
+def _restore_lo(cur: psycopg.Cursor, vault: Vault, plan: Plan, lo: LargeObject) -> None:
+    # pre-data creates the large object (lo_create); a data-only restore may find it
+    # missing, or present with old contents.
+    for stmt in _lo_prepare(lo.oid):
+        cur.execute(stmt)
+    offset = 0
+    for chunk in lo_chunks(vault, plan, lo):
+        cur.execute("SELECT pg_catalog.lo_put(%s, %s, %s)", (lo.oid, offset, chunk))
+        offset += len(chunk)
+
+
+def _msg(exc: psycopg.Error) -> str:
+    diag = getattr(exc, "diag", None)
+    msg = (diag.message_primary if diag and diag.message_primary else str(exc)).strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def _hint(exc: psycopg.Error) -> str:
+    if isinstance(exc, psycopg.errors.UndefinedObject) and "role" in _msg(exc):
+        return (" Roles are global, not part of a database: create them first "
+                "(pg_dumpall --globals-only has them), or restore with --no-owner "
+                "--no-privileges.")
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return (" The role you connect as lacks that privilege: restore as the owner or a "
+                "superuser, or use --no-owner.")
+    return ""
+
+
+# -- as a script
+
+def to_script(vault: Vault, plan: Plan, out: BinaryIO) -> None:
+    snap = plan.snapshot
+    w = out.write
+    w(f"-- fpvault restore script\n-- snapshot {plan.snapshot_id} taken {snap.time} "
+      f"of database {snap.source.database!r} (PostgreSQL {snap.source.server_version})\n"
+      "-- Load into an empty database with: psql -X -v ON_ERROR_STOP=1 -f FILE\n\n".encode())
+    w(b"BEGIN;\n")
+    w(f"SET client_encoding = '{snap.source.encoding}';\n".encode())
+    w(b"SET standard_conforming_strings = on;\n")
+    if plan.options.data_only:
+        w(b"SET LOCAL session_replication_role = replica;\n")
+    if plan.pre_data:
+        w(plan.pre_data)
+        w(b"\n")
+    for table in plan.tables:
+        w(copy_in_statement(table).as_string(None).encode() + b";\n")
+        last = b"\n"
+        for chunk in table_chunks(vault, plan, table):
+            w(chunk)
+            last = chunk[-1:] or last
+        if last != b"\n":
+            w(b"\n")
+        w(b"\\.\n\n")
+    for seq in plan.sequences:
+        w(f"SELECT pg_catalog.setval({_literal(seq.qname)}, {seq.last_value}, "
+          f"{'true' if seq.is_called else 'false'});\n".encode())
+    for lo in plan.large_objects:
+        for stmt in _lo_prepare(lo.oid):
+            w(stmt.encode() + b";\n")
+        offset = 0
+        for chunk in lo_chunks(vault, plan, lo):
+            w(f"SELECT pg_catalog.lo_put({lo.oid}, {offset}, '\\x".encode() + chunk.hex().encode()
+              + b"'::bytea);\n")
+            offset += len(chunk)
+    if plan.post_data:
+        w(plan.post_data)
+        w(b"\n")
+    w(b"COMMIT;\n")
+
+
+def _lo_prepare(oid: int) -> list[str]:
+    """Create the large object if pre-data did not, and empty it (a data-only restore
+    may find it with old contents).  131072 is INV_WRITE."""
+    return [f"SELECT pg_catalog.lo_create({oid}) WHERE NOT EXISTS (SELECT 1 FROM "
+            f"pg_catalog.pg_largeobject_metadata WHERE oid = {oid})",
+            f"SELECT pg_catalog.lo_truncate(pg_catalog.lo_open({oid}, 131072), 0)"]
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"

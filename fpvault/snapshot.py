@@ -1,0 +1,270 @@
+"""The snap pipeline: one consistent snapshot of a database into the vault.
+
+1. The leader connects, begins a REPEATABLE READ, READ ONLY transaction and
+   exports its snapshot.
+2. pg_dump writes the schema (pre-data and post-data sections, custom format,
+   uncompressed so it deduplicates) from that same snapshot.  Its table of
+   contents says exactly which tables, sequences and large objects the dump
+   covers, after the -n/-N/-t/-T filters, so the data we read matches the DDL.
+3. The leader takes ACCESS SHARE locks on those tables and checks that none
+   was truncated or rewritten since the snapshot began.
+4. Each table's COPY stream (key order where the table has a key) is chunked,
+   hashed, deduplicated and stored, by ``jobs`` connections that all read the
+   exported snapshot.
+5. Sequence states and large objects are read by the leader.
+6. The chunk store is flushed (packs, then index), and the manifest written
+   last.  Any failure before that leaves no snapshot: blobs already written
+   are unreferenced, and prune removes them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+
+import psycopg
+
+from . import pgsource, pgtools
+from .errors import DatabaseError, SnapshotFailed
+from .manifest import LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, TableEntry
+from .vault import Vault, client_hostname, now_iso
+
+PG_CLASS = 1259
+PG_LARGEOBJECT = 2613
+
+
+@dataclass
+class Filters:
+    schemas: tuple[str, ...] = ()
+    exclude_schemas: tuple[str, ...] = ()
+    tables: tuple[str, ...] = ()
+    exclude_tables: tuple[str, ...] = ()
+
+    def pg_dump_args(self) -> list[str]:
+        args = []
+        for flag, values in (("--schema", self.schemas), ("--exclude-schema", self.exclude_schemas),
+                             ("--table", self.tables), ("--exclude-table", self.exclude_tables)):
+            args += [f"{flag}={v}" for v in values]
+        return args
+
+    def as_dict(self) -> dict[str, list[str]]:
+        d = {"schema": list(self.schemas), "exclude_schema": list(self.exclude_schemas),
+             "table": list(self.tables), "exclude_table": list(self.exclude_tables)}
+        return {k: v for k, v in d.items() if v}
+
+
+class Progress:
+    """Receives progress events; the CLI draws a bar from them."""
+
+    def start(self, tables: int, total_bytes: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def table_done(self, qname: str) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+@dataclass
+class SnapResult:
+    id: str
+    snapshot: Snapshot
+    bytes_read: int
+    bytes_added: int
+    seconds: float
+
+
+def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Filters = Filters(),
+         jobs: int = 1, progress: Progress | None = None) -> SnapResult:
+    progress = progress or Progress()
+    started = time.monotonic()
+    leader = pgsource.connect(conninfo)
+    try:
+        return _take(vault, leader, conninfo, tags, filters, max(1, jobs), progress, started)
+    except psycopg.OperationalError as exc:
+        raise DatabaseError(f"Lost the connection to {pgsource.describe(conninfo)} during the "
+                            f"snapshot: {_pg_message(exc)}. No snapshot was written.") from exc
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise DatabaseError(f"The database refused a read needed for the snapshot: "
+                            f"{_pg_message(exc)}. Snap as a role that can read every table "
+                            "(and bypass row level security), or narrow it with -n/-t. "
+                            "No snapshot was written.") from exc
+    except psycopg.Error as exc:
+        raise SnapshotFailed(f"The snapshot failed: {_pg_message(exc)}. No snapshot was "
+                             "written.") from exc
+    finally:
+        leader.close()
+
+
+def _pg_message(exc: psycopg.Error) -> str:
+    diag = getattr(exc, "diag", None)
+    msg = (diag.message_primary if diag and diag.message_primary else str(exc)).strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
+
+
+def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters: Filters,
+          jobs: int, progress: Progress, started: float) -> SnapResult:
+    pgsource.setup_session(leader)
+    server_num = leader.info.server_version
+    server_major = server_num // 10000
+    pg_dump = pgtools.find_tool("pg_dump", server_major, f"for a PostgreSQL {server_major} server")
+    pg_restore = pgtools.find_tool("pg_restore", pg_dump.major, "to read pg_dump's archive")
+    snapshot_name = pgsource.begin_snapshot(leader)
+
+    with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
+        archive_path = os.path.join(tmp, "schema.dump")
+        safe, password = pgsource.safe_conninfo(conninfo)
+        env = dict(os.environ)
+        if password is not None:
+            env["PGPASSWORD"] = password
+        pgtools.run_tool(pg_dump, [
+            "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
+            f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
+            *filters.pg_dump_args(), f"--dbname={safe}"], env=env, what="dumping the schema")
+        toc = pgtools.archive_toc(pg_restore, archive_path)
+        with open(archive_path, "rb") as f:
+            archive = f.read()
+        pre_sql = pgtools.archive_sql(pg_restore, archive_path, "pre-data")
+        post_sql = pgtools.archive_sql(pg_restore, archive_path, "post-data")
+
+    class_oids = sorted({e.oid for e in toc if e.catalog == PG_CLASS})
+    lo_oids = sorted({e.oid for e in toc if e.catalog == PG_LARGEOBJECT})
+    rels = pgsource.relations(leader, class_oids)
+    table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
+    seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
+    tables = pgsource.table_infos(leader, table_oids)
+    pgsource.lock_tables(leader, tables)
+    rewritten = pgsource.rewritten_since_snapshot(leader, table_oids)
+    if rewritten:
+        raise SnapshotFailed(f"{', '.join(rewritten[:5])} was truncated or rewritten while the "
+                             "snapshot began; take the snapshot again.")
+
+    store = vault.store
+    schema = SchemaBlobs(archive=vault.write_stream([archive])[0],
+                         pre_data=vault.write_stream([pre_sql])[0],
+                         post_data=vault.write_stream([post_sql])[0])
+
+    progress.start(len(tables), sum(t.size for t in tables))
+    entries = _copy_tables(vault, leader, conninfo, snapshot_name, tables, jobs, progress)
+
+    sequences = []
+    for oid in seq_oids:
+        _kind, _schema, _name, qname = rels[oid]
+        last_value, is_called = pgsource.sequence_state(leader, qname)
+        sequences.append(SequenceState(qname=qname, oid=oid, last_value=last_value,
+                                       is_called=is_called))
+    large_objects = []
+    for oid in lo_oids:
+        stream, _ = vault.write_stream(pgsource.large_object(leader, oid))
+        large_objects.append(LargeObject(oid=oid, data=stream))
+    progress.finish()
+
+    store.flush()
+    params = pgsource.conninfo_params(conninfo)
+    info = leader.info
+    with leader.cursor() as cur:
+        cur.execute("SELECT current_user, pg_catalog.pg_encoding_to_char(encoding) "
+                    "FROM pg_catalog.pg_database WHERE datname = current_database()")
+        user, encoding = cur.fetchone()
+    source = Source(host=info.host if not info.host.startswith("/") else params.get("host", "local"),
+                    port=str(info.port), database=info.dbname, user=user,
+                    server_version=_version_text(server_num), server_version_num=server_num,
+                    encoding=encoding, pg_dump_version=pg_dump.version)
+    snap = Snapshot(time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
+                    source=source, filters=filters.as_dict(), schema=schema,
+                    tables=sorted(entries, key=lambda e: (e.schema, e.name)),
+                    sequences=sequences, large_objects=large_objects)
+    bytes_read = sum(e.data.bytes for e in entries) + sum(lo.data.bytes for lo in large_objects)
+    snap.seconds = round(time.monotonic() - started, 3)
+    snap.bytes_added = store.stats.bytes_added
+    sid = vault.save_snapshot(snap)
+    # The manifest is written; only now does the snapshot's transaction end.
+    leader.execute("COMMIT")
+    return SnapResult(sid, snap, bytes_read, store.stats.bytes_added, time.monotonic() - started)
+
+
+def _version_text(num: int) -> str:
+    return f"{num // 10000}.{num % 10000}" if num >= 100000 else str(num)
+
+
+def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
+                 tables: list[pgsource.TableInfo], jobs: int,
+                 progress: Progress) -> list[TableEntry]:
+    # Largest first, so the long tables start early and the small ones fill the gaps.
+    todo = sorted(tables, key=lambda t: -t.size)
+    if jobs == 1 or len(todo) <= 1:
+        return [_copy_table(vault, leader, t, progress) for t in todo]
+
+    lock = threading.Lock()
+    queue = list(todo)
+    results: list[TableEntry] = []
+    stop = threading.Event()
+
+    def work(conn: psycopg.Connection, is_leader: bool) -> None:
+        while not stop.is_set():
+            with lock:
+                if not queue:
+                    return
+                table = queue.pop(0)
+            if not is_leader:
+                # The leader holds the locks; a worker that must wait for one means someone
+                # asked for an exclusive lock in between (pg_dump's parallel.c avoids the
+                # same deadlock this way).
+                try:
+                    pgsource.lock_tables(conn, [table], nowait=True)
+                except psycopg.errors.LockNotAvailable as exc:
+                    raise SnapshotFailed(f"Another session is waiting for an exclusive lock on "
+                                         f"{table.qname}; take the snapshot again when that DDL "
+                                         "is done.") from exc
+            entry = _copy_table(vault, conn, table, progress)
+            with lock:
+                results.append(entry)
+
+    def worker() -> None:
+        conn = pgsource.connect(conninfo, "for a parallel worker")
+        try:
+            pgsource.setup_session(conn)
+            pgsource.begin_snapshot(conn, snapshot_name)
+            work(conn, False)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(work, leader, True)] + [pool.submit(worker) for _ in range(jobs - 1)]
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception() is not None:
+                stop.set()
+                break
+        wait(futures)
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+    return results
+
+
+def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInfo,
+                progress: Progress) -> TableEntry:
+    def counted():
+        for buf in pgsource.copy_out(conn, table):
+            progress.advance(len(buf))
+            yield buf
+
+    try:
+        stream, rows = vault.write_stream(counted())
+    except psycopg.Error as exc:
+        exc.add_note(f"while reading {table.qname}")
+        if isinstance(exc, (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege)):
+            raise
+        raise SnapshotFailed(f"Reading {table.qname} failed: {_pg_message(exc)}. "
+                             "No snapshot was written.") from exc
+    progress.table_done(table.qname)
+    return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
+                      columns=table.columns, key=table.key, rows=rows, data=stream,
+                      relkind=table.relkind, persistence=table.persistence, parent=table.parent,
+                      related_oids=table.related_oids, owned_sequences=table.owned_sequences)

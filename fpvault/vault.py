@@ -1,0 +1,255 @@
+"""Open or create a repository: config, backend, chunk store, manifests.
+
+A *vault* is an opened repository.  It owns the backend, the loaded index and
+the chunk store, reads and writes snapshot manifests, resolves snapshot
+references (``latest``, ``latest~N``, an id or a unique prefix of one) and
+turns byte streams into stored chunk lists and back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import blake3
+import zstandard
+
+from . import packs
+from .backend import Backend, LocalBackend
+from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
+from .chunkstore import ChunkStore, Index
+from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
+                     SnapshotNotFound, UsageError)
+from .manifest import (FORMAT_VERSION, ChunkerParams, Config, Snapshot, Stream, decode_config,
+                       decode_snapshot, json_encoder)
+
+CONFIG = "config"
+SNAPSHOTS = "snapshots/"
+# Reading references by prefix: shorter prefixes collide too easily.
+MIN_PREFIX = 4
+
+
+def default_repo() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "fpvault")
+
+
+def backend_for(location: str) -> Backend:
+    if re.match(r"^[a-z][a-z0-9+]*://", location):
+        raise UsageError(f"Repository {location!r}: only local directories are supported in this "
+                         "version; give a path.")
+    return LocalBackend(Path(location).expanduser())
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is local time."""
+    try:
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"Cannot read the time {text!r}; use ISO 8601, such as "
+                         "2026-11-25T14:30 or 2026-11-25T14:30:00+01:00.") from None
+    return t.astimezone() if t.tzinfo is None else t
+
+
+class Vault:
+    def __init__(self, backend: Backend, config: Config):
+        self.backend = backend
+        self.config = config
+        self._index: Index | None = None
+        self._store: ChunkStore | None = None
+        self._snapshots: dict[str, Snapshot] | None = None
+
+    # -- opening
+
+    @classmethod
+    def create(cls, location: str) -> "Vault":
+        backend = backend_for(location)
+        if backend.exists(CONFIG):
+            raise RepositoryExists(f"A repository already exists at {backend.describe()}.")
+        path = Path(location).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RepositoryExists(f"{path} exists and is not an empty directory; "
+                                   "choose a new path for the repository.")
+        config = Config(
+            id=secrets.token_hex(16), created=now_iso(),
+            chunker=ChunkerParams(avg_size=DEFAULT_AVG_SIZE, min_size=DEFAULT_MIN_SIZE,
+                                  max_size=DEFAULT_MAX_SIZE))
+        backend.put(CONFIG, json_encoder.encode(config))
+        return cls(backend, config)
+
+    @classmethod
+    def open(cls, location: str, create: bool = False) -> "Vault":
+        backend = backend_for(location)
+        if not backend.exists(CONFIG):
+            if create:
+                return cls.create(location)
+            raise RepositoryNotFound(
+                f"There is no fpvault repository at {backend.describe()}; check -r/--repo "
+                "(or FPVAULT_REPO), or create one with 'fpvault init'.")
+        try:
+            config = decode_config(backend.get(CONFIG))
+        except Exception as exc:
+            raise RepositoryDamaged(f"The repository config at {backend.describe()} does not "
+                                    f"decode ({exc}).") from exc
+        if config.version > FORMAT_VERSION:
+            raise FpvaultError(f"The repository at {backend.describe()} has format version "
+                               f"{config.version}; this fpvault reads up to {FORMAT_VERSION}. "
+                               "Upgrade fpvault.")
+        return cls(backend, config)
+
+    @property
+    def index(self) -> Index:
+        if self._index is None:
+            self._index = Index.load(self.backend)
+        return self._index
+
+    @property
+    def store(self) -> ChunkStore:
+        if self._store is None:
+            self._store = ChunkStore(self.backend, self.index, self.config.compression_level)
+        return self._store
+
+    def chunker(self) -> Chunker:
+        p = self.config.chunker
+        return Chunker(p.avg_size, p.min_size, p.max_size)
+
+    # -- streams
+
+    def write_stream(self, buffers: Iterable[bytes | memoryview]) -> tuple[Stream, int]:
+        """Chunk, store and list a stream; return it and its newline count."""
+        writer = StreamWriter(self)
+        for buf in buffers:
+            writer.write(buf)
+        return writer.close()
+
+    def read_stream(self, stream: Stream) -> Iterator[bytes]:
+        """The stream's chunks in order, each checked against its hash."""
+        for blob, _size in self.store.get_list(bytes.fromhex(stream.list)):
+            yield self.store.get(blob)
+
+    def read_bytes(self, stream: Stream) -> bytes:
+        return b"".join(self.read_stream(stream))
+
+    # -- snapshots
+
+    def snapshots(self) -> list[Snapshot]:
+        """All snapshots, oldest first."""
+        return sorted(self._load_snapshots().values(), key=lambda s: (s.time, snapshot_id(s)))
+
+    def _load_snapshots(self) -> dict[str, Snapshot]:
+        if self._snapshots is None:
+            found = {}
+            for name in self.backend.list(SNAPSHOTS):
+                sid = name[len(SNAPSHOTS):]
+                snap = self.load_snapshot(sid)
+                found[sid] = snap
+            self._snapshots = found
+        return self._snapshots
+
+    def load_snapshot(self, sid: str) -> Snapshot:
+        data = self.backend.get(SNAPSHOTS + sid)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest does not decompress "
+                                    f"({exc}).") from exc
+        if blake3.blake3(raw).hexdigest() != sid:
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest does not match its hash.")
+        snap = decode_snapshot(raw)
+        snap.id = sid
+        return snap
+
+    def save_snapshot(self, snap: Snapshot) -> str:
+        raw = json_encoder.encode(snap)
+        sid = blake3.blake3(raw).hexdigest()
+        data = zstandard.ZstdCompressor(level=10).compress(raw)
+        self.backend.put(SNAPSHOTS + sid, data)
+        snap.id = sid
+        if self._snapshots is not None:
+            self._snapshots[sid] = snap
+        return sid
+
+    def resolve(self, ref: str) -> tuple[str, Snapshot]:
+        snaps = self.snapshots()
+        m = re.fullmatch(r"latest(?:~(\d+))?", ref)
+        if m:
+            back = int(m.group(1) or 0)
+            if not snaps:
+                raise SnapshotNotFound(f"The repository at {self.backend.describe()} has no "
+                                       "snapshots yet; take one with 'fpvault snap'.")
+            if back >= len(snaps):
+                raise SnapshotNotFound(f"{ref}: there are only {len(snaps)} snapshots.")
+            snap = snaps[-1 - back]
+            return snapshot_id(snap), snap
+        if not re.fullmatch(r"[0-9a-fA-F]+", ref):
+            raise SnapshotNotFound(f"{ref!r} is not a snapshot reference; use an id, a unique "
+                                   "prefix of 4 or more hex digits, 'latest' or 'latest~N'.")
+        if len(ref) < MIN_PREFIX:
+            raise SnapshotNotFound(f"Snapshot prefix {ref!r} is too short; give at least "
+                                   f"{MIN_PREFIX} hex digits.")
+        ref = ref.lower()
+        hits = [s for s in snaps if snapshot_id(s).startswith(ref)]
+        if not hits:
+            raise SnapshotNotFound(f"No snapshot matches {ref!r}; 'fpvault list' shows them.")
+        if len(hits) > 1:
+            ids = ", ".join(snapshot_id(s)[:12] for s in hits[:5])
+            raise SnapshotNotFound(f"Snapshot prefix {ref!r} is ambiguous ({ids}); "
+                                   "give more digits.")
+        return snapshot_id(hits[0]), hits[0]
+
+    def resolve_at(self, when: str) -> tuple[str, Snapshot]:
+        t = parse_time(when)
+        best = None
+        for snap in self.snapshots():
+            if parse_time(snap.time) <= t:
+                best = snap
+        if best is None:
+            raise SnapshotNotFound(f"No snapshot was taken at or before {t.isoformat()}.")
+        return snapshot_id(best), best
+
+
+def snapshot_id(snap: Snapshot) -> str:
+    return snap.id
+
+
+class StreamWriter:
+    """Chunks a stream as it is written and stores each chunk."""
+
+    def __init__(self, vault: Vault):
+        self.vault = vault
+        self.chunker = vault.chunker()
+        self.hasher = blake3.blake3(max_threads=1)
+        self.chunks: list[tuple[bytes, int]] = []
+        self.size = 0
+        self.newlines = 0
+
+    def write(self, buf: bytes | memoryview) -> None:
+        self.hasher.update(buf)
+        self.size += len(buf)
+        for chunk in self.chunker.feed(buf):
+            self._put(chunk)
+
+    def _put(self, chunk: bytes) -> None:
+        self.newlines += chunk.count(b"\n")
+        self.chunks.append((self.vault.store.put(chunk, packs.DATA), len(chunk)))
+
+    def close(self) -> tuple[Stream, int]:
+        for chunk in self.chunker.finish():
+            self._put(chunk)
+        list_id = self.vault.store.put_list(self.chunks)
+        stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),
+                        chunks=len(self.chunks))
+        return stream, self.newlines
+
+
+def client_hostname() -> str:
+    return socket.gethostname()
