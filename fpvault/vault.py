@@ -71,7 +71,7 @@ class Vault:
     # -- opening
 
     @classmethod
-    def create(cls, location: str) -> "Vault":
+    def create(cls, location: str, chunker: ChunkerParams | None = None) -> "Vault":
         backend = backend_for(location)
         if backend.exists(CONFIG):
             raise RepositoryExists(f"A repository already exists at {backend.describe()}.")
@@ -81,8 +81,8 @@ class Vault:
                                    "choose a new path for the repository.")
         config = Config(
             id=secrets.token_hex(16), created=now_iso(),
-            chunker=ChunkerParams(avg_size=DEFAULT_AVG_SIZE, min_size=DEFAULT_MIN_SIZE,
-                                  max_size=DEFAULT_MAX_SIZE))
+            chunker=chunker or ChunkerParams(avg_size=DEFAULT_AVG_SIZE, min_size=DEFAULT_MIN_SIZE,
+                                             max_size=DEFAULT_MAX_SIZE))
         backend.put(CONFIG, json_encoder.encode(config))
         return cls(backend, config)
 
