@@ -66,10 +66,19 @@ def _candidates(name: str, min_major: int) -> list[str]:
     return found
 
 
-@functools.lru_cache(maxsize=None)
 def _probe(path: str) -> Tool | None:
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
+    if not os.access(path, os.X_OK):
+        return None
+    return _probe_file(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_file(path: str, _mtime: int, _size: int) -> Tool | None:
+    """Version of the tool at ``path`` (cached while the file is unchanged)."""
     try:
         out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
         helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import psycopg
 
 from . import pgsource, pgtools
-from .errors import DatabaseError, SnapshotFailed
+from .errors import DatabaseError, SnapshotFailed, ToolError
 from .manifest import LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, TableEntry
 from .vault import Vault, client_hostname, now_iso
 
@@ -121,10 +121,18 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         env = dict(os.environ)
         if password is not None:
             env["PGPASSWORD"] = password
-        pgtools.run_tool(pg_dump, [
-            "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
-            f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
-            *filters.pg_dump_args(), f"--dbname={safe}"], env=env, what="dumping the schema")
+        try:
+            pgtools.run_tool(pg_dump, [
+                "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
+                f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
+                *filters.pg_dump_args(), f"--dbname={safe}"], env=env, what="dumping the schema")
+        except ToolError as exc:
+            text = str(exc)
+            if "permission denied" in text or "connection to server" in text:
+                # The database refused pg_dump: exit 5, like our own reads.
+                raise DatabaseError(f"{text}. Snap as a role that can read every table, or "
+                                    "narrow it with -n/-t. No snapshot was written.") from exc
+            raise
         toc = pgtools.archive_toc(pg_restore, archive_path)
         with open(archive_path, "rb") as f:
             archive = f.read()

@@ -1,0 +1,275 @@
+"""Every command's bad-input path: a clear message, the right exit code, nothing changed."""
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import blake3
+import msgspec
+import pytest
+import zstandard
+
+from conftest import run
+from fpvault.cli import cli
+from fpvault.manifest import Snapshot
+from fpvault.vault import SNAPSHOTS, Vault
+
+
+def snap(pg, repo, db, *extra):
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", *extra)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def listed(repo):
+    r = run("list", "-r", repo, "--json")
+    assert r.code == 0, r.err
+    return [s["id"] for s in json.loads(r.out)]
+
+
+def test_every_command_has_help_with_an_example():
+    for name, command in cli.commands.items():
+        r = run(name, "--help")
+        assert r.code == 0, name
+        assert "Example" in r.out, f"'fpvault {name} --help' has no example"
+    assert "Example" in run("--help").out
+
+
+def test_wrong_repository_path(tmp_path):
+    for args in (["list"], ["show", "latest"], ["restore", "latest", "-o", "-"]):
+        r = run(*args, "-r", str(tmp_path / "nope"))
+        assert r.code == 1
+        assert "no fpvault repository" in r.err and "fpvault init" in r.err
+        assert "Traceback" not in r.err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_repo_from_environment_and_after_command(tmp_path, monkeypatch):
+    path = str(tmp_path / "envrepo")
+    assert run("-r", path, "init").code == 0
+    r = run("list", env={"FPVAULT_REPO": path})
+    assert r.code == 0 and "0 snapshots" in r.out
+
+
+def test_init_twice_and_into_a_non_empty_directory(tmp_path, repo):
+    r = run("init", "-r", repo)
+    assert r.code == 1 and "already exists" in r.err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "precious.txt").write_text("x")
+    r = run("init", "-r", str(tmp_path / "full"))
+    assert r.code == 1 and "not an empty directory" in r.err
+    assert os.listdir(tmp_path / "full") == ["precious.txt"]
+
+
+def test_unreachable_database(repo, pg):
+    r = run("snap", "-r", repo, "-d", "host=127.0.0.1 port=1 dbname=x connect_timeout=3")
+    assert r.code == 5
+    assert "Cannot connect" in r.err and "Traceback" not in r.err
+    r = run("snap", "-r", repo, "-d", "host=127.0.0.1 port=1 ==garbage")
+    assert r.code == 5
+    assert listed(repo) == []
+    r = run("restore", "latest", "-r", repo, "--to", "host=127.0.0.1 port=1 dbname=x")
+    assert r.code == 2 and "no snapshots yet" in r.err
+
+
+def test_unknown_and_malformed_snapshot_references(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    s1 = snap(pg, repo, db)["id"]
+    s2 = snap(pg, repo, db)["id"]
+    for ref, why in (("deadbeef", "No snapshot matches"), ("abc", "too short"),
+                     ("latest~2", "only 2 snapshots"), ("yesterday", "not a snapshot reference")):
+        r = run("show", ref, "-r", repo)
+        assert r.code == 2, ref
+        assert why in r.err, (ref, r.err)
+    assert json.loads(run("show", "latest~1", "-r", repo, "--json").out)["id"] == s1
+    assert json.loads(run("show", s2[:6], "-r", repo, "--json").out)["id"] == s2
+    assert json.loads(run("show", s2.upper(), "-r", repo, "--json").out)["id"] == s2
+
+
+def test_ambiguous_prefix(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    snap(pg, repo, db)
+    vault = Vault.open(repo)
+    (base,) = vault.snapshots()
+    # Forge variants of the manifest until two ids share a 4-digit prefix.
+    seen = {}
+    for i in range(100_000):
+        variant = msgspec.structs.replace(base, tags=[f"v{i}"])
+        raw = msgspec.json.encode(variant)
+        sid = blake3.blake3(raw).hexdigest()
+        if sid[:4] in seen:
+            for r in (seen[sid[:4]], raw):
+                vault.backend.put(SNAPSHOTS + blake3.blake3(r).hexdigest(),
+                                  zstandard.ZstdCompressor().compress(r))
+            prefix = sid[:4]
+            break
+        seen[sid[:4]] = raw
+    r = run("show", prefix, "-r", repo)
+    assert r.code == 2 and "ambiguous" in r.err
+
+
+def test_missing_and_old_pg_dump(pg, db, repo, tmp_path):
+    pg.execute(db, "CREATE TABLE t (id int)")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), env={"FPVAULT_PG_BINDIR": str(empty)})
+    assert r.code == 1 and "pg_dump was not found" in r.err and "FPVAULT_PG_BINDIR" in r.err
+    fake = empty / "pg_dump"
+    fake.write_text("#!/bin/sh\necho 'pg_dump (PostgreSQL) 9.6.24'\n")
+    fake.chmod(0o755)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), env={"FPVAULT_PG_BINDIR": str(empty)})
+    assert r.code == 1 and "only older ones" in r.err and "9.6" in r.err
+    assert listed(repo) == []
+
+
+def test_restore_usage_errors(pg, db, repo, tmp_path):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    snap(pg, repo, db)
+    assert run("restore", "latest", "-r", repo).code == 2
+    assert run("restore", "-r", repo, "-o", "-").code == 2
+    r = run("restore", "latest", "-r", repo, "-o", "-", "--schema-only", "--data-only")
+    assert r.code == 2 and "exclude each other" in r.err
+    r = run("restore", "latest", "-r", repo, "-o", "-", "-t", "nosuch")
+    assert r.code == 2 and "no table 'nosuch'" in r.err
+    r = run("restore", "-r", repo, "--at", "1999-01-01T00:00Z", "-o", "-")
+    assert r.code == 2 and "No snapshot was taken at or before" in r.err
+    r = run("restore", "-r", repo, "--at", "not a time", "-o", "-")
+    assert r.code == 2 and "ISO 8601" in r.err
+    out = tmp_path / "x.sql"
+    r = run("restore", "latest", "-r", repo, "-o", str(out), "-t", "nosuch")
+    assert not out.exists()
+
+
+def test_restore_into_non_empty_database_changes_nothing(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    snap(pg, repo, db)
+    target = pg.createdb()
+    pg.execute(target, "CREATE TABLE keep (x int); INSERT INTO keep VALUES (42)")
+    r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 1 and "not empty" in r.err
+    assert pg.query(target, "SELECT x FROM keep") == [(42,)]
+    assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE tablename = 't'") == [(0,)]
+
+
+def test_failed_restore_is_rolled_back_and_names_the_cause(pg, db, repo):
+    pg.execute(db, "CREATE ROLE fpv_gone_role; CREATE TABLE t (id int PRIMARY KEY); "
+                   "ALTER TABLE t OWNER TO fpv_gone_role; INSERT INTO t VALUES (1)")
+    snap(pg, repo, db)
+    pg.execute(db, "DROP TABLE t; DROP ROLE fpv_gone_role")
+    target = pg.createdb()
+    r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 1
+    assert "fpv_gone_role" in r.err and "--no-owner" in r.err and "rolled back" in r.err
+    assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), "--no-owner")
+    assert r.code == 0, r.err
+    assert pg.query(target, "SELECT id FROM t") == [(1,)]
+
+
+def test_permission_denied_fails_the_snapshot(pg, db, repo):
+    pg.execute(db, "CREATE TABLE open_t (id int); CREATE TABLE secret_t (id int); "
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_reader') "
+                   "THEN CREATE ROLE fpv_reader LOGIN; END IF; END $$; "
+                   "GRANT SELECT ON open_t TO fpv_reader")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_reader"))
+    assert r.code == 5, r.err
+    assert "secret_t" in r.err and "No snapshot was written" in r.err
+    assert listed(repo) == []
+    # Narrowed to what the role may read, the same role succeeds.
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_reader"), "-t", "open_t")
+    assert r.code == 0, r.err
+    assert len(listed(repo)) == 1
+
+
+def test_row_security_does_not_hide_rows_or_is_refused(pg, db, repo):
+    pg.execute(db, "CREATE TABLE r (id int PRIMARY KEY, owner text); "
+                   "INSERT INTO r SELECT g, 'u' || g FROM generate_series(1, 50) g; "
+                   "ALTER TABLE r ENABLE ROW LEVEL SECURITY; ALTER TABLE r FORCE ROW LEVEL SECURITY; "
+                   "CREATE POLICY p ON r USING (owner = current_user); "
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_rls') "
+                   "THEN CREATE ROLE fpv_rls LOGIN; END IF; END $$; GRANT SELECT ON r TO fpv_rls")
+    # A superuser gets every row, FORCE or not.
+    doc = snap(pg, repo, db)
+    assert doc["rows"] == 50
+    # A role subject to the policy is refused rather than given a partial table.
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_rls"))
+    assert r.code != 0 and "row-level security" in r.err
+    assert len(listed(repo)) == 1
+
+
+def test_connection_lost_mid_snapshot_writes_nothing(pg, db, repo):
+    pg.execute(db, "CREATE TABLE big (id int PRIMARY KEY, v text); "
+                   "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 600000) g")
+    stop = threading.Event()
+
+    def killer():
+        with pg.connect() as conn:
+            while not stop.is_set():
+                hit = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                   "WHERE datname = %s AND query LIKE 'COPY%%'", (db,)).fetchall()
+                if hit:
+                    return
+                time.sleep(0.005)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    try:
+        r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    finally:
+        stop.set()
+        t.join()
+    assert r.code == 5, r.err
+    assert "No snapshot was written" in r.err
+    assert listed(repo) == []
+    # The repository is still usable.
+    assert snap(pg, repo, db)["rows"] == 600000
+
+
+def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
+    pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY); "
+                   "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 20000) g; "
+                   "INSERT INTO b SELECT generate_series(1, 10)")
+    sid = snap(pg, repo, db)["id"]
+    vault = Vault.open(repo)
+    (entry,) = [t for t in vault.resolve(sid)[1].tables if t.name == "a"]
+    first = vault.store.get_list(bytes.fromhex(entry.data.list))[0][0]
+    pack_id, e = vault.index.blobs[first]
+    path = Path(repo) / f"data/{pack_id.hex()[:2]}/{pack_id.hex()}"
+    raw = bytearray(path.read_bytes())
+    raw[e.offset + 10] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 3
+    assert "public.a" in r.err and sid[:8] in r.err
+    assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    r = run("restore", sid, "-r", repo, "-o", "-")
+    assert r.code == 3 and "public.a" in r.err
+    # The undamaged table still restores on its own.
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target), "-t", "b")
+    assert r.code == 0, r.err
+    assert pg.query(target, "SELECT count(*) FROM b") == [(10,)]
+
+
+def test_password_never_reaches_the_repository(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int)")
+    # Trust auth ignores the password; it must still not be kept anywhere.
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, password="s3cr3t-pw"))
+    assert r.code == 0, r.err
+    for path in Path(repo).rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            try:
+                data = zstandard.ZstdDecompressor().decompress(data)
+            except zstandard.ZstdError:
+                pass
+            assert b"s3cr3t-pw" not in data, path
+
+
+def test_repository_files_are_not_world_readable(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int)")
+    snap(pg, repo, db)
+    for path in Path(repo).rglob("*"):
+        assert path.stat().st_mode & 0o077 == 0, path

@@ -1,0 +1,169 @@
+"""The backend contract and the chunk store, against models."""
+
+import os
+import stat
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from fpvault import packs
+from fpvault.backend import LocalBackend, ObjectMissing
+from fpvault.chunkstore import BlobDamaged, ChunkStore, Index, decode_list, encode_list
+from fpvault.errors import RepositoryDamaged
+
+# -- the Backend contract: every implementation must pass these
+
+
+@pytest.fixture(params=["local"])
+def backend(request, tmp_path):
+    return LocalBackend(tmp_path / "objects")
+
+
+def test_put_get_list_delete(backend):
+    backend.put("data/ab/abcd", b"hello")
+    backend.put("index/1", b"")
+    assert backend.get("data/ab/abcd") == b"hello"
+    assert backend.get("data/ab/abcd", 1, 3) == b"ell"
+    assert backend.get("index/1") == b""
+    assert sorted(backend.list("data/")) == ["data/ab/abcd"]
+    assert sorted(backend.list("")) == ["data/ab/abcd", "index/1"]
+    assert backend.exists("index/1") and backend.size("data/ab/abcd") == 5
+    backend.put("data/ab/abcd", b"world")
+    assert backend.get("data/ab/abcd") == b"world"
+    backend.delete("data/ab/abcd")
+    backend.delete("data/ab/abcd")  # deleting what is gone is not an error
+    assert not backend.exists("data/ab/abcd")
+    assert list(backend.list("data/")) == []
+    assert list(backend.list("nothing/")) == []
+
+
+def test_missing_object_and_short_range_are_damage(backend):
+    with pytest.raises(ObjectMissing):
+        backend.get("snapshots/nope")
+    backend.put("x", b"abc")
+    with pytest.raises(RepositoryDamaged):
+        backend.get("x", 2, 10)
+
+
+def test_bad_names_are_refused(backend):
+    for name in ("/etc/passwd", "../x", "a/../../b"):
+        with pytest.raises(ValueError):
+            backend.put(name, b"")
+
+
+def test_local_files_are_private_and_temp_files_invisible(tmp_path):
+    b = LocalBackend(tmp_path / "r")
+    b.put("snapshots/x", b"1")
+    mode = os.stat(tmp_path / "r" / "snapshots" / "x").st_mode
+    assert stat.S_IMODE(mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "r" / "snapshots").st_mode) == 0o700
+    (tmp_path / "r" / "snapshots" / "y.tmp-1234").write_bytes(b"partial")
+    assert list(b.list("snapshots/")) == ["snapshots/x"]
+
+
+# -- the chunk store
+
+
+def test_put_get_dedup_and_persistence(tmp_path):
+    backend = LocalBackend(tmp_path)
+    store = ChunkStore(backend, Index())
+    a = store.put(b"a" * 1000)
+    assert store.put(b"a" * 1000) == a
+    b = store.put(os.urandom(5000))   # incompressible: stored raw
+    store.flush()
+    assert store.stats.blobs_added == 2
+    fresh = ChunkStore(backend, Index.load(backend))
+    assert fresh.get(a) == b"a" * 1000
+    assert len(fresh.get(b)) == 5000
+    assert fresh.put(b"a" * 1000) == a
+    fresh.flush()
+    assert fresh.stats.blobs_added == 0 and fresh.stats.bytes_added == 0
+
+
+def test_flipped_byte_is_detected(tmp_path):
+    backend = LocalBackend(tmp_path)
+    store = ChunkStore(backend, Index())
+    blob = store.put(b"row\n" * 5000)
+    store.flush()
+    (pack,) = [n for n in backend.list("data/")]
+    path = tmp_path / pack
+    raw = bytearray(path.read_bytes())
+    pack_id, entry = store.index.blobs[blob]
+    raw[entry.offset + entry.length // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BlobDamaged):
+        ChunkStore(backend, Index.load(backend)).get(blob)
+
+
+def test_unknown_blob_is_damage(tmp_path):
+    store = ChunkStore(LocalBackend(tmp_path), Index())
+    with pytest.raises(BlobDamaged):
+        store.get(b"\0" * 32)
+
+
+def test_pack_trailer_rebuilds_the_index(tmp_path):
+    backend = LocalBackend(tmp_path)
+    store = ChunkStore(backend, Index())
+    ids = [store.put(os.urandom(100) * 10) for _ in range(20)]
+    store.flush()
+    (pack,) = list(backend.list("data/"))
+    entries = packs.read_trailer(backend.get(pack))
+    assert {e.id for e in entries} == set(ids)
+    with pytest.raises(packs.PackFormatError):
+        packs.read_trailer(backend.get(pack)[:-3])
+
+
+def test_chunk_list_round_trip():
+    items = [(bytes([i]) * 32, i * 1000) for i in range(50)]
+    assert decode_list(b"x", encode_list(items)) == items
+    with pytest.raises(BlobDamaged):
+        decode_list(b"x", encode_list(items)[:-1])
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """The store against a dict model: whatever is put and flushed can be read back,
+    across reopenings, and nothing else can."""
+
+    def __init__(self):
+        super().__init__()
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="fpvault-store-")
+        self.backend = LocalBackend(self.dir)
+        self.store = ChunkStore(self.backend, Index())
+        self.model: dict[bytes, bytes] = {}
+        self.flushed: dict[bytes, bytes] = {}
+
+    @rule(data=st.binary(max_size=3000), repeat=st.integers(1, 50))
+    def put(self, data, repeat):
+        data = data * repeat
+        blob = self.store.put(data)
+        self.model[blob] = data
+
+    @rule()
+    def flush(self):
+        self.store.flush()
+        self.flushed = dict(self.model)
+
+    @rule()
+    def reopen(self):
+        # Unflushed blobs are lost, as after a crash; flushed ones must survive.
+        self.store = ChunkStore(self.backend, Index.load(self.backend))
+        self.model = dict(self.flushed)
+
+    @precondition(lambda self: self.model)
+    @rule(pick=st.integers(min_value=0))
+    def get(self, pick):
+        self.store.flush()
+        self.flushed = dict(self.model)
+        blob = sorted(self.model)[pick % len(self.model)]
+        assert self.store.get(blob) == self.model[blob]
+
+    @invariant()
+    def index_knows_exactly_what_was_flushed(self):
+        assert set(self.store.index.blobs) == set(self.flushed)
+
+
+StoreMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+test_store_state_machine = StoreMachine.TestCase
