@@ -1,0 +1,56 @@
+"""The frozen repository in tests/data must stay readable by every later version.
+
+tests/data/repo-v1 was written by fpvault 0.1.0 (format 1) from a small
+database; never regenerate it.  If a change breaks these tests, the change
+broke every repository users already have.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+
+FROZEN = Path(__file__).parent / "data" / "repo-v1"
+OLD, NEW = "44d7f1c8b7e1f6e103af23ec0780fb8ab9de1e43982130f8dfdc57e74a3f9c88", \
+    "f03acea887902f4ad2f5563aa19c16bf8118032730c86c5eb7611b76456e2e78"
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    dst = tmp_path / "repo-v1"
+    shutil.copytree(FROZEN, dst)
+    return str(dst)
+
+
+def test_frozen_repository_lists_and_shows(frozen):
+    snaps = json.loads(run("list", "-r", frozen, "--json").out)
+    assert [(s["id"], s["tags"], s["tables"], s["rows"]) for s in snaps] == [
+        (OLD, ["frozen"], 2, 6), (NEW, ["frozen2"], 2, 7)]
+    shown = json.loads(run("show", OLD[:8], "-r", frozen, "--json").out)
+    assert shown["database"] == "frozen" and shown["server_version"] == "15.18"
+    assert [(t["name"], t["rows"]) for t in shown["tables"]] == [
+        ('public."Mixed Case"', 3), ("public.people", 3)]
+
+
+def test_frozen_repository_writes_the_same_script(frozen):
+    r = run("restore", OLD, "-r", frozen, "-o", "-")
+    assert r.code == 0, r.err
+    assert ('COPY public.people ("id", "name", "mood", "note") FROM STDIN;\n'
+            "1\tAda\thappy\ttab\\there\n2\tBrian\t\\N\t\\\\N\n3\tChloé 🐘\tok\t\n\\.\n") in r.out
+    assert "SELECT pg_catalog.setval('public.people_id_seq', 10, true);" in r.out
+    assert "CREATE TYPE public.mood AS ENUM" in r.out
+
+
+def test_frozen_repository_restores(pg, frozen):
+    for sid, expect in ((OLD, [(1, "happy"), (2, None), (3, "ok")]),
+                        (NEW, [(1, "sad"), (2, None), (3, "ok"), (11, None)])):
+        target = pg.createdb()
+        r = run("restore", sid, "-r", frozen, "--to", pg.dsn(target))
+        assert r.code == 0, r.err
+        assert pg.query(target, "SELECT id, mood::text FROM people ORDER BY id") == expect
+        assert pg.query(target, 'SELECT count(*) FROM "Mixed Case"') == [(3,)]
+        assert pg.query(target, "SELECT convert_from(lo_get(424242), 'UTF8')") == [
+            ("frozen large object",)]
