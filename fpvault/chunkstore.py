@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import msgspec
 import zstandard
@@ -215,27 +215,40 @@ class ChunkStore:
 
     # -- chunk lists
 
-    def put_list(self, chunks: list[tuple[bytes, int]]) -> bytes:
+    def put_list(self, chunks: list[ChunkRef]) -> bytes:
         return self.put(encode_list(chunks), packs.LIST)
 
-    def get_list(self, blob: bytes) -> list[tuple[bytes, int]]:
+    def get_list(self, blob: bytes) -> list[ChunkRef]:
         return decode_list(blob, self.get(blob))
 
 
-# A chunk list is the concatenation of (32-byte id, 4-byte little-endian size).
+class ChunkRef(NamedTuple):
+    """One entry of a chunk list."""
+
+    id: bytes
+    size: int
+    cut_in_row: bool = False   # the chunk does not end with a newline (a row longer than the slack)
+
+
+# A chunk list is the concatenation of (32-byte id, 4-byte little-endian word); the word's
+# low 31 bits are the chunk's size, its top bit is ``cut_in_row``.
 _LIST_ITEM = 36
+_CUT_IN_ROW = 1 << 31
 
 
-def encode_list(chunks: list[tuple[bytes, int]]) -> bytes:
+def encode_list(chunks: list[ChunkRef]) -> bytes:
     out = bytearray()
-    for blob, size in chunks:
-        out += blob
-        out += size.to_bytes(4, "little")
+    for ref in chunks:
+        out += ref.id
+        out += (ref.size | (_CUT_IN_ROW if ref.cut_in_row else 0)).to_bytes(4, "little")
     return bytes(out)
 
 
-def decode_list(blob: bytes, data: bytes) -> list[tuple[bytes, int]]:
+def decode_list(blob: bytes, data: bytes) -> list[ChunkRef]:
     if len(data) % _LIST_ITEM:
         raise BlobDamaged(blob, "chunk list has a partial entry")
-    return [(data[i:i + 32], int.from_bytes(data[i + 32:i + 36], "little"))
-            for i in range(0, len(data), _LIST_ITEM)]
+    refs = []
+    for i in range(0, len(data), _LIST_ITEM):
+        word = int.from_bytes(data[i + 32:i + 36], "little")
+        refs.append(ChunkRef(data[i:i + 32], word & ~_CUT_IN_ROW, bool(word & _CUT_IN_ROW)))
+    return refs

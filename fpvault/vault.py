@@ -22,7 +22,7 @@ import zstandard
 from . import packs
 from .backend import Backend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
-from .chunkstore import ChunkStore, Index
+from .chunkstore import ChunkRef, ChunkStore, Index
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
 from .manifest import (FORMAT_VERSION, ChunkerParams, Config, Snapshot, Stream, decode_config,
@@ -133,8 +133,8 @@ class Vault:
 
     def read_stream(self, stream: Stream) -> Iterator[bytes]:
         """The stream's chunks in order, each checked against its hash."""
-        for blob, _size in self.store.get_list(bytes.fromhex(stream.list)):
-            yield self.store.get(blob)
+        for ref in self.store.get_list(bytes.fromhex(stream.list)):
+            yield self.store.get(ref.id)
 
     def read_bytes(self, stream: Stream) -> bytes:
         return b"".join(self.read_stream(stream))
@@ -228,7 +228,7 @@ class StreamWriter:
         self.vault = vault
         self.chunker = vault.chunker()
         self.hasher = blake3.blake3(max_threads=1)
-        self.chunks: list[tuple[bytes, int]] = []
+        self.chunks: list[ChunkRef] = []
         self.size = 0
         self.newlines = 0
 
@@ -240,7 +240,8 @@ class StreamWriter:
 
     def _put(self, chunk: bytes) -> None:
         self.newlines += chunk.count(b"\n")
-        self.chunks.append((self.vault.store.put(chunk, packs.DATA), len(chunk)))
+        self.chunks.append(ChunkRef(self.vault.store.put(chunk, packs.DATA), len(chunk),
+                                   not chunk.endswith(b"\n")))
 
     def close(self) -> tuple[Stream, int]:
         for chunk in self.chunker.finish():

@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from fpvault import packs
 from fpvault.backend import LocalBackend, ObjectMissing
-from fpvault.chunkstore import BlobDamaged, ChunkStore, Index, decode_list, encode_list
+from fpvault.chunkstore import BlobDamaged, ChunkRef, ChunkStore, Index, decode_list, encode_list
 from fpvault.errors import RepositoryDamaged
 
 # -- the Backend contract: every implementation must pass these
@@ -116,7 +116,7 @@ def test_pack_trailer_rebuilds_the_index(tmp_path):
 
 
 def test_chunk_list_round_trip():
-    items = [(bytes([i]) * 32, i * 1000) for i in range(50)]
+    items = [ChunkRef(bytes([i]) * 32, i * 1000, i % 3 == 0) for i in range(50)]
     assert decode_list(b"x", encode_list(items)) == items
     with pytest.raises(BlobDamaged):
         decode_list(b"x", encode_list(items)[:-1])

@@ -1,0 +1,480 @@
+"""What changed between two snapshots: tables, schema objects, sequences, rows.
+
+Table level: two snapshots' entries for a table are *unchanged* when their
+chunk list ids are equal (the same stream, byte for byte), which is decided
+from the manifests alone, without reading data.
+
+Schema level: the schema text (pg_restore's SQL, which heads every object
+with ``-- Name: …; Type: …; Schema: …``) is split into *objects*; objects
+present on one side only are added or removed, objects whose text differs
+are altered.  Each object is attributed to the table it belongs to (its
+indexes, constraints, policies, triggers, defaults, comments, grants), so a
+table's ``schema_changed`` covers its whole definition.
+
+Row level (``--rows``): a chunk present in both streams holds the same rows
+in both, so only chunks that occur on one side are decoded.  Walking both
+chunk lists in order, the runs of one-sided chunks between shared chunks are
+*hunks*; rows of a hunk are matched by key against the unmatched rows of the
+other side.  What stays unmatched at the end is inserted or deleted.  Memory
+is bounded by the largest hunk plus the rows inserted and deleted, not by the
+table; time by the changed chunks.  Tables without a key are multisets: rows
+are counted, and the differences reported as inserts and deletes.
+
+When columns differ between the snapshots, rows are compared on the columns
+both have (the change of columns is reported in the schema part); if the key
+columns are not the same on both sides, the table is compared as a multiset
+of those shared columns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .chunkstore import ChunkRef
+from .manifest import Snapshot, TableEntry
+from .vault import Vault
+
+_HEADER = re.compile(r"^-- Name: (.*); Type: (.*); Schema: (.*); Owner: (.*)$")
+# Objects whose pg_dump name starts with their table's name: "users users_pkey".
+_TABLE_PREFIXED = {"CONSTRAINT", "FK CONSTRAINT", "POLICY", "TRIGGER", "RULE", "DEFAULT",
+                   "ROW SECURITY", "CHECK CONSTRAINT"}
+_INDEX_ON = re.compile(r"\bON (?:ONLY )?(.+?) USING ")
+
+
+@dataclass(frozen=True)
+class SchemaObject:
+    type: str
+    schema: str
+    name: str
+    text: str
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.type, self.schema, self.name)
+
+    def label(self) -> str:
+        where = f"{self.schema}." if self.schema not in ("-", "") else ""
+        return f"{self.type.lower()} {where}{self.name}"
+
+
+def schema_objects(sql: str) -> list[SchemaObject]:
+    """Split pg_restore output into its objects (the preamble is left out)."""
+    objects: list[SchemaObject] = []
+    lines = sql.splitlines()
+    current: tuple[str, str, str] | None = None
+    body: list[str] = []
+
+    def close() -> None:
+        if current:
+            text = "\n".join(body).strip()
+            objects.append(SchemaObject(current[1], current[2], current[0], text))
+
+    i = 0
+    while i < len(lines):
+        m = _HEADER.match(lines[i])
+        if m and i > 0 and lines[i - 1] == "--":
+            if body and body[-1] == "--":
+                body.pop()
+            close()
+            current = (m.group(1), m.group(2), m.group(3))
+            body = []
+            i += 2 if i + 1 < len(lines) and lines[i + 1] == "--" else 1
+            continue
+        if lines[i].startswith("-- PostgreSQL database dump complete"):
+            if body and body[-1] == "--":
+                body.pop()
+            close()
+            current, body = None, []
+        elif current:
+            body.append(lines[i])
+        i += 1
+    close()
+    return objects
+
+
+def owning_table(obj: SchemaObject, tables: dict[tuple[str, str], TableEntry]) -> TableEntry | None:
+    """The table an object is part of, if any."""
+    if obj.type in ("TABLE", "TABLE ATTACH"):
+        return tables.get((obj.schema, obj.name))
+    if obj.type in _TABLE_PREFIXED:
+        for (schema, name), t in tables.items():
+            if schema == obj.schema and (obj.name == name or obj.name.startswith(name + " ")):
+                return t
+        return None
+    if obj.type == "INDEX":
+        m = _INDEX_ON.search(obj.text)
+        if m:
+            for t in tables.values():
+                if t.qname == m.group(1):
+                    return t
+        return None
+    if obj.type in ("COMMENT", "ACL", "SECURITY LABEL"):
+        for (schema, name), t in tables.items():
+            if schema == obj.schema and (obj.name == f"TABLE {name}"
+                                         or obj.name.startswith(f"COLUMN {name}.")):
+                return t
+    return None
+
+
+# -- COPY text
+
+_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v", "\\": "\\"}
+_ESCAPE_RE = re.compile(r"\\(x[0-9a-fA-F]{1,2}|[0-7]{1,3}|.)", re.S)
+
+
+def _unescape_sub(m: re.Match) -> str:
+    s = m.group(1)
+    if s[0] == "x" and len(s) > 1:
+        return chr(int(s[1:], 16))
+    if s[0] in "01234567":
+        return chr(int(s, 8))
+    return _ESCAPES.get(s, s)
+
+
+def copy_field(text: str) -> str | None:
+    """One COPY text field as its value's text (None for NULL)."""
+    if text == "\\N":
+        return None
+    return _ESCAPE_RE.sub(_unescape_sub, text) if "\\" in text else text
+
+
+def copy_rows(chunks: Iterator[bytes], encoding: str = "utf-8") -> Iterator[bytes]:
+    """Lines of a stream, from chunks that may split rows."""
+    rest = b""
+    for chunk in chunks:
+        data = rest + chunk if rest else chunk
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest:
+        yield rest
+
+
+# -- results
+
+@dataclass
+class RowChange:
+    op: str
+    key: dict[str, Any]
+    before: dict[str, Any] | None = None
+    after: dict[str, Any] | None = None
+    changed: list[str] | None = None
+    count: int = 1
+
+    def as_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"op": self.op, "key": self.key}
+        if self.before is not None:
+            d["before"] = self.before
+        if self.after is not None:
+            d["after"] = self.after
+        if self.changed is not None:
+            d["changed"] = self.changed
+        if self.count != 1:
+            d["count"] = self.count
+        return d
+
+
+@dataclass
+class RowDiff:
+    inserted: int = 0
+    deleted: int = 0
+    updated: int = 0
+    rows: list[RowChange] = field(default_factory=list)
+    chunks_decoded: int = 0
+    chunks_total: int = 0
+    compared_columns: list[str] = field(default_factory=list)
+    keyed: bool = True
+
+
+@dataclass
+class TableDiff:
+    name: str
+    status: str
+    schema_changed: bool
+    rows_before: int | None
+    rows_after: int | None
+    bytes_before: int | None
+    bytes_after: int | None
+    columns_added: list[str] = field(default_factory=list)
+    columns_removed: list[str] = field(default_factory=list)
+    objects: list[str] = field(default_factory=list)
+    rows: RowDiff | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name, "status": self.status, "schema_changed": self.schema_changed,
+            "rows_before": self.rows_before, "rows_after": self.rows_after,
+            "bytes_before": self.bytes_before, "bytes_after": self.bytes_after}
+        if self.columns_added or self.columns_removed:
+            d["columns_added"] = self.columns_added
+            d["columns_removed"] = self.columns_removed
+        if self.objects:
+            d["objects"] = self.objects
+        if self.rows is not None:
+            d.update(inserted=self.rows.inserted, deleted=self.rows.deleted,
+                     updated=self.rows.updated, rows=[r.as_json() for r in self.rows.rows],
+                     chunks_decoded=self.rows.chunks_decoded,
+                     chunks_total=self.rows.chunks_total)
+        return d
+
+
+@dataclass
+class Diff:
+    from_id: str
+    to_id: str
+    schema_changed: bool
+    schema_diff: str
+    objects_added: list[str]
+    objects_removed: list[str]
+    objects_altered: list[str]
+    tables: list[TableDiff]
+    sequences: list[dict[str, Any]]
+    large_objects: list[dict[str, Any]]
+
+    @property
+    def differs(self) -> bool:
+        return (self.schema_changed or bool(self.sequences) or bool(self.large_objects)
+                or any(t.status != "unchanged" or t.schema_changed for t in self.tables))
+
+    def as_json(self) -> dict[str, Any]:
+        return {"from": self.from_id, "to": self.to_id, "schema_changed": self.schema_changed,
+                "schema_diff": self.schema_diff,
+                "objects": {"added": self.objects_added, "removed": self.objects_removed,
+                            "altered": self.objects_altered},
+                "tables": [t.as_json() for t in self.tables],
+                "sequences": self.sequences, "large_objects": self.large_objects}
+
+
+# -- the diff
+
+def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
+         tables: list[str] | None = None, rows: bool = False, schema_text: bool = True) -> Diff:
+    ta = {(t.schema, t.name): t for t in a.tables}
+    tb = {(t.schema, t.name): t for t in b.tables}
+
+    sql_a = _schema_text(vault, a)
+    sql_b = _schema_text(vault, b)
+    schema_changed = sql_a != sql_b
+    schema_diff = ""
+    added: list[str] = []
+    removed: list[str] = []
+    altered: list[str] = []
+    table_objects: dict[tuple[str, str], list[str]] = {}
+    if schema_changed:
+        if schema_text:
+            schema_diff = "".join(difflib.unified_diff(
+                sql_a.splitlines(keepends=True), sql_b.splitlines(keepends=True),
+                fromfile=f"a/{a_id[:8]}", tofile=f"b/{b_id[:8]}"))
+        oa = {o.key: o for o in schema_objects(sql_a)}
+        ob = {o.key: o for o in schema_objects(sql_b)}
+        for k in sorted(set(oa) | set(ob)):
+            if k in oa and k in ob and oa[k].text == ob[k].text:
+                continue
+            obj = ob.get(k) or oa[k]
+            what = "added" if k not in oa else "removed" if k not in ob else "altered"
+            {"added": added, "removed": removed, "altered": altered}[what].append(obj.label())
+            owner = owning_table(obj, tb if k in ob else ta)
+            if owner is not None:
+                table_objects.setdefault((owner.schema, owner.name), []).append(
+                    f"{what} {obj.label()}")
+
+    wanted = None
+    if tables:
+        from .restore import select_tables  # names are matched as restore -t matches them
+        both = Snapshot(time="", source=a.source, schema=a.schema,
+                        tables=list({(t.schema, t.name): t for t in [*a.tables, *b.tables]}.values()))
+        wanted = {(t.schema, t.name) for t in select_tables(both, tuple(tables), "")}
+
+    out: list[TableDiff] = []
+    for key in sorted(set(ta) | set(tb)):
+        if wanted is not None and key not in wanted:
+            continue
+        x, y = ta.get(key), tb.get(key)
+        if x is None:
+            status = "added"
+        elif y is None:
+            status = "removed"
+        elif x.data.list == y.data.list:
+            status = "unchanged"
+        else:
+            status = "changed"
+        t = y or x
+        td = TableDiff(
+            name=t.qname, status=status, schema_changed=False,
+            rows_before=x.rows if x else None, rows_after=y.rows if y else None,
+            bytes_before=x.data.bytes if x else None, bytes_after=y.data.bytes if y else None,
+            objects=table_objects.get(key, []))
+        if x and y:
+            td.columns_added = [c for c in y.columns if c not in x.columns]
+            td.columns_removed = [c for c in x.columns if c not in y.columns]
+            td.schema_changed = bool(td.objects or td.columns_added or td.columns_removed)
+        else:
+            td.schema_changed = True
+        if rows and status == "changed":
+            td.rows = row_diff(vault, x, y, a.source.encoding)
+        out.append(td)
+
+    seqs = []
+    sa = {s.qname: s for s in a.sequences}
+    sb = {s.qname: s for s in b.sequences}
+    for name in sorted(set(sa) | set(sb)):
+        p, q = sa.get(name), sb.get(name)
+        if p and q and (p.last_value, p.is_called) == (q.last_value, q.is_called):
+            continue
+        seqs.append({"name": name, "status": "added" if not p else "removed" if not q else "changed",
+                     "before": p.last_value if p else None, "after": q.last_value if q else None})
+    los = []
+    la = {lo.oid: lo for lo in a.large_objects}
+    lb = {lo.oid: lo for lo in b.large_objects}
+    for oid in sorted(set(la) | set(lb)):
+        p, q = la.get(oid), lb.get(oid)
+        if p and q and p.data.hash == q.data.hash:
+            continue
+        los.append({"oid": oid, "status": "added" if not p else "removed" if not q else "changed",
+                    "bytes_before": p.data.bytes if p else None,
+                    "bytes_after": q.data.bytes if q else None})
+    return Diff(a_id, b_id, schema_changed, schema_diff, added, removed, altered, out, seqs, los)
+
+
+def _schema_text(vault: Vault, snap: Snapshot) -> str:
+    raw = vault.read_bytes(snap.schema.pre_data) + vault.read_bytes(snap.schema.post_data)
+    text = raw.decode("utf-8", "replace")
+    # The version lines change with a server upgrade, not with the schema.
+    return "\n".join(line for line in text.splitlines()
+                     if not line.startswith(("-- Dumped from database version",
+                                             "-- Dumped by pg_dump version")))
+
+
+def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8") -> RowDiff:
+    """Rows inserted, deleted and updated from table entry ``a`` to ``b``."""
+    enc = _py_encoding(encoding)
+    la = vault.store.get_list(bytes.fromhex(a.data.list))
+    lb = vault.store.get_list(bytes.fromhex(b.data.list))
+    shared_cols = [c for c in b.columns if c in a.columns]
+    keyed = bool(a.key) and a.key == b.key and all(k in shared_cols for k in a.key)
+    result = RowDiff(chunks_total=len(la) + len(lb), compared_columns=shared_cols, keyed=keyed)
+    ia = [a.columns.index(c) for c in shared_cols]
+    ib = [b.columns.index(c) for c in shared_cols]
+    kpos = [shared_cols.index(k) for k in a.key] if keyed else []
+
+    def project(line: bytes, idx: list[int]) -> tuple[str | None, ...]:
+        fields = line.decode(enc, "backslashreplace").split("\t")
+        return tuple(fields[i] for i in idx)
+
+    def hunk_rows(chunks: list[bytes], idx: list[int]) -> Iterator[tuple[str | None, ...]]:
+        result.chunks_decoded += len(chunks)
+        for line in copy_rows(vault.store.get_many(chunks)):
+            yield project(line, idx)
+
+    def as_dict(values: tuple, cols: list[str]) -> dict[str, Any]:
+        return {c: copy_field(v) if v is not None else None for c, v in zip(cols, values)}
+
+    if keyed:
+        pend_a: dict[tuple, tuple] = {}
+        pend_b: dict[tuple, tuple] = {}
+        for ha, hb in _hunks(la, lb):
+            for row in hunk_rows(ha, ia):
+                k = tuple(row[i] for i in kpos)
+                other = pend_b.pop(k, None)
+                if other is None:
+                    pend_a[k] = row
+                else:
+                    _update(result, row, other, k, shared_cols, a.key, as_dict)
+            for row in hunk_rows(hb, ib):
+                k = tuple(row[i] for i in kpos)
+                other = pend_a.pop(k, None)
+                if other is None:
+                    pend_b[k] = row
+                else:
+                    _update(result, other, row, k, shared_cols, a.key, as_dict)
+        for k, row in pend_a.items():
+            result.deleted += 1
+            result.rows.append(RowChange("delete", as_dict(k, a.key), before=as_dict(row, shared_cols)))
+        for k, row in pend_b.items():
+            result.inserted += 1
+            result.rows.append(RowChange("insert", as_dict(k, a.key), after=as_dict(row, shared_cols)))
+        return result
+
+    counts: Counter[tuple] = Counter()
+    for ha, hb in _hunks(la, lb):
+        for row in hunk_rows(ha, ia):
+            counts[row] += 1
+        for row in hunk_rows(hb, ib):
+            counts[row] -= 1
+    for row, n in sorted(counts.items(), key=lambda kv: kv[0]):
+        if n > 0:
+            result.deleted += n
+            result.rows.append(RowChange("delete", {}, before=as_dict(row, shared_cols), count=n))
+        elif n < 0:
+            result.inserted += -n
+            result.rows.append(RowChange("insert", {}, after=as_dict(row, shared_cols), count=-n))
+    return result
+
+
+def _update(result: RowDiff, before: tuple, after: tuple, k: tuple, cols: list[str],
+            key: list[str], as_dict) -> None:
+    if before == after:
+        return  # the same row, in a chunk that differs for other reasons
+    result.updated += 1
+    changed = [c for c, p, q in zip(cols, before, after) if p != q]
+    result.rows.append(RowChange("update", as_dict(k, key), before=as_dict(before, cols),
+                                 after=as_dict(after, cols), changed=changed))
+
+
+def _hunks(la: list[ChunkRef], lb: list[ChunkRef]) -> Iterator[tuple[list[bytes], list[bytes]]]:
+    """Maximal runs of one-sided chunks, paired in stream order.
+
+    The k-th occurrence of a chunk id in one list is shared with its k-th
+    occurrence in the other; shared chunks hold the same rows on both sides and
+    are never decoded.  A run must hold whole rows, so a shared chunk next to a
+    one-sided one is made one-sided (on both sides) when a row crosses the
+    boundary between them (``cut_in_row``: rows longer than the chunker's slack).
+    """
+    where_b: dict[bytes, deque[int]] = defaultdict(deque)
+    for j, ref in enumerate(lb):
+        where_b[ref.id].append(j)
+    pair_a = [-1] * len(la)
+    pair_b = [-1] * len(lb)
+    for i, ref in enumerate(la):
+        q = where_b.get(ref.id)
+        if q:
+            j = q.popleft()
+            pair_a[i], pair_b[j] = j, i
+
+    changed = True
+    while changed:
+        changed = False
+        for refs, pair, other in ((la, pair_a, pair_b), (lb, pair_b, pair_a)):
+            for i in range(len(refs)):
+                if pair[i] >= 0:
+                    continue
+                for k in (i - 1, i + 1):
+                    crosses = refs[i - 1].cut_in_row if k == i - 1 else refs[i].cut_in_row
+                    if 0 <= k < len(refs) and crosses and pair[k] >= 0:
+                        other[pair[k]] = -1
+                        pair[k] = -1
+                        changed = True
+
+    i = j = 0
+    while i < len(la) or j < len(lb):
+        ha: list[bytes] = []
+        hb: list[bytes] = []
+        while i < len(la) and pair_a[i] < 0:
+            ha.append(la[i].id)
+            i += 1
+        while j < len(lb) and pair_b[j] < 0:
+            hb.append(lb[j].id)
+            j += 1
+        if ha or hb:
+            yield ha, hb
+        i += 1 if i < len(la) else 0   # step over one shared chunk on each side
+        j += 1 if j < len(lb) else 0
+
+
+def _py_encoding(pg: str) -> str:
+    return {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252",
+            "LATIN9": "iso8859-15", "EUC_JP": "euc_jp", "SJIS": "shift_jis"}.get(pg.upper(), "utf-8")

@@ -1,0 +1,197 @@
+"""fpvault diff: table, schema and row level."""
+
+import json
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run
+from fpvault.diff import copy_field, row_diff, schema_objects
+from fpvault.manifest import ChunkerParams, TableEntry
+from fpvault.vault import Vault
+
+# -- the row merge, against the true difference of two row sets
+
+SMALL = ChunkerParams(avg_size=256, min_size=64, max_size=1024)
+
+
+def entry(vault, rows: list[str], columns, key) -> TableEntry:
+    stream, n = vault.write_stream([("".join(r + "\n" for r in rows)).encode()])
+    vault.store.flush()
+    return TableEntry(schema="s", name="t", qname="s.t", oid=1, columns=columns, key=key,
+                      rows=n, data=stream)
+
+
+values = st.one_of(st.text(alphabet="abcxyz", min_size=0, max_size=12),
+                   st.text(alphabet="q", min_size=2500, max_size=2600))  # longer than the slack
+
+
+@given(base=st.dictionaries(st.integers(0, 5000), values, max_size=300),
+       edits=st.lists(st.tuples(st.sampled_from(["ins", "del", "upd"]), st.integers(0, 5000),
+                                values), max_size=40))
+@settings(max_examples=60, deadline=None)
+def test_keyed_row_diff_equals_the_true_difference(tmp_path_factory, base, edits):
+    vault = Vault.create(str(tmp_path_factory.mktemp("v") / "r"), chunker=SMALL)
+    after = dict(base)
+    for op, k, v in edits:
+        if op == "del":
+            after.pop(k, None)
+        else:
+            after[k] = v
+    fmt = lambda d: [f"{k}\t{d[k]}" for k in sorted(d)]  # noqa: E731 (key order, as snap reads)
+    d = row_diff(vault, entry(vault, fmt(base), ["id", "v"], ["id"]),
+                 entry(vault, fmt(after), ["id", "v"], ["id"]))
+    got = {(r.op, int(r.key["id"])): (r.before, r.after) for r in d.rows}
+    want = {}
+    for k in set(base) | set(after):
+        if k not in after:
+            want[("delete", k)] = ({"id": str(k), "v": base[k]}, None)
+        elif k not in base:
+            want[("insert", k)] = (None, {"id": str(k), "v": after[k]})
+        elif base[k] != after[k]:
+            want[("update", k)] = ({"id": str(k), "v": base[k]}, {"id": str(k), "v": after[k]})
+    assert got == want
+    assert (d.inserted, d.deleted, d.updated) == (
+        sum(op == "insert" for op, _ in want), sum(op == "delete" for op, _ in want),
+        sum(op == "update" for op, _ in want))
+
+
+@given(base=st.lists(st.sampled_from(["a", "b", "c", "d\\tx", "\\N"]), max_size=400),
+       after=st.lists(st.sampled_from(["a", "b", "c", "e"]), max_size=400))
+@settings(max_examples=60, deadline=None)
+def test_keyless_row_diff_is_a_multiset_difference(tmp_path_factory, base, after):
+    vault = Vault.create(str(tmp_path_factory.mktemp("v") / "r"), chunker=SMALL)
+    rows_b = base[: len(base) // 2] + after  # share a prefix, as a table that grew would
+    d = row_diff(vault, entry(vault, base, ["v"], []), entry(vault, rows_b, ["v"], []))
+    want = Counter(base)
+    want.subtract(Counter(rows_b))
+    got = Counter()
+    for r in d.rows:
+        value = r.before["v"] if r.op == "delete" else r.after["v"]
+        raw = "\\N" if value is None else value.replace("\t", "\\t")
+        got[raw] += r.count if r.op == "delete" else -r.count
+    assert +got == +want and -got == -want
+
+
+def test_only_differing_chunks_are_decoded(tmp_path):
+    vault = Vault.create(str(tmp_path / "r"), chunker=SMALL)
+    rows = [f"{i}\tvalue number {i}" for i in range(20000)]
+    a = entry(vault, rows, ["id", "v"], ["id"])
+    rows[12345] = "12345\tchanged"
+    d = row_diff(vault, a, entry(vault, rows, ["id", "v"], ["id"]))
+    assert [(r.op, r.key, r.changed) for r in d.rows] == [("update", {"id": "12345"}, ["v"])]
+    assert d.chunks_decoded <= 6 < d.chunks_total // 50
+
+
+def test_copy_field_unescapes():
+    assert copy_field("\\N") is None
+    assert copy_field("") == ""
+    assert copy_field("a\\tb\\nc\\\\d\\x41\\101") == "a\tb\nc\\dAA"
+
+
+def test_schema_objects_split_pg_restore_text():
+    text = ("--\n-- Name: t; Type: TABLE; Schema: public; Owner: me\n--\n\nCREATE TABLE public.t ();\n\n"
+            "--\n-- Name: t t_pkey; Type: CONSTRAINT; Schema: public; Owner: me\n--\n\nALTER ...;\n\n"
+            "--\n-- PostgreSQL database dump complete\n--\n")
+    objs = schema_objects(text)
+    assert [(o.type, o.name, o.text) for o in objs] == [
+        ("TABLE", "t", "CREATE TABLE public.t ();"), ("CONSTRAINT", "t t_pkey", "ALTER ...;")]
+
+
+# -- end to end on a real database
+
+
+def snap(pg, repo, db):
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)["id"]
+
+
+def test_diff_reports_exactly_the_changes(pg, db, repo):
+    pg.execute(db, """
+        CREATE TABLE a (id int PRIMARY KEY, v text);
+        INSERT INTO a SELECT g, 'a' || g FROM generate_series(1, 5000) g;
+        CREATE TABLE b (id int PRIMARY KEY, n int);
+        INSERT INTO b SELECT g, g FROM generate_series(1, 3000) g;
+        CREATE TABLE bag (v text);
+        INSERT INTO bag VALUES ('x'), ('x'), ('y'), ('z');
+        CREATE TABLE same (id int PRIMARY KEY);
+        INSERT INTO same SELECT generate_series(1, 100);
+        CREATE TABLE gone (id int);
+        CREATE TABLE pol (id int PRIMARY KEY, owner text);
+        CREATE SEQUENCE s;
+    """)
+    old = snap(pg, repo, db)
+    pg.execute(db, """
+        UPDATE a SET v = 'changed' WHERE id IN (10, 4000);
+        DELETE FROM a WHERE id = 20;
+        INSERT INTO a VALUES (6000, 'new');
+        UPDATE b SET n = -1 WHERE id = 7;
+        DELETE FROM bag WHERE ctid = (SELECT min(ctid) FROM bag WHERE v = 'x');
+        INSERT INTO bag VALUES ('w'), ('w');
+        DROP TABLE gone;
+        CREATE TABLE fresh (id int PRIMARY KEY); INSERT INTO fresh VALUES (1);
+        ALTER TABLE same ADD COLUMN extra int;
+        CREATE INDEX b_n_idx ON b (n);
+        ALTER TABLE pol ENABLE ROW LEVEL SECURITY;
+        CREATE POLICY mine ON pol USING (owner = current_user);
+        SELECT setval('s', 42);
+    """)
+    new = snap(pg, repo, db)
+    r = run("diff", old, new, "-r", repo, "--rows", "--json")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
+    assert d["from"] == old and d["to"] == new and d["schema_changed"]
+    tables = {t["name"]: t for t in d["tables"]}
+    assert {n: t["status"] for n, t in tables.items()} == {
+        "public.a": "changed", "public.b": "changed", "public.bag": "changed",
+        "public.same": "changed", "public.gone": "removed", "public.fresh": "added",
+        "public.pol": "unchanged"}
+    a = tables["public.a"]
+    assert (a["inserted"], a["deleted"], a["updated"]) == (1, 1, 2)
+    assert {(r["op"], r["key"]["id"]) for r in a["rows"]} == {
+        ("insert", "6000"), ("delete", "20"), ("update", "10"), ("update", "4000")}
+    upd = [r for r in a["rows"] if r["key"] == {"id": "10"}][0]
+    assert upd["before"]["v"] == "a10" and upd["after"]["v"] == "changed"
+    assert upd["changed"] == ["v"]
+    assert not a["schema_changed"]
+    b = tables["public.b"]
+    assert (b["inserted"], b["deleted"], b["updated"]) == (0, 0, 1) and b["schema_changed"]
+    assert any("b_n_idx" in o for o in b["objects"])
+    bag = tables["public.bag"]
+    assert sorted((r["op"], r["before"]["v"] if r["op"] == "delete" else r["after"]["v"],
+                   r.get("count", 1)) for r in bag["rows"]) == [("delete", "x", 1), ("insert", "w", 2)]
+    same = tables["public.same"]
+    assert same["columns_added"] == ["extra"] and same["schema_changed"]
+    assert (same["inserted"], same["deleted"], same["updated"]) == (0, 0, 0)
+    pol = tables["public.pol"]
+    assert pol["schema_changed"] and any("mine" in o for o in pol["objects"])
+    assert d["sequences"] == [{"name": "public.s", "status": "changed", "before": 1, "after": 42}]
+    assert "CREATE POLICY mine" in d["schema_diff"]
+    assert "CREATE INDEX b_n_idx" in d["schema_diff"]
+    assert any("index public.b_n_idx" in o for o in d["objects"]["added"])
+
+    text = run("diff", old, new, "-r", repo, "--rows")
+    assert text.code == 0
+    assert "public.gone" in text.out and "removed" in text.out
+    assert '~ {"id": "10"} v: "a10" -> "changed"' in text.out
+    stat = run("diff", old, new, "-r", repo, "--stat")
+    assert "CREATE POLICY" not in stat.out and "4 tables changed, 1 added, 1 removed" in stat.out
+    only = json.loads(run("diff", old, new, "-r", repo, "-t", "b", "--json").out)
+    assert [t["name"] for t in only["tables"]] == ["public.b"]
+    assert run("diff", old, new, "-r", repo, "--exit-code", "--stat").code == 1
+    assert run("diff", new, new, "-r", repo, "--exit-code", "--stat").code == 0
+
+
+def test_diff_between_distant_snapshots(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v int); "
+                   "INSERT INTO t SELECT g, 0 FROM generate_series(1, 1000) g")
+    for i in range(6):
+        snap(pg, repo, db)
+        pg.execute(db, f"UPDATE t SET v = v + 1 WHERE id = {i + 1}")
+    r = run("diff", "latest~5", "latest", "-r", repo, "--rows", "--json")
+    assert r.code == 0, r.err
+    (t,) = json.loads(r.out)["tables"]
+    assert t["updated"] == 5 and t["inserted"] == t["deleted"] == 0
+    assert run("diff", "latest~6", "latest", "-r", repo).code == 2
