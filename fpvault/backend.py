@@ -135,6 +135,19 @@ class LocalBackend:
         except FileNotFoundError:
             pass
 
+    def remove_temp_files(self) -> int:
+        """Delete temporary files left by killed writers.  Only safe under an exclusive lock."""
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for filename in filenames:
+                if TEMP_MARKER in filename:
+                    try:
+                        os.unlink(os.path.join(dirpath, filename))
+                        removed += 1
+                    except OSError:
+                        pass
+        return removed
+
     def _makedirs(self, path: Path) -> None:
         if path.is_dir():
             return

@@ -59,12 +59,21 @@ class Index:
     def __init__(self) -> None:
         self.blobs: dict[bytes, tuple[bytes, BlobEntry]] = {}
         self.files: list[str] = []
+        self.damaged: list[str] = []   # index files that could not be read
 
     @classmethod
-    def load(cls, backend: Backend) -> "Index":
+    def load(cls, backend: Backend, strict: bool = False) -> "Index":
+        """The union of all index files.  A damaged one is skipped (and listed in
+        ``damaged``) unless ``strict``: what it named is then simply not found."""
         index = cls()
         for name in sorted(backend.list(INDEX_PREFIX)):
-            index.add_file(name, backend.get(name))
+            try:
+                index.add_file(name, backend.get(name))
+            except (RepositoryDamaged, msgspec.DecodeError) as exc:
+                if strict:
+                    raise RepositoryDamaged(f"Index file {name} is damaged ({exc}); run "
+                                            "'fpvault repair index'.") from exc
+                index.damaged.append(name)
         return index
 
     def add_file(self, name: str, data: bytes) -> None:

@@ -20,6 +20,7 @@ from . import restore as restore_mod
 from . import snapshot as snapshot_mod
 from .errors import FpvaultError
 from .manifest import Snapshot
+from .locks import Lock
 from .vault import Vault, default_repo, parse_time, snapshot_id
 
 
@@ -28,12 +29,17 @@ class Ctx:
         self.repo: str | None = None
         self.quiet = False
         self.debug = False
+        self.lock_wait = 0.0
 
     def location(self) -> str:
         return self.repo or os.environ.get("FPVAULT_REPO") or default_repo()
 
     def open(self, create: bool = False) -> Vault:
         return Vault.open(self.location(), create=create)
+
+    def lock(self, vault: Vault, exclusive: bool, command: str) -> Lock:
+        """Shared for commands that add or read data, exclusive for those that delete."""
+        return Lock(vault.backend, exclusive=exclusive, command=command, wait=self.lock_wait)
 
 
 def _set_repo(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -51,8 +57,16 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None
         ctx.ensure_object(Ctx).debug = True
 
 
+def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
+    if value is not None:
+        ctx.ensure_object(Ctx).lock_wait = value
+
+
 def common_options(f):
-    """-r/--repo, -q and --debug are accepted before or after the command name."""
+    """-r/--repo, -q, --lock-wait and --debug are accepted before or after the command name."""
+    f = click.option("--lock-wait", type=click.FloatRange(0), default=None, expose_value=False,
+                     callback=_set_lock_wait, metavar="SECONDS",
+                     help="Wait this long for a conflicting lock to go away (default 0).")(f)
     f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
                      help="Show tracebacks.")(f)
     f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
@@ -176,8 +190,9 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
     filters = snapshot_mod.Filters(schemas, exclude_schemas, tables, exclude_tables)
-    result = snapshot_mod.take(vault, conninfo, tags=tags, filters=filters, jobs=jobs,
-                               progress=progress)
+    with ctx.lock(vault, exclusive=False, command="snap"):
+        result = snapshot_mod.take(vault, conninfo, tags=tags, filters=filters, jobs=jobs,
+                                   progress=progress)
     s = result.snapshot
     if as_json:
         emit_json({"id": result.id, "time": s.time, "tables": len(s.tables), "rows": s.rows,
@@ -282,6 +297,13 @@ def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
     if (snapshot is None) == (at is None):
         raise click.UsageError("Give a SNAPSHOT or --at TIME (one of them).")
     vault = ctx.open()
+    with ctx.lock(vault, exclusive=False, command="restore"):
+        _restore(ctx, vault, snapshot, to, output, at, schema_only, data_only, tables, no_owner,
+                 no_privileges)
+
+
+def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data_only, tables,
+             no_owner, no_privileges) -> None:
     sid, s = vault.resolve_at(at) if at else vault.resolve(snapshot)
     opts = restore_mod.Options(schema_only=schema_only, data_only=data_only, tables=tables,
                                no_owner=no_owner, no_privileges=no_privileges)
@@ -334,8 +356,9 @@ def diff_(ctx: Ctx, a: str, b: str, rows: bool, tables, stat: bool, as_json: boo
     vault = ctx.open()
     a_id, sa = vault.resolve(a)
     b_id, sb = vault.resolve(b)
-    d = diff_mod.diff(vault, a_id, sa, b_id, sb, tables=list(tables), rows=rows,
-                      schema_text=not stat)
+    with ctx.lock(vault, exclusive=False, command="diff"):
+        d = diff_mod.diff(vault, a_id, sa, b_id, sb, tables=list(tables), rows=rows,
+                          schema_text=not stat)
     if as_json:
         emit_json(d.as_json())
     else:
@@ -411,6 +434,254 @@ def _print_diff(d, stat: bool) -> None:
     if d.schema_diff:
         echo("")
         echo(d.schema_diff.rstrip("\n"))
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 --prune\n"
+                    "  fpvault forget --keep-within 2d --keep-tag release --dry-run\n"
+                    "  fpvault forget 3f2a91c0")
+@click.argument("snapshots", nargs=-1)
+@click.option("--keep-last", type=click.IntRange(0), default=0, metavar="N", help="Keep the N newest.")
+@click.option("--keep-hourly", type=click.IntRange(0), default=0, metavar="N",
+              help="Keep the newest of each of the last N hours that have snapshots.")
+@click.option("--keep-daily", type=click.IntRange(0), default=0, metavar="N", help="Same, per day.")
+@click.option("--keep-weekly", type=click.IntRange(0), default=0, metavar="N",
+              help="Same, per ISO week.")
+@click.option("--keep-monthly", type=click.IntRange(0), default=0, metavar="N", help="Same, per month.")
+@click.option("--keep-yearly", type=click.IntRange(0), default=0, metavar="N", help="Same, per year.")
+@click.option("--keep-within", default="", metavar="DURATION",
+              help="Keep all taken within DURATION (e.g. 7d, 1y6m, 36h) of the newest.")
+@click.option("--keep-tag", "keep_tags", multiple=True, metavar="TAG", help="Keep all with this tag.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; change nothing.")
+@click.option("--prune", "then_prune", is_flag=True, help="Run prune afterwards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
+           keep_yearly, keep_within, keep_tags, dry_run, then_prune, as_json) -> None:
+    """Remove snapshots by policy (restic's semantics) or by id.
+
+    Snapshots are grouped by source (host, port, database); the policy keeps
+    the newest of each hour/day/week/month/year that has snapshots.  Data is
+    only freed by prune (--prune).
+    """
+    from . import retention
+
+    policy = retention.Policy(keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly,
+                              keep_yearly, keep_within, tuple(keep_tags))
+    if keep_within:
+        try:
+            retention.parse_duration(keep_within)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+    if policy.empty() and not snapshots:
+        raise click.UsageError("Give snapshot ids to forget, or a policy (--keep-*); "
+                               "nothing was removed.")
+    if snapshots and not policy.empty():
+        raise click.UsageError("Give either snapshot ids or a policy, not both.")
+    vault = ctx.open()
+    with ctx.lock(vault, exclusive=True, command="forget"):
+        if snapshots:
+            chosen = {}
+            vault.snapshots()
+            damaged = {sid for sid, _ in vault.damaged_snapshots}
+            for ref in snapshots:
+                hits = [d for d in damaged if d.startswith(ref.lower()) and len(ref) >= 4]
+                if len(hits) == 1:
+                    chosen[hits[0]] = None
+                    continue
+                sid, s = vault.resolve(ref)
+                chosen[sid] = s
+            groups = [{"group": None, "keep": [],
+                       "remove": [{"id": sid, "time": s.time if s else None} for sid, s in chosen.items()]}]
+        else:
+            decisions = retention.plan(vault.snapshots(strict=False), policy)
+            groups = [{"group": g.group,
+                       "keep": [{"id": i.id, "time": i.time.isoformat(), "reasons": r}
+                                for i, r in g.keep],
+                       "remove": [{"id": i.id, "time": i.time.isoformat()} for i in g.remove]}
+                      for g in decisions]
+        if not dry_run:
+            for g in groups:
+                for item in g["remove"]:
+                    vault.forget_snapshot(item["id"])
+    if as_json:
+        doc: dict[str, Any] = {"dry_run": dry_run, "groups": groups}
+    else:
+        for g in groups:
+            if g["group"]:
+                grp = g["group"]
+                info(ctx, f"{grp['database']} on {grp['host']}:{grp['port']}")
+            for k in g["keep"]:
+                info(ctx, f"  keep    {k['id'][:8]}  {local_time(k['time'])}  {', '.join(k['reasons'])}")
+            for r in g["remove"]:
+                when = local_time(r["time"]) if r["time"] else "(damaged manifest)"
+                info(ctx, f"  {'would remove' if dry_run else 'remove '} {r['id'][:8]}  {when}")
+        removed = sum(len(g["remove"]) for g in groups)
+        info(ctx, f"{'would remove' if dry_run else 'removed'} {removed} snapshots")
+    if then_prune and not dry_run:
+        stats = _run_prune(ctx, vault, dry_run=False)
+        if as_json:
+            doc["prune"] = stats.as_json()
+        else:
+            _print_prune(ctx, stats)
+    if as_json:
+        emit_json(doc)
+
+
+def _run_prune(ctx: Ctx, vault: Vault, dry_run: bool):
+    from . import gc
+
+    with ctx.lock(vault, exclusive=True, command="prune"):
+        return gc.prune(vault, dry_run=dry_run)
+
+
+def _print_prune(ctx: Ctx, stats) -> None:
+    verb = "would delete" if stats.dry_run else "deleted"
+    info(ctx, f"{verb} {stats.packs_deleted} packs ({stats.orphan_packs} left by interrupted "
+              f"snaps), repacked {stats.packs_repacked} into {stats.packs_written}, removed "
+              f"{stats.blobs_removed} blobs; packs {human_bytes(stats.bytes_before)} -> "
+              f"{human_bytes(stats.bytes_after)} in {stats.seconds:.1f} s")
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault prune\n  fpvault prune --dry-run")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def prune(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
+    """Delete data that no snapshot references.
+
+    Takes an exclusive lock: it waits for (or refuses while) a snap runs, so
+    it never deletes what a running snap is using.  Packs mostly garbage are
+    rewritten with their live blobs.
+    """
+    stats = _run_prune(ctx, ctx.open(), dry_run)
+    if as_json:
+        emit_json(stats.as_json())
+    else:
+        _print_prune(ctx, stats)
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault unlock\n  fpvault unlock --remove-all")
+@click.option("--remove-all", is_flag=True, help="Remove every lock, live or not (dangerous).")
+@common_options
+@click.pass_obj
+def unlock(ctx: Ctx, remove_all: bool) -> None:
+    """Remove locks left by processes that no longer run.
+
+    A lock of a dead process on the same host is ignored even without this;
+    locks from other hosts are stale after 30 minutes without a refresh.
+    """
+    from .locks import describe, remove_stale
+
+    removed = remove_stale(ctx.open().backend, all_locks=remove_all)
+    for lock_info in removed:
+        info(ctx, f"removed {describe(lock_info)}")
+    info(ctx, f"removed {len(removed)} locks")
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault verify\n  fpvault verify --read-data\n"
+                    "  fpvault verify --read-data-subset 10% --restore-test scratchdb")
+@click.argument("snapshots", nargs=-1)
+@click.option("--read-data", is_flag=True, help="Read and re-hash every byte of every pack.")
+@click.option("--read-data-subset", "subset", metavar="N%",
+              help="Read and re-hash a random N% of the packs.")
+@click.option("--restore-test", metavar="CONNINFO",
+              help="Restore into this (empty, scratch) database in a transaction, compare every "
+                   "table with the manifest, and roll back.  Tests SNAPSHOTS, else the latest.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def verify(ctx: Ctx, snapshots, read_data: bool, subset: str | None, restore_test: str | None,
+           as_json: bool) -> None:
+    """Check the repository; exit 3 on any damage, naming what it affects."""
+    from . import verify as verify_mod
+
+    fraction = None
+    if subset is not None:
+        try:
+            fraction = float(subset.rstrip("%"))
+            if not 0 < fraction <= 100:
+                raise ValueError
+        except ValueError:
+            raise click.UsageError(f"--read-data-subset takes a percentage such as 10%, "
+                                   f"not {subset!r}.") from None
+    vault = ctx.open()
+    progress = None
+    if sys.stderr.isatty() and not ctx.quiet and not as_json:
+        progress = lambda msg: click.echo(f"\r  {msg}   ", nl=False, err=True)  # noqa: E731
+    with ctx.lock(vault, exclusive=False, command="verify"):
+        report = verify_mod.verify(vault, read_data=read_data, subset=fraction,
+                                   restore_test=restore_test,
+                                   restore_snapshots=list(snapshots) or None, progress=progress)
+    if progress:
+        click.echo("\r" + " " * 60 + "\r", nl=False, err=True)
+    if as_json:
+        emit_json(report.as_json())
+    else:
+        for p in report.problems:
+            click.echo(f"problem: {p}", err=True)
+        if report.affected:
+            click.echo("affected snapshots:", err=True)
+            for sid, what in sorted(report.affected.items()):
+                click.echo(f"  {sid[:8]}: {', '.join(sorted(what))}", err=True)
+        info(ctx, f"checked {report.snapshots} snapshots, {report.packs} packs"
+                  + (f", read {report.packs_read} packs ({report.blobs_checked} blobs)"
+                     if report.packs_read else "")
+                  + (f", restored {report.tables_restored} tables" if restore_test else "")
+                  + (": no problems" if report.ok else f": {len(report.problems)} problems"))
+    if not report.ok:
+        raise click.exceptions.Exit(3)
+
+
+@cli.command(epilog="Examples:\n\n\b\n  fpvault stats\n  fpvault stats --json")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@common_options
+@click.pass_obj
+def stats(ctx: Ctx, as_json: bool) -> None:
+    """Logical size of all snapshots, stored size, dedup ratio, chunk and pack counts."""
+    vault = ctx.open()
+    snaps = vault.snapshots()
+    backend = vault.backend
+    pack_names = list(backend.list("data/"))
+    stored = {prefix: sum(backend.size(n) for n in backend.list(prefix))
+              for prefix in ("data/", "index/", "snapshots/")}
+    logical = sum(s.bytes for s in snaps)
+    total = sum(stored.values())
+    doc = {"snapshots": len(snaps), "logical_bytes": logical, "stored_bytes": total,
+           "pack_bytes": stored["data/"], "index_bytes": stored["index/"],
+           "manifest_bytes": stored["snapshots/"],
+           "dedup_ratio": round(logical / total, 2) if total else None,
+           "blobs": len(vault.index), "packs": len(pack_names), "index_files": len(vault.index.files)}
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"snapshots      {doc['snapshots']}\nlogical size   {human_bytes(logical)}\n"
+               f"stored size    {human_bytes(total)} (packs {human_bytes(stored['data/'])}, "
+               f"index {human_bytes(stored['index/'])}, manifests {human_bytes(stored['snapshots/'])})\n"
+               f"ratio          {doc['dedup_ratio'] or '-'}x\nblobs          {doc['blobs']}\n"
+               f"packs          {doc['packs']}")
+
+
+@cli.group(epilog="Example:\n\n\b\n  fpvault repair index")
+def repair() -> None:
+    """Repair a damaged repository."""
+
+
+@repair.command(name="index", epilog="Example:\n\n\b\n  fpvault repair index")
+@common_options
+@click.pass_obj
+def repair_index(ctx: Ctx) -> None:
+    """Rebuild the index from the packs (after an index file was lost or damaged)."""
+    from . import gc
+
+    vault = ctx.open()
+    with ctx.lock(vault, exclusive=True, command="repair index"):
+        result = gc.repair_index(vault)
+    for problem in result.unreadable:
+        click.echo(f"unreadable pack: {problem}", err=True)
+    info(ctx, f"indexed {result.blobs} blobs in {result.packs} packs; replaced "
+              f"{result.index_files_removed} index files")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,12 +101,17 @@ def read_trailer(data: bytes) -> list[BlobEntry]:
     start = len(data) - 12 - tlen
     if start < len(MAGIC):
         raise PackFormatError("trailer length out of range")
+    return decode_trailer(data[start:len(data) - 12], start)
+
+
+def decode_trailer(trailer: bytes, body_end: int) -> list[BlobEntry]:
+    """Entries from a trailer's bytes; ``body_end`` is where the trailer starts."""
     try:
-        raw = zstandard.ZstdDecompressor().decompress(data[start:len(data) - 12])
+        raw = zstandard.ZstdDecompressor().decompress(trailer)
         entries = _trailer_decoder.decode(raw)
     except (zstandard.ZstdError, msgspec.DecodeError) as exc:
         raise PackFormatError(f"trailer does not decode: {exc}") from exc
     for e in entries:
-        if e.offset < len(MAGIC) or e.offset + e.length > start:
+        if e.offset < len(MAGIC) or e.offset + e.length > body_end:
             raise PackFormatError("blob outside the pack body")
     return entries

@@ -30,7 +30,6 @@ import psycopg
 from psycopg import sql
 
 from . import pgsource, pgtools
-from .chunkstore import BlobDamaged
 from .errors import DatabaseError, RepositoryDamaged, RestoreFailed, UsageError
 from .manifest import LargeObject, SequenceState, Snapshot, Stream, TableEntry
 from .vault import Vault
@@ -127,24 +126,24 @@ def make_plan(vault: Vault, sid: str, snap: Snapshot, opts: Options) -> Plan:
             plan.sequences = list(snap.sequences)
             plan.large_objects = list(snap.large_objects)
     if not opts.data_only:
-        plan.pre_data, plan.post_data = _schema_sql(vault, snap, plan.tables, opts)
+        plan.pre_data, plan.post_data = _schema_sql(vault, sid, snap, plan.tables, opts)
     if opts.schema_only:
         plan.tables = []
     return plan
 
 
-def _schema_sql(vault: Vault, snap: Snapshot, tables: list[TableEntry],
+def _schema_sql(vault: Vault, sid: str, snap: Snapshot, tables: list[TableEntry],
                 opts: Options) -> tuple[bytes, bytes]:
     if not (opts.tables or opts.no_owner or opts.no_privileges):
-        return (_read(vault, snap.schema.pre_data, "the schema"),
-                _read(vault, snap.schema.post_data, "the schema"))
+        return (_read(vault, snap.schema.pre_data, "the schema", sid),
+                _read(vault, snap.schema.post_data, "the schema", sid))
     # Anything but the whole schema as dumped: let pg_restore do it from the archive.
     major = int(snap.source.pg_dump_version.split(".")[0] or 0)
     pg_restore = pgtools.find_tool("pg_restore", major, "to read the snapshot's schema archive")
     with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
         archive = os.path.join(tmp, "schema.dump")
         with open(archive, "wb") as f:
-            f.write(_read(vault, snap.schema.archive, "the schema"))
+            f.write(_read(vault, snap.schema.archive, "the schema", sid))
         use_list = None
         if opts.tables:
             use_list = os.path.join(tmp, "toc.list")
@@ -174,7 +173,7 @@ def _belongs(entry: pgtools.TocEntry, tables: list[TableEntry]) -> bool:
 def _read(vault: Vault, stream: Stream, what: str, sid: str = "") -> bytes:
     try:
         return vault.read_bytes(stream)
-    except BlobDamaged as exc:
+    except RepositoryDamaged as exc:
         raise RepositoryDamaged(f"Snapshot {sid[:8]}: {what} cannot be read: {exc}. "
                                 "Run 'fpvault verify'.") from exc
 
@@ -182,7 +181,7 @@ def _read(vault: Vault, stream: Stream, what: str, sid: str = "") -> bytes:
 def table_chunks(vault: Vault, plan: Plan, table: TableEntry) -> Iterator[bytes]:
     try:
         yield from vault.read_stream(table.data)
-    except BlobDamaged as exc:
+    except RepositoryDamaged as exc:
         raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: {exc}. "
                                 "The restore was stopped; run 'fpvault verify' to see what else "
                                 "is affected.") from exc
@@ -191,7 +190,7 @@ def table_chunks(vault: Vault, plan: Plan, table: TableEntry) -> Iterator[bytes]
 def lo_chunks(vault: Vault, plan: Plan, lo: LargeObject) -> Iterator[bytes]:
     try:
         yield from vault.read_stream(lo.data)
-    except BlobDamaged as exc:
+    except RepositoryDamaged as exc:
         raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, large object {lo.oid}: {exc}. "
                                 "Run 'fpvault verify'.") from exc
 
@@ -206,7 +205,12 @@ def copy_in_statement(table: TableEntry) -> sql.Composed:
 # -- into a live database
 
 def to_database(vault: Vault, plan: Plan, conninfo: str,
-                progress: Callable[[str], None] | None = None) -> None:
+                progress: Callable[[str], None] | None = None,
+                before_commit: Callable[[psycopg.Cursor], None] | None = None,
+                commit: bool = True) -> None:
+    """Run the plan in one transaction.  ``before_commit`` sees the restored data
+    inside that transaction; with ``commit=False`` it is rolled back afterwards
+    (verify --restore-test leaves its scratch database as it found it)."""
     say = progress or (lambda _msg: None)
     conn = pgsource.connect(conninfo, "to restore into")
     where = pgsource.describe(conninfo)
@@ -241,8 +245,11 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
                 step = "the post-data schema (indexes, constraints, triggers)"
                 say("schema (post-data)")
                 cur.execute(plan.post_data)
+            if before_commit is not None:
+                step = "the check of the restored data"
+                before_commit(cur)
             step = "commit"
-            cur.execute("COMMIT")
+            cur.execute("COMMIT" if commit else "ROLLBACK")
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
                             f"{_msg(exc)}. The restore was rolled back.") from exc

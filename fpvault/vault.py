@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import blake3
+import msgspec
 import zstandard
 
 from . import packs
@@ -67,6 +68,7 @@ class Vault:
         self._index: Index | None = None
         self._store: ChunkStore | None = None
         self._snapshots: dict[str, Snapshot] | None = None
+        self.damaged_snapshots: list[tuple[str, str]] = []
 
     # -- opening
 
@@ -112,6 +114,11 @@ class Vault:
             self._index = Index.load(self.backend)
         return self._index
 
+    def reset_index(self, index: Index | None) -> None:
+        """Use ``index`` (or reload it on next use): after prune or repair changed it."""
+        self._index = index
+        self._store = None
+
     @property
     def store(self) -> ChunkStore:
         if self._store is None:
@@ -141,19 +148,35 @@ class Vault:
 
     # -- snapshots
 
-    def snapshots(self) -> list[Snapshot]:
-        """All snapshots, oldest first."""
-        return sorted(self._load_snapshots().values(), key=lambda s: (s.time, snapshot_id(s)))
+    def snapshots(self, strict: bool = False) -> list[Snapshot]:
+        """All snapshots, oldest first.  A manifest that cannot be read is left out
+        (and listed in ``damaged_snapshots``) unless ``strict``."""
+        snaps = self._load_snapshots()
+        if strict and self.damaged_snapshots:
+            sid, why = self.damaged_snapshots[0]
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest cannot be read ({why}). "
+                                    "Nothing was changed; run 'fpvault verify', and 'fpvault "
+                                    f"forget {sid[:8]}' to drop it.")
+        return sorted(snaps.values(), key=lambda s: (s.time, snapshot_id(s)))
 
     def _load_snapshots(self) -> dict[str, Snapshot]:
         if self._snapshots is None:
             found = {}
+            self.damaged_snapshots: list[tuple[str, str]] = []
             for name in self.backend.list(SNAPSHOTS):
                 sid = name[len(SNAPSHOTS):]
-                snap = self.load_snapshot(sid)
-                found[sid] = snap
+                try:
+                    found[sid] = self.load_snapshot(sid)
+                except (RepositoryDamaged, msgspec.DecodeError, msgspec.ValidationError) as exc:
+                    self.damaged_snapshots.append((sid, str(exc)))
             self._snapshots = found
         return self._snapshots
+
+    def forget_snapshot(self, sid: str) -> None:
+        self.backend.delete(SNAPSHOTS + sid)
+        if self._snapshots is not None:
+            self._snapshots.pop(sid, None)
+            self.damaged_snapshots = [d for d in self.damaged_snapshots if d[0] != sid]
 
     def load_snapshot(self, sid: str) -> Snapshot:
         data = self.backend.get(SNAPSHOTS + sid)

@@ -1,0 +1,248 @@
+"""Garbage collection: prune unreferenced data, rebuild the index.
+
+A blob is *live* when a snapshot that exists refers to it: its schema streams,
+table and large-object streams, their chunk lists and the chunks those list.
+Prune runs under an exclusive lock, so no snap is adding data meanwhile; that
+is what makes a pack no index names (left by a killed snap) safe to delete.
+
+Prune's order keeps the repository valid at every moment, so a kill at any
+point leaves something the next command can use:
+
+1. compute the live set; refuse if a live blob is not in the index (deleting
+   "unindexed" packs then could delete live data: repair the index first);
+2. write packs holding the live blobs of packs that are mostly garbage
+   (*repacking*), copying each blob's stored bytes after checking its hash;
+3. write one new index file naming every blob of the packs that stay and of
+   the new packs;
+4. delete the old index files (until this ends, old and new index files
+   overlap; every pack either names still exists);
+5. delete packs no index names any more: all-garbage packs, repacked packs,
+   and packs a killed snap left unindexed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import packs
+from .backend import LocalBackend
+from .chunkstore import INDEX_PREFIX, BlobDamaged, Index, encode_index
+from .errors import RepositoryDamaged
+from .manifest import Snapshot, Stream
+from .packs import BlobEntry
+from .vault import Vault
+
+# Repack a pack when at least this share of its bytes is garbage.  Below it,
+# rewriting the live part costs more I/O than the space is worth; restic's
+# default (--max-unused 5% of the repository) is similar in spirit.  See
+# docs/benchmarks.md ("prune") for the measurement behind the value.
+REPACK_THRESHOLD = 0.25
+
+
+def snapshot_streams(snap: Snapshot) -> list[tuple[str, Stream]]:
+    """Every stream of a snapshot, with what it is (for messages)."""
+    out = [("schema archive", snap.schema.archive), ("schema (pre-data)", snap.schema.pre_data),
+           ("schema (post-data)", snap.schema.post_data)]
+    out += [(f"table {t.qname}", t.data) for t in snap.tables]
+    out += [(f"large object {lo.oid}", lo.data) for lo in snap.large_objects]
+    return out
+
+
+def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
+    live: set[bytes] = set()
+    seen_lists: set[bytes] = set()
+    for snap in snapshots:
+        for what, stream in snapshot_streams(snap):
+            list_id = bytes.fromhex(stream.list)
+            if list_id in seen_lists:
+                continue
+            seen_lists.add(list_id)
+            live.add(list_id)
+            try:
+                refs = vault.store.get_list(list_id)
+            except RepositoryDamaged as exc:
+                raise RepositoryDamaged(
+                    f"Snapshot {snap.id[:8]}, {what}: its chunk list cannot be read ({exc}). "
+                    "Prune stopped without deleting anything; run 'fpvault verify' and "
+                    "'fpvault repair index'.") from exc
+            live.update(ref.id for ref in refs)
+    return live
+
+
+@dataclass
+class PruneStats:
+    packs_before: int = 0
+    packs_deleted: int = 0
+    packs_repacked: int = 0
+    packs_written: int = 0
+    orphan_packs: int = 0
+    blobs_removed: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "packs_before", "packs_deleted", "packs_repacked", "packs_written", "orphan_packs",
+            "blobs_removed", "bytes_before", "bytes_after", "seconds", "dry_run")}
+
+
+def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHOLD) -> PruneStats:
+    """Delete what no snapshot needs.  The caller holds the exclusive lock."""
+    started = time.monotonic()
+    stats = PruneStats(dry_run=dry_run)
+    backend = vault.backend
+    index = Index.load(backend, strict=True)
+    vault.reset_index(index)
+    snapshots = vault.snapshots(strict=True)
+    live = live_blobs(vault, snapshots)
+    missing = [b for b in live if b not in index]
+    if missing:
+        raise RepositoryDamaged(
+            f"{len(missing)} blobs that snapshots need are not in the index; prune stopped "
+            "without deleting anything. Run 'fpvault repair index', then 'fpvault verify'.")
+
+    by_pack: dict[bytes, list[BlobEntry]] = {}
+    for pack_id, entry in index.blobs.values():
+        by_pack.setdefault(pack_id, []).append(entry)
+    files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")}
+    sizes = {name: backend.size(name) for name in files.values()}
+    stats.packs_before = len(files)
+    stats.bytes_before = sum(sizes.values())
+
+    keep: dict[bytes, list[BlobEntry]] = {}
+    repack: list[bytes] = []
+    delete: list[str] = []
+    for pack_id, entries in by_pack.items():
+        name = packs.pack_name(pack_id)
+        if name not in sizes:
+            raise RepositoryDamaged(f"Pack {pack_id.hex()[:16]} is in the index but missing; prune "
+                                    "stopped without deleting anything. Run 'fpvault verify'.")
+        live_bytes = sum(e.length for e in entries if e.id in live)
+        total = sum(e.length for e in entries)
+        if live_bytes == 0:
+            delete.append(name)
+            stats.blobs_removed += len(entries)
+        elif (total - live_bytes) / max(total, 1) >= threshold:
+            repack.append(pack_id)
+            stats.blobs_removed += sum(1 for e in entries if e.id not in live)
+        else:
+            keep[pack_id] = entries
+    indexed = {packs.pack_name(p) for p in by_pack}
+    orphans = [name for name in files.values() if name not in indexed]
+    stats.orphan_packs = len(orphans)
+    stats.packs_deleted = len(delete) + len(orphans)
+    stats.packs_repacked = len(repack)
+    if dry_run:
+        stats.bytes_after = stats.bytes_before - sum(sizes[n] for n in delete + orphans)
+        stats.seconds = time.monotonic() - started
+        return stats
+
+    # 2. repack
+    new_packs: list[tuple[bytes, list[BlobEntry]]] = []
+    builder = packs.PackBuilder()
+
+    def write_builder() -> None:
+        nonlocal builder
+        pack_id, data = builder.finish()
+        backend.put(packs.pack_name(pack_id), data)
+        new_packs.append((pack_id, builder.entries))
+        builder = packs.PackBuilder()
+
+    copied: set[bytes] = set()
+    for pack_id in repack:
+        data = backend.get(packs.pack_name(pack_id))
+        for e in by_pack[pack_id]:
+            if e.id not in live or e.id in copied:
+                continue
+            stored = data[e.offset:e.offset + e.length]
+            vault.store.decode(e.id, e, stored)  # raises BlobDamaged: never copy damage
+            builder.add(e.id, e.type, stored, e.raw_length, e.encoding)
+            copied.add(e.id)
+            if len(builder) >= packs.PACK_TARGET_SIZE:
+                write_builder()
+    if builder.entries:
+        write_builder()
+    stats.packs_written = len(new_packs)
+
+    # 3 and 4: one index for what stays, then drop the old ones.
+    old_index_files = list(index.files)
+    entries = [(p, e) for p, e in keep.items()] + new_packs
+    if entries:
+        name, blob = encode_index(entries)
+        if name not in old_index_files:
+            backend.put(name, blob)
+    else:
+        name = None
+    for old in old_index_files:
+        if old != name:
+            backend.delete(old)
+
+    # 5. packs nothing names any more.
+    for pack_name in delete + orphans + [packs.pack_name(p) for p in repack]:
+        backend.delete(pack_name)
+    if isinstance(backend, LocalBackend):
+        backend.remove_temp_files()
+    stats.bytes_after = sum(backend.size(n) for n in backend.list("data/"))
+    stats.seconds = time.monotonic() - started
+    vault.reset_index(None)
+    return stats
+
+
+@dataclass
+class RepairStats:
+    packs: int = 0
+    blobs: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    index_files_removed: int = 0
+
+
+def repair_index(vault: Vault) -> RepairStats:
+    """Rebuild the index from the pack trailers.  The caller holds the exclusive lock."""
+    backend = vault.backend
+    stats = RepairStats()
+    entries: list[tuple[bytes, list[BlobEntry]]] = []
+    for name in sorted(backend.list("data/")):
+        try:
+            pack_entries = read_pack_trailer(backend, name)
+        except (RepositoryDamaged, packs.PackFormatError) as exc:
+            stats.unreadable.append(f"{name}: {exc}")
+            continue
+        entries.append((bytes.fromhex(name.rsplit("/", 1)[-1]), pack_entries))
+        stats.packs += 1
+        stats.blobs += len(pack_entries)
+    old = list(backend.list(INDEX_PREFIX))
+    new_name = None
+    if entries:
+        new_name, blob = encode_index(entries)
+        backend.put(new_name, blob)
+    for name in old:
+        if name != new_name:
+            backend.delete(name)
+            stats.index_files_removed += 1
+    vault.reset_index(None)
+    return stats
+
+
+def read_pack_trailer(backend, name: str) -> list[BlobEntry]:
+    """A pack's entries, from ranged reads of its head and tail."""
+    size = backend.size(name)
+    if size < len(packs.MAGIC) + 12:
+        raise packs.PackFormatError("too short to be a pack")
+    if backend.get(name, 0, len(packs.MAGIC)) != packs.MAGIC:
+        raise packs.PackFormatError("not a pack file")
+    tail = backend.get(name, size - 12, 12)
+    if tail[4:] != packs.TRAILER_MAGIC:
+        raise packs.PackFormatError("no trailer (truncated?)")
+    tlen = int.from_bytes(tail[:4], "little")
+    start = size - 12 - tlen
+    if start < len(packs.MAGIC):
+        raise packs.PackFormatError("trailer length out of range")
+    return packs.decode_trailer(backend.get(name, start, tlen), start)
+
+
+__all__ = ["prune", "repair_index", "live_blobs", "snapshot_streams", "read_pack_trailer",
+           "BlobDamaged"]

@@ -1,0 +1,236 @@
+"""Verify: prove that what the repository keeps is intact and restorable.
+
+Levels, each including the one before:
+
+- *structure* (always): the config, every manifest and index file decodes and
+  matches its hash; every pack the index names exists and its trailer agrees
+  with the index; every chunk list of every snapshot reads back, and every
+  chunk it lists is in the index.
+- *read data* (``--read-data``, or a random ``--read-data-subset N%`` of the
+  packs): every byte of those packs is read, the pack hashed against its name
+  and every blob decoded and hashed against its id.
+- *restore test* (``--restore-test CONNINFO``): the snapshot is restored into
+  a scratch database inside one transaction, each table is read back with
+  COPY in the same order as snap read it, and its row count and stream hash
+  compared with the manifest; then the transaction is rolled back.
+
+Every problem is attributed to the snapshots and tables it affects.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import blake3
+import psycopg
+
+from . import packs, pgsource
+from . import restore as restore_mod
+from .chunkstore import BlobDamaged
+from .errors import RepositoryDamaged
+from .gc import read_pack_trailer, snapshot_streams
+from .manifest import Snapshot, TableEntry
+from .vault import Vault
+
+
+@dataclass
+class Report:
+    snapshots: int = 0
+    packs: int = 0
+    packs_read: int = 0
+    blobs_checked: int = 0
+    tables_restored: int = 0
+    problems: list[str] = field(default_factory=list)
+    affected: dict[str, set[str]] = field(default_factory=dict)   # snapshot id -> what
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def hit(self, sid: str, what: str) -> None:
+        self.affected.setdefault(sid, set()).add(what)
+
+    def as_json(self) -> dict:
+        return {"ok": self.ok, "snapshots": self.snapshots, "packs": self.packs,
+                "packs_read": self.packs_read, "blobs_checked": self.blobs_checked,
+                "tables_restored": self.tables_restored, "problems": self.problems,
+                "affected": {sid: sorted(w) for sid, w in sorted(self.affected.items())}}
+
+
+def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None,
+           restore_test: str | None = None, restore_snapshots: list[str] | None = None,
+           progress=None) -> Report:
+    say = progress or (lambda _msg: None)
+    report = Report()
+    backend = vault.backend
+    index = vault.index
+    for name in index.damaged:
+        report.problems.append(f"index file {name} is damaged; 'fpvault repair index' rebuilds "
+                               "the index from the packs")
+    snapshots = vault.snapshots()
+    for sid, why in vault.damaged_snapshots:
+        report.problems.append(f"snapshot {sid[:8]}: manifest damaged ({why})")
+        report.hit(sid, "manifest")
+    report.snapshots = len(snapshots) + len(vault.damaged_snapshots)
+
+    # Who uses each blob, to name the victims of damage.
+    users: dict[bytes, set[tuple[str, str]]] = {}
+    say("checking snapshots")
+    for snap in snapshots:
+        for what, stream in snapshot_streams(snap):
+            list_id = bytes.fromhex(stream.list)
+            users.setdefault(list_id, set()).add((snap.id, what))
+            try:
+                refs = vault.store.get_list(list_id)
+            except RepositoryDamaged as exc:
+                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list unreadable "
+                                       f"({exc})")
+                report.hit(snap.id, what)
+                continue
+            for ref in refs:
+                users.setdefault(ref.id, set()).add((snap.id, what))
+                if ref.id not in index:
+                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
+                                           f"{ref.id.hex()[:16]} is not in the index")
+                    report.hit(snap.id, what)
+
+    def damaged(blob: bytes, why: str) -> None:
+        for sid, what in sorted(users.get(blob, ())):
+            report.problems.append(f"snapshot {sid[:8]}, {what}: {why}")
+            report.hit(sid, what)
+
+    say("checking packs")
+    by_pack: dict[bytes, list[packs.BlobEntry]] = {}
+    for pack_id, entry in index.blobs.values():
+        by_pack.setdefault(pack_id, []).append(entry)
+    present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")}
+    report.packs = len(present)
+    for pack_id, entries in sorted(by_pack.items()):
+        name = packs.pack_name(pack_id)
+        if pack_id.hex() not in present:
+            report.problems.append(f"pack {pack_id.hex()[:16]} is missing ({len(entries)} blobs)")
+            for e in entries:
+                damaged(e.id, f"its data was in missing pack {pack_id.hex()[:16]}")
+            continue
+        try:
+            trailer = {e.id: e for e in read_pack_trailer(backend, name)}
+        except (RepositoryDamaged, packs.PackFormatError) as exc:
+            report.problems.append(f"pack {pack_id.hex()[:16]} is damaged: {exc}")
+            for e in entries:
+                damaged(e.id, f"its pack {pack_id.hex()[:16]} is damaged")
+            continue
+        for e in entries:
+            if trailer.get(e.id) != e:
+                report.problems.append(f"pack {pack_id.hex()[:16]} does not hold blob "
+                                       f"{e.id.hex()[:16]} where the index says")
+                damaged(e.id, "the index and its pack disagree")
+
+    if read_data or subset is not None:
+        chosen = sorted(by_pack)
+        if subset is not None:
+            n = max(1, round(len(chosen) * subset / 100)) if chosen else 0
+            chosen = sorted(random.sample(chosen, min(n, len(chosen))))
+        for i, pack_id in enumerate(chosen):
+            if pack_id.hex() not in present:
+                continue
+            say(f"reading pack {i + 1}/{len(chosen)}")
+            try:
+                data = backend.get(packs.pack_name(pack_id))
+            except RepositoryDamaged as exc:
+                report.problems.append(f"pack {pack_id.hex()[:16]}: {exc}")
+                continue
+            report.packs_read += 1
+            if blake3.blake3(data).digest() != pack_id:
+                report.problems.append(f"pack {pack_id.hex()[:16]} does not match its hash")
+            for e in by_pack[pack_id]:
+                report.blobs_checked += 1
+                try:
+                    vault.store.decode(e.id, e, data[e.offset:e.offset + e.length])
+                except BlobDamaged as exc:
+                    damaged(e.id, f"chunk {e.id.hex()[:16]} is damaged ({exc.why})")
+
+    if restore_test:
+        targets = restore_snapshots or (["latest"] if snapshots else [])
+        for ref in targets:
+            sid, snap = vault.resolve(ref)
+            say(f"restore test of {sid[:8]}")
+            _restore_test(vault, sid, snap, restore_test, report)
+    # A problem seen through several paths is reported once.
+    report.problems = list(dict.fromkeys(report.problems))
+    return report
+
+
+def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report: Report) -> None:
+    plan = restore_mod.make_plan(vault, sid, snap, restore_mod.Options())
+
+    def check(cur: psycopg.Cursor) -> None:
+        pgsource.setup_session(cur.connection)
+        for table in snap.tables:
+            rows, digest, sorted_digest = _read_back(cur, table)
+            report.tables_restored += 1
+            if rows != table.rows:
+                report.problems.append(f"snapshot {sid[:8]}, table {table.qname}: {rows} rows "
+                                       f"restored, the manifest says {table.rows}")
+                report.hit(sid, f"table {table.qname}")
+            elif digest != table.data.hash and sorted_digest != _sorted_hash(vault, table):
+                report.problems.append(f"snapshot {sid[:8]}, table {table.qname}: restored rows "
+                                       "differ from the stored stream")
+                report.hit(sid, f"table {table.qname}")
+
+    try:
+        restore_mod.to_database(vault, plan, conninfo, before_commit=check, commit=False)
+    except RepositoryDamaged as exc:
+        report.problems.append(f"restore test of {sid[:8]}: {exc}")
+        report.hit(sid, "restore")
+
+
+def _read_back(cur: psycopg.Cursor, table: TableEntry) -> tuple[int, str, int]:
+    info = pgsource.TableInfo(oid=0, schema=table.schema, name=table.name, qname=table.qname,
+                              relkind=table.relkind, persistence=table.persistence,
+                              parent=table.parent, columns=table.columns, key=table.key)
+    h = blake3.blake3()
+    bag = MultisetDigest()
+    rows = 0
+    with cur.copy(info.copy_statement()) as copy:
+        while data := copy.read():
+            h.update(data)
+            rows += bytes(data).count(b"\n")
+            if not table.key:
+                bag.update(data)
+    return rows, h.hexdigest(), bag.digest() if not table.key else 0
+
+
+class MultisetDigest:
+    """An order-independent digest of a stream's rows: the sum of their hashes.
+
+    Without a key a table is a bag of rows; physical order after a load is
+    normally load order, but if it is not, the rows are compared this way, in
+    bounded memory.
+    """
+
+    MOD = 1 << 256
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.rest = b""
+
+    def update(self, data: bytes | memoryview) -> None:
+        lines = (self.rest + bytes(data)).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            self.total = (self.total + int.from_bytes(blake3.blake3(line).digest(), "big")) % self.MOD
+
+    def digest(self) -> int:
+        if self.rest:
+            self.update(b"\n")
+        return self.total
+
+
+def _sorted_hash(vault: Vault, table: TableEntry) -> int:
+    if table.key:
+        return -1
+    bag = MultisetDigest()
+    for chunk in vault.read_stream(table.data):
+        bag.update(chunk)
+    return bag.digest()
