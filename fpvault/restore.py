@@ -174,25 +174,25 @@ def _read(vault: Vault, stream: Stream, what: str, sid: str = "") -> bytes:
     try:
         return vault.read_bytes(stream)
     except RepositoryDamaged as exc:
-        raise RepositoryDamaged(f"Snapshot {sid[:8]}: {what} cannot be read: {exc}. "
-                                "Run 'fpvault verify'.") from exc
+        raise RepositoryDamaged(f"Snapshot {sid[:8]}: {what} cannot be read: "
+                                f"{str(exc).rstrip('.')}.") from exc
 
 
 def table_chunks(vault: Vault, plan: Plan, table: TableEntry) -> Iterator[bytes]:
     try:
         yield from vault.read_stream(table.data)
     except RepositoryDamaged as exc:
-        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: {exc}. "
-                                "The restore was stopped; run 'fpvault verify' to see what else "
-                                "is affected.") from exc
+        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: "
+                                f"{str(exc).rstrip('.')}. The restore was stopped; run 'fpvault "
+                                "verify' to see what else is affected.") from exc
 
 
 def lo_chunks(vault: Vault, plan: Plan, lo: LargeObject) -> Iterator[bytes]:
     try:
         yield from vault.read_stream(lo.data)
     except RepositoryDamaged as exc:
-        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, large object {lo.oid}: {exc}. "
-                                "Run 'fpvault verify'.") from exc
+        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, large object {lo.oid}: "
+                                f"{str(exc).rstrip('.')}. Run 'fpvault verify'.") from exc
 
 
 def copy_in_statement(table: TableEntry) -> sql.Composed:

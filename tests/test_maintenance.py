@@ -1,0 +1,323 @@
+"""forget, prune, verify, repair, locks, stats: on a real repository with real damage."""
+
+import errno
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from conftest import run
+from fpvault import backend as backend_mod
+from fpvault.locks import LOCKS, Lock, LockInfo, list_locks
+from fpvault.vault import Vault
+
+
+def snap(pg, repo, db, *extra):
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", *extra)
+    assert r.code == 0, r.err
+    return json.loads(r.out)["id"]
+
+
+def script(repo, sid):
+    r = run("restore", sid, "-r", repo, "-o", "-")
+    assert r.code == 0, r.err
+    return r.out
+
+
+def listed(repo):
+    return [s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)]
+
+
+@pytest.fixture
+def history(pg, db, repo):
+    """A repository with four snapshots of a changing database, and each one's script."""
+    pg.execute(db, "CREATE TABLE big (id int PRIMARY KEY, v text); "
+                   "INSERT INTO big SELECT g, md5(g::text) || repeat('z', g % 50) "
+                   "FROM generate_series(1, 40000) g; "
+                   "CREATE TABLE small (id int PRIMARY KEY, n int); "
+                   "INSERT INTO small SELECT g, g FROM generate_series(1, 100) g")
+    ids = []
+    for i in range(4):
+        ids.append(snap(pg, repo, db, "--tag", f"n{i}"))
+        pg.execute(db, f"UPDATE big SET v = v || '{i}' WHERE id % 7 = {i}; "
+                       f"DELETE FROM small WHERE id = {i + 1}")
+    return ids, {sid: script(repo, sid) for sid in ids}
+
+
+def test_forget_by_policy_and_id_then_prune(history, repo):
+    ids, scripts = history
+    r = run("forget", "-r", repo, "--keep-last", "2", "--dry-run", "--json")
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    (group,) = doc["groups"]
+    assert [k["id"] for k in group["keep"]] == [ids[3], ids[2]]
+    assert group["keep"][0]["reasons"] == ["last snapshot"]
+    assert sorted(x["id"] for x in group["remove"]) == sorted(ids[:2])
+    assert listed(repo) == ids  # dry run
+    before = json.loads(run("stats", "-r", repo, "--json").out)
+    r = run("forget", "-r", repo, "--keep-last", "2", "--keep-tag", "n0", "--prune")
+    assert r.code == 0, r.err
+    assert "tagged n0" in r.out and "remove " in r.out
+    assert listed(repo) == [ids[0], ids[2], ids[3]]
+    r = run("forget", ids[0][:8], "-r", repo, "--prune", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["prune"]["packs_before"] >= 1
+    assert listed(repo) == ids[2:]
+    after = json.loads(run("stats", "-r", repo, "--json").out)
+    assert after["snapshots"] == 2 and after["stored_bytes"] < before["stored_bytes"]
+    for sid in ids[2:]:
+        assert script(repo, sid) == scripts[sid]
+    r = run("verify", "-r", repo, "--read-data")
+    assert r.code == 0, r.err
+    assert "no problems" in r.out
+
+
+def test_forget_usage(history, repo):
+    assert run("forget", "-r", repo).code == 2
+    r = run("forget", "-r", repo, "--keep-within", "soon")
+    assert r.code == 2 and "duration" in r.err
+    assert run("forget", "-r", repo, "deadbeef").code == 2
+    assert len(listed(repo)) == 4
+
+
+def test_prune_repacks_and_removes_orphans(history, repo):
+    ids, scripts = history
+    vault = Vault.open(repo)
+    # A pack no index names, as a killed snap leaves, and a temp file.
+    (Path(repo) / "data" / "ff").mkdir(exist_ok=True)
+    (Path(repo) / "data" / "ff" / ("ff" * 32)).write_bytes(b"orphan")
+    (Path(repo) / "data" / "ff" / "x.tmp-1234").write_bytes(b"partial")
+    for sid in ids[:3]:
+        vault.forget_snapshot(sid)
+    r = run("prune", "-r", repo, "--dry-run", "--json")
+    dry = json.loads(r.out)
+    assert dry["dry_run"] and dry["orphan_packs"] == 1
+    assert (Path(repo) / "data" / "ff" / ("ff" * 32)).exists()
+    r = run("prune", "-r", repo, "--json")
+    assert r.code == 0, r.err
+    stats = json.loads(r.out)
+    assert stats["orphan_packs"] == 1 and stats["bytes_after"] < stats["bytes_before"]
+    assert not (Path(repo) / "data" / "ff" / ("ff" * 32)).exists()
+    assert not (Path(repo) / "data" / "ff" / "x.tmp-1234").exists()
+    assert len(list((Path(repo) / "index").iterdir())) == 1
+    assert script(repo, ids[3]) == scripts[ids[3]]
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    # Nothing left to do: a second prune changes nothing.
+    again = json.loads(run("prune", "-r", repo, "--json").out)
+    assert again["packs_deleted"] == 0 and again["packs_repacked"] == 0
+
+
+def _pack_of(repo, sid, table):
+    vault = Vault.open(repo)
+    snap = vault.resolve(sid)[1]
+    (entry,) = [t for t in snap.tables if t.name == table]
+    first = vault.store.get_list(bytes.fromhex(entry.data.list))[0].id
+    pack_id, e = vault.index.blobs[first]
+    return Path(repo) / f"data/{pack_id.hex()[:2]}/{pack_id.hex()}", e
+
+
+def test_damage_is_found_named_and_contained(pg, history, repo):
+    ids, scripts = history
+    # Snapshot 4 shares the pack of snapshot 1's 'big' chunks; give the last snapshot a
+    # table of its own in a pack of its own, and damage that.
+    pg_db = Vault.open(repo).resolve(ids[3])[1].source.database
+    pg.execute(pg_db, "CREATE TABLE lonely (id int PRIMARY KEY, v text); "
+                      "INSERT INTO lonely SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    last = snap(pg, repo, pg_db)
+    path, e = _pack_of(repo, last, "lonely")
+    raw = bytearray(path.read_bytes())
+    raw[e.offset + 5] ^= 0x40
+    path.write_bytes(bytes(raw))
+    assert run("verify", "-r", repo).code == 0          # structure alone cannot see a flipped byte
+    r = run("verify", "-r", repo, "--read-data", "--json")
+    assert r.code == 3
+    doc = json.loads(r.out)
+    assert not doc["ok"] and list(doc["affected"]) == [last]
+    assert any("table public.lonely" in w for w in doc["affected"][last])
+    r = run("verify", "-r", repo, "--read-data")
+    assert r.code == 3 and last[:8] in r.err and "public.lonely" in r.err
+    target = pg.createdb()
+    r = run("restore", last, "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 3 and "public.lonely" in r.err
+    for sid in ids:   # the snapshots that do not use the damaged pack still restore exactly
+        assert script(repo, sid) == scripts[sid]
+
+
+def test_truncated_and_deleted_packs(history, repo):
+    ids, scripts = history
+    path, _ = _pack_of(repo, ids[0], "big")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    r = run("verify", "-r", repo, "--json")
+    assert r.code == 3
+    doc = json.loads(r.out)
+    assert ids[0] in doc["affected"] and any("truncated" in p or "damaged" in p
+                                              for p in doc["problems"])
+    r = run("restore", ids[0], "-r", repo, "-o", "-")
+    assert r.code == 3 and ids[0][:8] in r.err   # the pack also holds the schema
+    path.unlink()
+    r = run("verify", "-r", repo, "--json")
+    assert r.code == 3 and any("missing" in p for p in json.loads(r.out)["problems"])
+    r = run("restore", ids[0], "-r", repo, "-o", "-")
+    assert r.code == 3 and ids[0][:8] in r.err and "missing" in r.err
+    # Prune refuses to run on a repository that lost data a snapshot needs.
+    r = run("prune", "-r", repo)
+    assert r.code == 3
+
+
+def test_deleted_index_is_repaired_from_packs(history, repo):
+    ids, scripts = history
+    for f in (Path(repo) / "index").iterdir():
+        f.unlink()
+    r = run("verify", "-r", repo)
+    assert r.code == 3 and "not in the index" in r.err
+    assert run("restore", ids[1], "-r", repo, "-o", "-").code == 3
+    assert run("prune", "-r", repo).code == 3   # would otherwise delete every pack
+    r = run("repair", "index", "-r", repo)
+    assert r.code == 0, r.err
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    for sid in ids:
+        assert script(repo, sid) == scripts[sid]
+
+
+def test_corrupted_manifest_and_index_file(history, repo):
+    ids, scripts = history
+    manifest = Path(repo) / "snapshots" / ids[1]
+    manifest.write_bytes(manifest.read_bytes()[:-10] + b"0123456789")
+    r = run("verify", "-r", repo, "--json")
+    assert r.code == 3
+    doc = json.loads(r.out)
+    assert ids[1] in doc["affected"] and any("manifest" in p for p in doc["problems"])
+    r = run("list", "-r", repo, "--json")
+    assert r.code == 0 and ids[1] not in r.out   # the others are still listed
+    assert run("show", ids[1][:8], "-r", repo).code == 2
+    for sid in (ids[0], ids[2], ids[3]):
+        assert script(repo, sid) == scripts[sid]
+    assert run("prune", "-r", repo).code == 3   # a snapshot it cannot read might need data
+    r = run("forget", ids[1][:8], "-r", repo)
+    assert r.code == 0, r.err
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    (index_file,) = list((Path(repo) / "index").iterdir())[:1]
+    index_file.write_bytes(b"garbage")
+    r = run("verify", "-r", repo)
+    assert r.code == 3 and "repair index" in r.err
+    assert run("repair", "index", "-r", repo).code == 0
+    assert run("verify", "-r", repo, "--read-data").code == 0
+
+
+def test_verify_subset_and_restore_test(pg, history, repo):
+    ids, _ = history
+    r = run("verify", "-r", repo, "--read-data-subset", "50%", "--json")
+    assert r.code == 0 and json.loads(r.out)["packs_read"] >= 1
+    assert run("verify", "-r", repo, "--read-data-subset", "150%").code == 2
+    scratch = pg.createdb()
+    r = run("verify", ids[0][:8], "latest", "-r", repo, "--restore-test", pg.dsn(scratch), "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["tables_restored"] == 4
+    # The scratch database is left as it was.
+    assert pg.query(scratch, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+
+
+def test_stats(history, repo):
+    doc = json.loads(run("stats", "-r", repo, "--json").out)
+    assert doc["snapshots"] == 4 and doc["packs"] >= 1 and doc["blobs"] > 4
+    assert doc["logical_bytes"] > doc["stored_bytes"] and doc["dedup_ratio"] > 2
+    assert "ratio" in run("stats", "-r", repo).out
+
+
+# -- locks
+
+
+def test_exclusive_and_shared_locks(repo):
+    vault = Vault.open(repo)
+    with Lock(vault.backend, exclusive=False, command="snap"):
+        with Lock(vault.backend, exclusive=False, command="snap"):
+            pass  # shared locks coexist
+        r = run("prune", "-r", repo)
+        assert r.code == 4
+        assert "shared lock held by snap" in r.err and f"pid {os.getpid()}" in r.err
+    with Lock(vault.backend, exclusive=True, command="prune"):
+        r = run("list", "-r", repo)
+        assert r.code == 0   # reading the list needs no lock
+        r = run("forget", "--keep-last", "1", "-r", repo)
+        assert r.code == 4 and "exclusive lock held by prune" in r.err
+    assert list_locks(vault.backend) == []
+
+
+def test_lock_wait(repo):
+    vault = Vault.open(repo)
+    lock = Lock(vault.backend, exclusive=True, command="prune")
+    lock.acquire()
+    import threading
+    threading.Timer(1.0, lock.release).start()
+    started = time.monotonic()
+    r = run("prune", "-r", repo, "--lock-wait", "20")
+    assert r.code == 0, r.err
+    assert time.monotonic() - started >= 0.9
+
+
+def _plant(vault, **kw):
+    info = LockInfo(host=kw.get("host", socket.gethostname()), pid=kw.get("pid", 999999),
+                    command="snap", exclusive=kw.get("exclusive", True),
+                    time=kw.get("time", time.time()), refreshed=kw.get("time", time.time()))
+    name = LOCKS + kw.get("name", "planted")
+    vault.backend.put(name, msgspec.json.encode(info))
+    return name
+
+
+def test_stale_locks_are_ignored_and_unlock_removes_them(repo):
+    vault = Vault.open(repo)
+    dead = _plant(vault, name="dead")                      # same host, no such pid
+    old = _plant(vault, name="old", host="elsewhere", time=time.time() - 3600)
+    assert run("prune", "-r", repo).code == 0              # both stale: ignored without unlock
+    live = _plant(vault, name="live", host="elsewhere")    # another host, fresh: respected
+    r = run("prune", "-r", repo)
+    assert r.code == 4 and "elsewhere" in r.err
+    r = run("unlock", "-r", repo)
+    assert r.code == 0 and "removed 2 locks" in r.out
+    names = {h.name for h in list_locks(vault.backend)}
+    assert names == {live} and dead not in names and old not in names
+    assert run("unlock", "-r", repo, "--remove-all").code == 0
+    assert list_locks(vault.backend) == []
+
+
+def test_refresh_replaces_the_lock_object(repo):
+    vault = Vault.open(repo)
+    with Lock(vault.backend, exclusive=False, command="snap") as lock:
+        first = lock.name
+        lock.refresh()
+        assert lock.name != first
+        assert [h.name for h in list_locks(vault.backend)] == [lock.name]
+
+
+# -- running out of disk
+
+
+def test_out_of_space_during_snap_leaves_repository_valid(pg, history, repo, monkeypatch):
+    ids, scripts = history
+    real_write = os.write
+    budget = {"bytes": 200_000}
+
+    def failing_write(fd, data):
+        budget["bytes"] -= len(data)
+        if budget["bytes"] < 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    db = Vault.open(repo).resolve(ids[0])[1].source.database
+    pg.execute(db, "INSERT INTO big SELECT g, md5(g::text) || 'new' FROM generate_series(100001, 160000) g")
+    monkeypatch.setattr(backend_mod.os, "write", failing_write)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    monkeypatch.setattr(backend_mod.os, "write", real_write)
+    assert r.code == 1
+    assert "No space left" in r.err and "Traceback" not in r.err
+    assert listed(repo) == ids
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    assert list_locks(Vault.open(repo).backend) == []
+    for sid in ids:
+        assert script(repo, sid) == scripts[sid]
+    assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
