@@ -20,6 +20,7 @@ inside it.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -32,6 +33,48 @@ from .errors import RepositoryDamaged
 from .packs import BlobEntry
 
 INDEX_PREFIX = "index/"
+
+# A delta is kept only if it is at most this share of the blob compressed on its own:
+# below that it is not worth the extra reads a restore makes for its bases.
+DELTA_WORTH = 0.8
+# A delta this small next to the plaintext is kept without compressing the blob on its
+# own to compare (saves a compression per changed chunk in the common case).
+DELTA_CLEARLY_WORTH = 0.05
+# Chains restart with a whole copy after this many versions; with skip-deltas a chain
+# of this length is at most 10 deltas deep.
+MAX_GENERATION = 1023
+# Decoded blobs kept for reuse: delta bases are shared by neighbouring chunks and by
+# successive versions, so a small cache saves most re-reads when restoring a table.
+CACHE_BYTES = 32 * 1024 * 1024
+
+
+class BlobCache:
+    """A byte-bounded LRU cache of decoded blobs; thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, blob: bytes) -> bytes | None:
+        with self._lock:
+            data = self._data.get(blob)
+            if data is not None:
+                self._data.move_to_end(blob)
+            return data
+
+    def put(self, blob: bytes, data: bytes) -> None:
+        if len(data) > self.capacity // 4:
+            return
+        with self._lock:
+            if blob in self._data:
+                return
+            self._data[blob] = data
+            self.size += len(data)
+            while self.size > self.capacity:
+                _, old = self._data.popitem(last=False)
+                self.size -= len(old)
 
 _index_encoder = msgspec.msgpack.Encoder()
 _index_decoder = msgspec.msgpack.Decoder(list[tuple[bytes, list[BlobEntry]]])
@@ -49,6 +92,7 @@ class BlobDamaged(RepositoryDamaged):
 @dataclass
 class StoreStats:
     blobs_added: int = 0
+    deltas_added: int = 0
     bytes_added: int = 0      # stored bytes written: packs and index files
     raw_bytes_added: int = 0  # plaintext bytes of new blobs
 
@@ -126,6 +170,7 @@ class ChunkStore:
         self._pending: set[bytes] = set()     # added this session, maybe not yet indexed
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
+        self._cache = BlobCache(CACHE_BYTES)
 
     # -- codecs, one per thread (zstd contexts are not thread-safe)
 
@@ -143,32 +188,95 @@ class ChunkStore:
 
     # -- writing
 
-    def put(self, data: bytes, type: int = packs.DATA) -> bytes:
-        """Store ``data`` unless it is already stored; return its id."""
-        blob = packs.blob_id(data)
+    def put(self, data: bytes, type: int = packs.DATA, similar: list[bytes] | None = None,
+            blob: bytes | None = None) -> bytes:
+        """Store ``data`` unless it is already stored; return its id.
+
+        ``similar``: ids of stored blobs likely to resemble ``data`` (the chunk at
+        the same place in the previous snapshot first, then its neighbours).
+        When given, the blob may be stored as a delta against them.  ``blob``:
+        the id, if the caller already hashed ``data``.
+        """
+        blob = blob or packs.blob_id(data)
         with self._lock:
             if blob in self.index or blob in self._pending:
                 return blob
             self._pending.add(blob)
         try:
-            stored = self._cctx().compress(data)
-            encoding = packs.ZSTD
-            if len(stored) >= len(data):
+            delta = self._delta(data, similar) if similar else None
+            if delta is not None and len(delta[0]) <= len(data) * DELTA_CLEARLY_WORTH:
+                stored, bases, generation = delta   # no need to compress it on its own too
+                encoding = packs.DELTA
+            else:
+                stored = self._cctx().compress(data)
+                encoding, bases, generation = packs.ZSTD, [], 0
+                if delta is not None and len(delta[0]) <= len(stored) * DELTA_WORTH:
+                    stored, bases, generation = delta
+                    encoding = packs.DELTA
+            if encoding == packs.ZSTD and len(stored) >= len(data):
                 stored, encoding = bytes(data), packs.RAW
-            elif self._dctx().decompress(stored, max_output_size=len(data)) != data:
-                raise RepositoryDamaged("zstd did not round-trip a chunk; refusing to store it "
-                                        "(this is a bug or failing memory).")
+            if encoding != packs.RAW:
+                entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
+                self.decode(blob, entry, stored)  # raises unless it decodes to exactly data
         except BaseException:
             with self._lock:
                 self._pending.discard(blob)
             raise
         with self._lock:
-            self._builder.add(blob, type, stored, len(data), encoding)
+            self._builder.add(blob, type, stored, len(data), encoding, bases, generation)
             self.stats.blobs_added += 1
             self.stats.raw_bytes_added += len(data)
+            if encoding == packs.DELTA:
+                self.stats.deltas_added += 1
             if len(self._builder) >= packs.PACK_TARGET_SIZE:
                 self._write_pack()
         return blob
+
+    def _delta(self, data: bytes, similar: list[bytes]) -> tuple[bytes, list[bytes], int] | None:
+        """(stored, bases, generation) of ``data`` as a delta, if that pays.
+
+        Skip-deltas (as Subversion's FSFS): a blob of generation g is a delta
+        against the ancestors, at generation g with its lowest set bit cleared,
+        of the similar blobs.  A chain of versions is then at most log2(g) deltas
+        deep, so reading any version decodes a handful of blobs, while each
+        delta still spans few versions and stays small.
+        """
+        known = [b for b in similar if b in self.index.blobs]
+        if not known:
+            return None
+        primary = self.index.blobs[known[0]][1]
+        generation = primary.generation + 1
+        if generation > MAX_GENERATION:
+            return None  # start a new chain with a whole copy
+        target = generation & (generation - 1)
+        bases = []
+        for b in known:
+            base = self._ancestor(b, target)
+            if base is not None and base not in bases:
+                bases.append(base)
+        if not bases:
+            return None
+        try:
+            dictionary = b"".join(self._base(b) for b in bases)
+        except RepositoryDamaged:
+            return None  # never build on damage; store it whole
+        cdict = zstandard.ZstdCompressionDict(dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        stored = zstandard.ZstdCompressor(level=self.level, dict_data=cdict).compress(data)
+        return stored, bases, generation
+
+    def _ancestor(self, blob: bytes, target: int) -> bytes | None:
+        """Follow primary bases from ``blob`` down to generation <= target."""
+        for _ in range(MAX_GENERATION.bit_length() + 2):
+            found = self.index.blobs.get(blob)
+            if found is None:
+                return None
+            e = found[1]
+            if e.generation <= target:
+                return blob
+            if not e.bases:
+                return None
+            blob = e.bases[0]
+        return None
 
     def _write_pack(self) -> None:
         builder, self._builder = self._builder, packs.PackBuilder()
@@ -197,6 +305,9 @@ class ChunkStore:
 
     def get(self, blob: bytes) -> bytes:
         """The plaintext of ``blob``, checked against its hash."""
+        cached = self._cache.get(blob)
+        if cached is not None:
+            return cached
         try:
             pack_id, e = self.index.blobs[blob]
         except KeyError:
@@ -204,12 +315,31 @@ class ChunkStore:
         stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
         return self.decode(blob, e, stored)
 
+    def _base(self, blob: bytes) -> bytes:
+        """A delta base: read through the cache, since its neighbours share it."""
+        data = self.get(blob)
+        self._cache.put(blob, data)
+        return data
+
     def decode(self, blob: bytes, e: BlobEntry, stored: bytes) -> bytes:
         if e.encoding == packs.RAW:
             data = stored
         elif e.encoding == packs.ZSTD:
             try:
                 data = self._dctx().decompress(stored, max_output_size=e.raw_length)
+            except zstandard.ZstdError as exc:
+                raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
+        elif e.encoding == packs.DELTA:
+            try:
+                dictionary = b"".join(self._base(b) for b in e.bases)
+            except BlobDamaged as exc:
+                raise BlobDamaged(blob, f"it is stored as a delta against blob "
+                                        f"{exc.blob.hex()[:16]}, which is damaged: {exc.why}") from exc
+            ddict = zstandard.ZstdCompressionDict(dictionary,
+                                                  dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+            try:
+                data = zstandard.ZstdDecompressor(dict_data=ddict).decompress(
+                    stored, max_output_size=e.raw_length)
             except zstandard.ZstdError as exc:
                 raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
         else:

@@ -67,7 +67,22 @@ def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
                     "Prune stopped without deleting anything; run 'fpvault verify' and "
                     "'fpvault repair index'.") from exc
             live.update(ref.id for ref in refs)
-    return live
+    return with_bases(vault.store.index, live)
+
+
+def with_bases(index: Index, blobs: set[bytes]) -> set[bytes]:
+    """``blobs`` and every blob their deltas are built on: a base a live delta needs is live."""
+    out = set(blobs)
+    todo = list(blobs)
+    while todo:
+        found = index.blobs.get(todo.pop())
+        if found is None:
+            continue
+        for base in found[1].bases:
+            if base not in out:
+                out.add(base)
+                todo.append(base)
+    return out
 
 
 @dataclass
@@ -160,7 +175,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
                 continue
             stored = data[e.offset:e.offset + e.length]
             vault.store.decode(e.id, e, stored)  # raises BlobDamaged: never copy damage
-            builder.add(e.id, e.type, stored, e.raw_length, e.encoding)
+            builder.add(e.id, e.type, stored, e.raw_length, e.encoding, e.bases, e.generation)
             copied.add(e.id)
             if len(builder) >= packs.PACK_TARGET_SIZE:
                 write_builder()

@@ -39,6 +39,7 @@ META = 2   # schema text, the pg_dump archive
 # Encodings of a blob's bytes in a pack.
 RAW = 0    # stored as is (zstd did not make it smaller)
 ZSTD = 1   # a zstd frame
+DELTA = 2  # a zstd frame compressed with the plaintext of ``bases`` (concatenated) as dictionary
 
 
 class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -50,6 +51,8 @@ class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
     length: int       # stored bytes
     raw_length: int   # plaintext bytes
     encoding: int
+    bases: list[bytes] = []   # DELTA: the blobs whose plaintext is the dictionary, primary first
+    generation: int = 0       # DELTA: position in its chain of versions (0: stored whole)
 
 
 _trailer_encoder = msgspec.msgpack.Encoder()
@@ -72,8 +75,10 @@ class PackBuilder:
         self.buf = bytearray(MAGIC)
         self.entries: list[BlobEntry] = []
 
-    def add(self, id: bytes, type: int, stored: bytes, raw_length: int, encoding: int) -> None:
-        self.entries.append(BlobEntry(id, type, len(self.buf), len(stored), raw_length, encoding))
+    def add(self, id: bytes, type: int, stored: bytes, raw_length: int, encoding: int,
+            bases: list[bytes] | None = None, generation: int = 0) -> None:
+        self.entries.append(BlobEntry(id, type, len(self.buf), len(stored), raw_length, encoding,
+                                      bases or [], generation))
         self.buf += stored
 
     def __len__(self) -> int:

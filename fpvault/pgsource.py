@@ -42,9 +42,18 @@ SESSION_SETTINGS = {
 LO_READ_SIZE = 1024 * 1024
 
 
+def normalize_conninfo(conninfo: str) -> str:
+    """psql's rule: a URI or a string with ``=`` is a connection string, anything
+    else is a database name."""
+    text = conninfo or ""
+    if text and "=" not in text and not text.startswith(("postgresql://", "postgres://")):
+        return make_conninfo(dbname=text)
+    return text
+
+
 def conninfo_params(conninfo: str) -> dict[str, str]:
     try:
-        return conninfo_to_dict(conninfo or "")
+        return conninfo_to_dict(normalize_conninfo(conninfo))
     except psycopg.ProgrammingError as exc:
         raise DatabaseError(f"Cannot read the connection string: {exc}. Give a database name, "
                             "key=value pairs or a postgresql:// URI.") from None
@@ -60,8 +69,8 @@ def safe_conninfo(conninfo: str) -> tuple[str, str | None]:
 def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
     params = conninfo_params(conninfo)
     try:
-        conn = psycopg.connect(conninfo or "", autocommit=True, connect_timeout=params.get(
-            "connect_timeout") or 30)
+        conn = psycopg.connect(normalize_conninfo(conninfo), autocommit=True,
+                               connect_timeout=params.get("connect_timeout") or 30)
     except psycopg.Error as exc:
         where = describe(conninfo)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

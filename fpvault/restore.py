@@ -127,6 +127,10 @@ def make_plan(vault: Vault, sid: str, snap: Snapshot, opts: Options) -> Plan:
             plan.large_objects = list(snap.large_objects)
     if not opts.data_only:
         plan.pre_data, plan.post_data = _schema_sql(vault, sid, snap, plan.tables, opts)
+    elif not opts.tables:
+        # pg_dump puts REFRESH MATERIALIZED VIEW in post-data, but it is data: a data-only
+        # restore of the whole snapshot must refill the views that were populated.
+        plan.post_data = _matview_refresh_sql(vault, sid, snap)
     if opts.schema_only:
         plan.tables = []
     return plan
@@ -138,6 +142,24 @@ def _schema_sql(vault: Vault, sid: str, snap: Snapshot, tables: list[TableEntry]
         return (_read(vault, snap.schema.pre_data, "the schema", sid),
                 _read(vault, snap.schema.post_data, "the schema", sid))
     # Anything but the whole schema as dumped: let pg_restore do it from the archive.
+    keep = (lambda e: _belongs(e, tables)) if opts.tables else None
+    return _archive_sections(vault, sid, snap, keep, no_owner=opts.no_owner,
+                             no_privileges=opts.no_privileges)
+
+
+def _matview_refresh_sql(vault: Vault, sid: str, snap: Snapshot) -> bytes:
+    """The REFRESH MATERIALIZED VIEW statements of the snapshot's post-data, alone."""
+    if b"REFRESH MATERIALIZED VIEW " not in _read(vault, snap.schema.post_data, "the schema", sid):
+        return b""
+    return _archive_sections(vault, sid, snap,
+                             lambda e: e.rest.startswith("MATERIALIZED VIEW DATA "))[1]
+
+
+def _archive_sections(vault: Vault, sid: str, snap: Snapshot,
+                      keep: Callable[[pgtools.TocEntry], bool] | None, *, no_owner: bool = False,
+                      no_privileges: bool = False) -> tuple[bytes, bytes]:
+    """pre-data and post-data SQL of the snapshot's schema archive, by pg_restore;
+    with ``keep``, only the archive entries it accepts."""
     major = int(snap.source.pg_dump_version.split(".")[0] or 0)
     pg_restore = pgtools.find_tool("pg_restore", major, "to read the snapshot's schema archive")
     with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
@@ -145,16 +167,23 @@ def _schema_sql(vault: Vault, sid: str, snap: Snapshot, tables: list[TableEntry]
         with open(archive, "wb") as f:
             f.write(_read(vault, snap.schema.archive, "the schema", sid))
         use_list = None
-        if opts.tables:
+        if keep is not None:
             use_list = os.path.join(tmp, "toc.list")
             toc = pgtools.archive_toc(pg_restore, archive)
             with open(use_list, "w", encoding="utf-8") as f:
                 for e in toc:
-                    if _belongs(e, tables):
+                    if keep(e):
                         f.write(e.line + "\n")
-        kw = dict(no_owner=opts.no_owner, no_privileges=opts.no_privileges, use_list=use_list)
+        kw = dict(no_owner=no_owner, no_privileges=no_privileges, use_list=use_list)
         return (pgtools.archive_sql(pg_restore, archive, "pre-data", **kw),
                 pgtools.archive_sql(pg_restore, archive, "post-data", **kw))
+
+
+def _tag_names(name: str) -> tuple[str, ...]:
+    """How pg_restore -l may write a name in a comment's or grant's tag: as is, or
+    quoted (pg_dump quotes names that need it there)."""
+    quoted = '"' + name.replace('"', '""') + '"'
+    return (name, quoted) if quoted != name else (name,)
 
 
 def _belongs(entry: pgtools.TocEntry, tables: list[TableEntry]) -> bool:
@@ -162,11 +191,28 @@ def _belongs(entry: pgtools.TocEntry, tables: list[TableEntry]) -> bool:
     for t in tables:
         if entry.oid == t.oid or entry.oid in t.related_oids:
             return True
-        if entry.catalog == 0 and entry.oid == 0:
-            for prefix in (f"COMMENT {t.schema} TABLE {t.name} ", f"ACL {t.schema} TABLE {t.name} ",
-                           f"COMMENT {t.schema} COLUMN {t.name}."):
-                if entry.rest.startswith(prefix):
-                    return True
+        if entry.catalog == 0 and entry.oid == 0 and _belongs_by_tag(entry.rest, t):
+            return True
+    return False
+
+
+def _belongs_by_tag(rest: str, t: TableEntry) -> bool:
+    """Entries without an oid (comments, grants, OWNED BY) name what they belong to."""
+    prefixes = []
+    for name in _tag_names(t.name):
+        prefixes += [f"{what} {t.schema} TABLE {name} " for what in ("COMMENT", "ACL")]
+        prefixes += [f"{what} {t.schema} COLUMN {name}." for what in ("COMMENT", "ACL")]
+    for qname in t.owned_sequences:
+        seq_schema, seq = parse_name(qname)
+        prefixes.append(f"SEQUENCE OWNED BY {seq_schema} {seq} ")
+        for name in _tag_names(seq):
+            prefixes += [f"{what} {seq_schema} SEQUENCE {name} " for what in ("COMMENT", "ACL")]
+    if rest.startswith(tuple(prefixes)):
+        return True
+    # COMMENT schema CONSTRAINT|TRIGGER|POLICY|RULE name ON table owner
+    for kind in ("CONSTRAINT", "TRIGGER", "POLICY", "RULE"):
+        if rest.startswith(f"COMMENT {t.schema} {kind} "):
+            return any(f" ON {name} " in rest for name in _tag_names(t.name))
     return False
 
 

@@ -30,7 +30,8 @@ import psycopg
 
 from . import pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, ToolError
-from .manifest import LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, TableEntry
+from .manifest import (LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, Stream,
+                       TableEntry)
 from .vault import Vault, client_hostname, now_iso
 
 PG_CLASS = 1259
@@ -152,12 +153,17 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                              "snapshot began; take the snapshot again.")
 
     store = vault.store
-    schema = SchemaBlobs(archive=vault.write_stream([archive])[0],
-                         pre_data=vault.write_stream([pre_sql])[0],
-                         post_data=vault.write_stream([post_sql])[0])
+    prev = previous_snapshot(vault, leader.info.dbname, str(leader.info.port))
+    schema = SchemaBlobs(
+        archive=vault.write_stream([archive], prev and prev.schema.archive)[0],
+        pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
+        post_data=vault.write_stream([post_sql], prev and prev.schema.post_data)[0])
+    prev_tables = {(t.schema, t.name): t.data for t in prev.tables} if prev else {}
+    prev_los = {lo.oid: lo.data for lo in prev.large_objects} if prev else {}
 
     progress.start(len(tables), sum(t.size for t in tables))
-    entries = _copy_tables(vault, leader, conninfo, snapshot_name, tables, jobs, progress)
+    entries = _copy_tables(vault, leader, conninfo, snapshot_name, tables, jobs, progress,
+                           prev_tables)
 
     sequences = []
     for oid in seq_oids:
@@ -167,7 +173,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                                        is_called=is_called))
     large_objects = []
     for oid in lo_oids:
-        stream, _ = vault.write_stream(pgsource.large_object(leader, oid))
+        stream, _ = vault.write_stream(pgsource.large_object(leader, oid), prev_los.get(oid))
         large_objects.append(LargeObject(oid=oid, data=stream))
     progress.finish()
 
@@ -199,13 +205,20 @@ def _version_text(num: int) -> str:
     return f"{num // 10000}.{num % 10000}" if num >= 100000 else str(num)
 
 
+def previous_snapshot(vault: Vault, database: str, port: str) -> Snapshot | None:
+    """The latest snapshot of the same database: its streams are the delta bases."""
+    same = [s for s in vault.snapshots() if s.source.database == database]
+    best = [s for s in same if s.source.port == port] or same
+    return best[-1] if best else None
+
+
 def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
-                 tables: list[pgsource.TableInfo], jobs: int,
-                 progress: Progress) -> list[TableEntry]:
+                 tables: list[pgsource.TableInfo], jobs: int, progress: Progress,
+                 previous: dict[tuple[str, str], Stream]) -> list[TableEntry]:
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
     if jobs == 1 or len(todo) <= 1:
-        return [_copy_table(vault, leader, t, progress) for t in todo]
+        return [_copy_table(vault, leader, t, progress, previous) for t in todo]
 
     lock = threading.Lock()
     queue = list(todo)
@@ -228,7 +241,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
                     raise SnapshotFailed(f"Another session is waiting for an exclusive lock on "
                                          f"{table.qname}; take the snapshot again when that DDL "
                                          "is done.") from exc
-            entry = _copy_table(vault, conn, table, progress)
+            entry = _copy_table(vault, conn, table, progress, previous)
             with lock:
                 results.append(entry)
 
@@ -257,14 +270,14 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
 
 
 def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInfo,
-                progress: Progress) -> TableEntry:
+                progress: Progress, previous: dict[tuple[str, str], Stream]) -> TableEntry:
     def counted():
         for buf in pgsource.copy_out(conn, table):
             progress.advance(len(buf))
             yield buf
 
     try:
-        stream, rows = vault.write_stream(counted())
+        stream, rows = vault.write_stream(counted(), previous.get((table.schema, table.name)))
     except psycopg.Error as exc:
         exc.add_note(f"while reading {table.qname}")
         if isinstance(exc, (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege)):

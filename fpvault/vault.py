@@ -8,6 +8,7 @@ turns byte streams into stored chunk lists and back.
 
 from __future__ import annotations
 
+import bisect
 import os
 import re
 import secrets
@@ -131,9 +132,19 @@ class Vault:
 
     # -- streams
 
-    def write_stream(self, buffers: Iterable[bytes | memoryview]) -> tuple[Stream, int]:
-        """Chunk, store and list a stream; return it and its newline count."""
-        writer = StreamWriter(self)
+    def write_stream(self, buffers: Iterable[bytes | memoryview],
+                     previous: Stream | None = None) -> tuple[Stream, int]:
+        """Chunk, store and list a stream; return it and its newline count.
+
+        ``previous``: the same stream in an earlier snapshot, whose chunks new
+        chunks may be stored as deltas against."""
+        prev_refs = None
+        if previous is not None:
+            try:
+                prev_refs = self.store.get_list(bytes.fromhex(previous.list))
+            except RepositoryDamaged:
+                prev_refs = None  # no deltas against damage
+        writer = StreamWriter(self, prev_refs)
         for buf in buffers:
             writer.write(buf)
         return writer.close()
@@ -245,15 +256,32 @@ def snapshot_id(snap: Snapshot) -> str:
 
 
 class StreamWriter:
-    """Chunks a stream as it is written and stores each chunk."""
+    """Chunks a stream as it is written and stores each chunk.
 
-    def __init__(self, vault: Vault):
+    With ``previous`` (the chunk list of the same stream in an earlier snapshot),
+    each new chunk is offered the chunks at the same place in that stream as
+    delta bases.  "The same place" is the same offset, corrected by the drift
+    seen at the last chunk both streams share, so rows inserted or deleted
+    earlier in the table do not throw the alignment off.
+    """
+
+    def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None):
         self.vault = vault
         self.chunker = vault.chunker()
         self.hasher = blake3.blake3(max_threads=1)
         self.chunks: list[ChunkRef] = []
         self.size = 0
         self.newlines = 0
+        self._offset = 0   # where the next chunk starts
+        self._prev = previous or []
+        self._prev_starts: list[int] = []
+        self._prev_where: dict[bytes, int] = {}
+        pos = 0
+        for i, ref in enumerate(self._prev):
+            self._prev_starts.append(pos)
+            self._prev_where.setdefault(ref.id, i)
+            pos += ref.size
+        self._drift = 0
 
     def write(self, buf: bytes | memoryview) -> None:
         self.hasher.update(buf)
@@ -263,8 +291,19 @@ class StreamWriter:
 
     def _put(self, chunk: bytes) -> None:
         self.newlines += chunk.count(b"\n")
-        self.chunks.append(ChunkRef(self.vault.store.put(chunk, packs.DATA), len(chunk),
-                                   not chunk.endswith(b"\n")))
+        blob = packs.blob_id(chunk)
+        similar = None
+        if self._prev:
+            same = self._prev_where.get(blob)
+            if same is not None:
+                self._drift = self._prev_starts[same] - self._offset
+            else:
+                at = bisect.bisect_right(self._prev_starts, self._offset + self._drift) - 1
+                at = min(max(at, 0), len(self._prev) - 1)
+                similar = [self._prev[i].id for i in (at, at - 1, at + 1) if 0 <= i < len(self._prev)]
+        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob)
+        self.chunks.append(ChunkRef(blob, len(chunk), not chunk.endswith(b"\n")))
+        self._offset += len(chunk)
 
     def close(self) -> tuple[Stream, int]:
         for chunk in self.chunker.finish():

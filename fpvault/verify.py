@@ -29,7 +29,7 @@ from . import packs, pgsource
 from . import restore as restore_mod
 from .chunkstore import BlobDamaged
 from .errors import RepositoryDamaged
-from .gc import read_pack_trailer, snapshot_streams
+from .gc import read_pack_trailer, snapshot_streams, with_bases
 from .manifest import Snapshot, TableEntry
 from .vault import Vault
 
@@ -89,11 +89,12 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                 report.hit(snap.id, what)
                 continue
             for ref in refs:
-                users.setdefault(ref.id, set()).add((snap.id, what))
-                if ref.id not in index:
-                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
-                                           f"{ref.id.hex()[:16]} is not in the index")
-                    report.hit(snap.id, what)
+                for blob in with_bases(index, {ref.id}):
+                    users.setdefault(blob, set()).add((snap.id, what))
+                    if blob not in index:
+                        report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
+                                               f"{blob.hex()[:16]} is not in the index")
+                        report.hit(snap.id, what)
 
     def damaged(blob: bytes, why: str) -> None:
         for sid, what in sorted(users.get(blob, ())):

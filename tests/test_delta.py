@@ -1,0 +1,138 @@
+"""Chunks stored as deltas against their previous versions: transparent everywhere."""
+
+import json
+import random
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run
+from fpvault import packs
+from fpvault.chunkstore import Index
+from fpvault.manifest import ChunkerParams
+from fpvault.vault import Vault
+
+SMALL = ChunkerParams(avg_size=1024, min_size=256, max_size=4096)
+
+
+def rows_text(rows: dict[int, str]) -> bytes:
+    return "".join(f"{k}\t{v}\n" for k, v in sorted(rows.items())).encode()
+
+
+def chain_depth(index: Index, blob: bytes) -> int:
+    depth = 0
+    while True:
+        e = index.blobs[blob][1]
+        if e.encoding != packs.DELTA:
+            return depth
+        depth += 1
+        blob = e.bases[0]
+
+
+@given(seed=st.integers(0, 2**32 - 1),
+       steps=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5), st.integers(0, 5)),
+                      min_size=1, max_size=8))
+@settings(max_examples=30, deadline=None)
+def test_random_edit_sequences_restore_every_version(tmp_path_factory, seed, steps):
+    rnd = random.Random(seed)
+    vault = Vault.create(str(tmp_path_factory.mktemp("d") / "r"), chunker=SMALL)
+    rows = {i: rnd.randbytes(rnd.randint(10, 60)).hex() for i in range(0, 3000, 2)}
+    versions, streams, prev = [], [], None
+    for updates, inserts, deletes in [(0, 0, 0)] + steps:
+        for k in rnd.sample(sorted(rows), min(updates, len(rows))):
+            rows[k] = rows[k][:-3] + rnd.randbytes(2).hex()
+        for _ in range(inserts):
+            rows[rnd.randrange(0, 3000) | 1] = rnd.randbytes(20).hex()
+        for k in rnd.sample(sorted(rows), min(deletes, len(rows))):
+            del rows[k]
+        data = rows_text(rows)
+        stream, _ = vault.write_stream([data], prev)
+        vault.store.flush()
+        versions.append(data)
+        streams.append(stream)
+        prev = stream
+    fresh = Vault.open(vault.backend.describe())
+    for data, stream in zip(versions, streams):
+        assert fresh.read_bytes(stream) == data
+    if len(versions) > 1 and any(u for u, _, _ in steps):
+        assert any(e.encoding == packs.DELTA for _, e in fresh.index.blobs.values())
+
+
+def test_long_chains_stay_shallow_and_small(tmp_path):
+    vault = Vault.create(str(tmp_path / "r"), chunker=SMALL)
+    rnd = random.Random(7)
+    rows = {i: rnd.randbytes(30).hex() for i in range(4000)}
+    prev, streams, versions, added = None, [], [], []
+    for v in range(40):
+        for k in rnd.sample(sorted(rows), 40):   # 1% of rows, scattered
+            rows[k] = rnd.randbytes(30).hex()
+        data = rows_text(rows)
+        before = vault.store.stats.bytes_added
+        stream, _ = vault.write_stream([data], prev)
+        vault.store.flush()
+        added.append(vault.store.stats.bytes_added - before)
+        streams.append(stream)
+        versions.append(data)
+        prev = stream
+    fresh = Vault.open(vault.backend.describe())
+    depths = []
+    for data, stream in zip(versions, streams):
+        assert fresh.read_bytes(stream) == data
+        refs = fresh.store.get_list(bytes.fromhex(stream.list))
+        depths.append(max(chain_depth(fresh.index, r.id) for r in refs))
+    assert max(depths) <= 6            # skip-deltas: log2(40) + 1
+    # Each later version costs a fraction of the first.
+    assert sum(added[1:]) / 39 < added[0] * 0.35, added
+
+
+def snap(pg, repo, db):
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def script(repo, sid):
+    r = run("restore", sid, "-r", repo, "-o", "-")
+    assert r.code == 0, r.err
+    return r.out
+
+
+def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
+    pg.execute(db, "CREATE TABLE acc (id int PRIMARY KEY, bal int, note text); "
+                   "INSERT INTO acc SELECT g, 0, md5(g::text) FROM generate_series(1, 100000) g")
+    first = snap(pg, repo, db)
+    pg.execute(db, "UPDATE acc SET bal = bal + 1 WHERE id % 100 = 7")
+    second = snap(pg, repo, db)
+    # 1% of rows scattered over every chunk: deltas keep the increment small.
+    assert second["bytes_added"] < first["bytes_added"] * 0.25, (first, second)
+    vault = Vault.open(repo)
+    assert sum(e.encoding == packs.DELTA for _, e in vault.index.blobs.values()) > 10
+    scripts = {s: script(repo, s) for s in (first["id"], second["id"])}
+
+    # Damage a base that only the first snapshot lists: verify names both snapshots.
+    snap1 = vault.resolve(first["id"])[1]
+    refs1 = vault.store.get_list(bytes.fromhex(snap1.tables[0].data.list))
+    deltas = [e for _, e in vault.index.blobs.values() if e.encoding == packs.DELTA]
+    base = deltas[0].bases[0]
+    assert base in {r.id for r in refs1}
+    pack_id, e = vault.index.blobs[base]
+    path = Path(repo) / packs.pack_name(pack_id)
+    original = path.read_bytes()
+    raw = bytearray(original)
+    raw[e.offset + e.length // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    r = run("verify", "-r", repo, "--read-data", "--json")
+    assert r.code == 3
+    assert set(json.loads(r.out)["affected"]) == {first["id"], second["id"]}
+    r = run("restore", second["id"], "-r", repo, "-o", "-")
+    assert r.code == 3 and "public.acc" in r.err and "delta" in r.err
+    path.write_bytes(original)
+
+    # Forget the snapshot that introduced the bases: prune must keep them.
+    assert run("forget", first["id"], "-r", repo, "--prune").code == 0
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    assert script(repo, second["id"]) == scripts[second["id"]]
+    target = pg.createdb()
+    assert run("restore", "latest", "-r", repo, "--to", pg.dsn(target)).code == 0
+    assert pg.query(target, "SELECT sum(bal), count(*) FROM acc") == [(1000, 100000)]
