@@ -8,12 +8,10 @@ from pathlib import Path
 
 import blake3
 import msgspec
-import pytest
 import zstandard
 
 from conftest import run
 from fpvault.cli import cli
-from fpvault.manifest import Snapshot
 from fpvault.vault import SNAPSHOTS, Vault
 
 

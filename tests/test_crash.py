@@ -43,22 +43,22 @@ def check(repo, known: dict[str, str]) -> None:
     known.update(now)
 
 
-def kill_at_random(args, low: float, high: float, rnd: random.Random) -> int:
+def kill_at_random(args, repo, work: float, rnd: random.Random) -> int:
+    """Start a command, wait until it holds its lock (its real work starts then),
+    kill -9 it at a random moment within ``work`` seconds; return its exit status."""
     p = cli(*args)
-    time.sleep(rnd.uniform(low, high))
+    locks = os.path.join(repo, "locks")
+    deadline = time.monotonic() + 30
+    while p.poll() is None and time.monotonic() < deadline:
+        if os.path.isdir(locks) and os.listdir(locks):
+            break
+        time.sleep(0.002)
+    time.sleep(rnd.uniform(0, work))
     p.send_signal(signal.SIGKILL)
     p.wait()
     p.stdout.close()
     p.stderr.close()
     return p.returncode
-
-
-def timed(*args) -> float:
-    started = time.monotonic()
-    p = cli(*args)
-    out, err = p.communicate()
-    assert p.returncode == 0, err.decode()
-    return time.monotonic() - started
 
 
 def populate(pg, db):
@@ -72,13 +72,15 @@ def test_kill_snap_at_random_moments(pg, db, repo):
     populate(pg, db)
     rnd = random.Random(1234)
     dsn = pg.dsn(db)
-    duration = timed("snap", "-r", repo, "-d", dsn)
+    r = run("snap", "-r", repo, "-d", dsn, "--json")
+    assert r.code == 0, r.err
+    duration = json.loads(r.out)["seconds"]
     known = scripts_of(repo)
     killed = 0
     for i in range(KILLS):
         pg.execute(db, f"UPDATE t SET v = v || '{i}' WHERE id % 97 = {i}; "
                        f"INSERT INTO u VALUES ({100000 + i}, 'new')")
-        killed += kill_at_random(["snap", "-r", repo, "-d", dsn], 0.0, duration * 1.1, rnd) != 0
+        killed += kill_at_random(["snap", "-r", repo, "-d", dsn], repo, duration, rnd) != 0
         check(repo, known)
     assert killed >= KILLS // 2, killed
     # No manual unlock: the next snap just works.
@@ -109,9 +111,10 @@ def test_kill_prune_at_random_moments(pg, db, repo):
             if sid not in {s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)}:
                 del known[sid]
         if not durations:
-            # Aim the kills after start-up and inside the prune itself.
-            durations += [timed("--version"), timed("prune", "-r", repo, "--dry-run")]
-        killed += kill_at_random(["prune", "-r", repo], durations[0] * 0.8, durations[1], rnd) != 0
+            # How long prune's own work takes, to aim the kills inside it.
+            r = run("prune", "-r", repo, "--dry-run", "--json")
+            durations.append(max(json.loads(r.out)["seconds"] * 3, 0.05))
+        killed += kill_at_random(["prune", "-r", repo], repo, durations[0], rnd) != 0
         check(repo, known)
     # Most kills must land while prune runs, or this tests nothing.
     assert killed >= KILLS // 2, killed

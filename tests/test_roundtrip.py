@@ -1,0 +1,351 @@
+"""Round-trip fidelity: what fpvault restores is indistinguishable from what it snapped.
+
+Every comparison is made by ``pgcompare`` from the databases themselves
+(pg_dump --schema-only text, row multisets, sequences, large objects), never
+from fpvault's own view of them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import run
+from pgcompare import (assert_same_data, assert_same_database, assert_same_schema, capture,
+                       large_objects, sequence_states, table_fingerprints)
+
+AWKWARD_SQL = Path(__file__).resolve().parent / "sql" / "awkward.sql"
+AUDIT_ROWS = 60      # 50 inserts + 10 updates of public.accounts in awkward.sql
+SECRETS_ROWS = 100   # public.secrets, of which FORCE ROW LEVEL SECURITY shows 10
+WEIRD = '"Weird Schema"."Order ""Items"""'
+_clones = itertools.count()
+
+
+# -- helpers
+
+def snap(repo: str, dsn: str, *extra: str) -> str:
+    r = run("snap", "-r", repo, "-d", dsn, "--json", *extra)
+    assert r.code == 0, f"snap failed ({r.code}): {r.err}"
+    return json.loads(r.out)["id"]
+
+
+def restore_into(pg, repo: str, ref: str, *extra: str, target: str | None = None) -> str:
+    """Restore ``ref`` live into ``target`` (a fresh database unless given); return its name."""
+    target = target or pg.createdb("rt")
+    r = run("restore", ref, "-r", repo, "--to", pg.dsn(target), *extra)
+    assert r.code == 0, f"restore {ref} {' '.join(extra)} failed ({r.code}): {r.err}"
+    return target
+
+
+def restore_script(pg, repo: str, ref: str, path: Path, *extra: str,
+                   target: str | None = None) -> str:
+    """Write ``ref`` as a script, load it with psql -X -v ON_ERROR_STOP=1 -f; return the db."""
+    r = run("restore", ref, "-r", repo, "-o", str(path), *extra)
+    assert r.code == 0, f"restore {ref} -o {path} failed ({r.code}): {r.err}"
+    target = target or pg.createdb("rs")
+    try:
+        pg.psql_file(target, path)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"psql could not load the script of {ref}: "
+                    f"{exc.stderr.decode(errors='replace')}")
+    return target
+
+
+def clone(pg, source: str) -> str:
+    """A copy of ``source`` (CREATE DATABASE ... TEMPLATE); nobody may be connected to it."""
+    name = f"clone_{os.getpid()}_{next(_clones)}"
+    with pg.connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{source}"')
+    return name
+
+
+def count(pg, dbname: str, table: str) -> int:
+    return pg.query(dbname, f"SELECT count(*) FROM ONLY {table}")[0][0]
+
+
+def show(repo: str, ref: str) -> dict:
+    r = run("show", ref, "-r", repo, "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+# -- fixtures
+
+@pytest.fixture(scope="module")
+def awkward(pg):
+    """tests/sql/awkward.sql loaded once per module; read-only (clone it to change it)."""
+    name = pg.createdb("awkward")
+    pg.psql_file(name, AWKWARD_SQL)
+    return name
+
+
+@pytest.fixture(scope="module")
+def awkward_state(pg, awkward):
+    """What pgcompare sees of the awkward database, read once."""
+    return capture(pg, awkward)
+
+
+@pytest.fixture(scope="module")
+def awkward_snap(pg, awkward, tmp_path_factory):
+    """(repo, snapshot id) of the awkward database."""
+    repo = str(tmp_path_factory.mktemp("awkward") / "repo")
+    assert run("init", "-r", repo).code == 0
+    return repo, snap(repo, pg.dsn(awkward), "-j", "2")
+
+
+# -- whole databases, live and as a script
+
+def test_awkward_roundtrip(pg, awkward, awkward_state, awkward_snap, tmp_path):
+    repo, sid = awkward_snap
+    assert count(pg, awkward, "public.audit_log") == AUDIT_ROWS
+
+    live = restore_into(pg, repo, sid)
+    assert_same_database(pg, awkward_state, live)
+
+    script = restore_script(pg, repo, sid[:10], tmp_path / "awkward.sql")
+    assert_same_database(pg, awkward_state, script)
+
+    # FORCE ROW LEVEL SECURITY hides 90 of the 100 rows from the owner: the snapshot
+    # has them all, and the restores did not let the audit trigger write a row.
+    tables = {t["name"]: t for t in show(repo, sid)["tables"]}
+    assert tables["public.secrets"]["rows"] == SECRETS_ROWS
+    assert tables["public.audit_log"]["rows"] == AUDIT_ROWS
+    assert tables[WEIRD]["rows"] == 300
+    assert "public.measurements" not in tables           # partitioned: its leaves hold the rows
+    assert tables["public.measurements_2024_eu"]["rows"] > 0
+    for target in (live, script):
+        assert count(pg, target, "public.secrets") == SECRETS_ROWS
+        assert count(pg, target, "public.audit_log") == AUDIT_ROWS
+        assert pg.query(target, "SELECT max(touched) FROM public.accounts") == [(2,)]
+
+
+def test_factory_pulse_roundtrip(pg, factory_pulse, repo, tmp_path):
+    source = capture(pg, factory_pulse)
+    sid = snap(repo, pg.dsn(factory_pulse), "-j", "2")
+    assert_same_database(pg, source, restore_into(pg, repo, sid))
+    assert_same_database(pg, source, restore_script(pg, repo, "latest",
+                                                    tmp_path / "factory_pulse.sql"))
+
+
+# -- history: an old snapshot restores to the old state
+
+def test_history_restores_old_and_new(pg, awkward, repo):
+    work = clone(pg, awkward)
+    before = clone(pg, work)
+    old = snap(repo, pg.dsn(work))
+    pg.execute(work, """
+        UPDATE public.events SET amount = amount + 1, kind = 'changed' WHERE id % 97 = 0;
+        DELETE FROM public.events WHERE id BETWEEN 1000 AND 1500;
+        INSERT INTO public.events
+            SELECT g, 'new', md5(g::text), 1 FROM generate_series(40001, 40500) g;
+        DELETE FROM public.bag WHERE a = 1;
+        INSERT INTO public.bag VALUES (1, 'x'), (99, E'new\\tline');
+        UPDATE public.accounts SET balance = 0 WHERE id = 5;
+        INSERT INTO public.accounts (id, owner, balance) VALUES (51, 'new owner', 1);
+        REFRESH MATERIALIZED VIEW public.account_totals;
+        ALTER TABLE public.people ADD COLUMN nickname text DEFAULT 'nick';
+        UPDATE public.people SET nickname = NULL WHERE id = 7;
+        UPDATE public.all_types SET c_text = E'changed\\n\\\\N' WHERE id = 3;
+        SELECT setval('public.seq_advanced', 99999);
+        SELECT nextval('public.seq_not_called');
+        DROP TABLE many.t005;
+        CREATE TABLE public.added_later (id int PRIMARY KEY);
+        INSERT INTO public.added_later VALUES (1), (2);
+        SELECT lo_put(91001, 0, '\\x4348414e474544');
+        SELECT lo_unlink(91003);
+        """)
+    new = snap(repo, pg.dsn(work))
+    assert old != new
+
+    before = capture(pg, before)
+    assert_same_database(pg, before, restore_into(pg, repo, old))
+    assert_same_database(pg, before, restore_into(pg, repo, "latest~1"))
+    assert_same_database(pg, work, restore_into(pg, repo, new[:8]))
+    # The changes are visible to the comparison: old and new state really differ.
+    with pytest.raises(AssertionError, match="public.events"):
+        assert_same_data(pg, before, work)
+
+
+# -- consistency under a concurrent write load
+
+def test_snapshots_under_pgbench_are_consistent(pg, repo):
+    db = pg.createdb("bench")
+    conn_args = ["-h", pg.base["host"], "-p", str(pg.base["port"]), "-U", pg.base["user"]]
+    subprocess.run([pg.tool("pgbench"), *conn_args, "-i", "-s", "2", "-q", db], check=True,
+                   capture_output=True)
+    # Writes run until the three snapshots are taken; each is read by two connections.
+    bench = subprocess.Popen([pg.tool("pgbench"), *conn_args, "-n", "-c", "4", "-j", "2",
+                              "-T", "60", db], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sids = []
+    try:
+        for _ in range(3):
+            time.sleep(0.7)
+            assert bench.poll() is None, bench.stderr.read().decode(errors="replace")
+            sids.append(snap(repo, pg.dsn(db), "-j", "2"))
+    finally:
+        bench.terminate()
+        bench.communicate(timeout=60)
+
+    history = []
+    for sid in sids:
+        target = restore_into(pg, repo, sid)
+        sums = pg.query(target, """
+            SELECT (SELECT sum(abalance) FROM pgbench_accounts),
+                   (SELECT sum(bbalance) FROM pgbench_branches),
+                   (SELECT sum(tbalance) FROM pgbench_tellers),
+                   (SELECT coalesce(sum(delta), 0) FROM pgbench_history),
+                   (SELECT count(*) FROM pgbench_history),
+                   (SELECT count(*) FROM pgbench_accounts)""")[0]
+        assert sums[0] == sums[1] == sums[2] == sums[3], (
+            f"snapshot {sid[:8]} is not consistent: sum(abalance)={sums[0]}, "
+            f"sum(bbalance)={sums[1]}, sum(tbalance)={sums[2]}, sum(delta)={sums[3]}")
+        assert sums[5] == 200000
+        history.append(sums[4])
+    # The snapshots were taken while pgbench wrote: each saw more transactions.
+    assert 0 < history[0] < history[1] < history[2], history
+
+
+# -- options
+
+def test_schema_only_then_data_only(pg, awkward_state, awkward_snap, tmp_path):
+    repo, sid = awkward_snap
+    live = restore_into(pg, repo, sid, "--schema-only")
+    script = restore_script(pg, repo, sid, tmp_path / "schema.sql", "--schema-only")
+    for target in (live, script):
+        assert_same_schema(pg, awkward_state, target)
+        fps = table_fingerprints(pg, target)
+        assert "public.audit_log" in fps and WEIRD in fps
+        not_empty = [q for q, fp in fps.items() if fp != ("not populated",) and fp[0] != 0]
+        assert not not_empty, f"--schema-only restored rows into {not_empty}"
+        assert sequence_states(pg, target)["public.seq_advanced"] == (3, False)
+
+    # Data into that schema: the circular foreign keys and the triggers are in place,
+    # so this only works with triggers and FK checks off.
+    restore_into(pg, repo, sid, "--data-only", target=live)
+    restore_script(pg, repo, sid, tmp_path / "data.sql", "--data-only", target=script)
+    for target in (live, script):
+        assert count(pg, target, "public.audit_log") == AUDIT_ROWS
+        assert_same_database(pg, awkward_state, target)
+
+
+def test_one_table(pg, awkward, awkward_state, awkward_snap):
+    repo, sid = awkward_snap
+    # Into an empty database: the table with its sequences, defaults, indexes,
+    # constraints, comments and grants, and its data.
+    target = restore_into(pg, repo, sid, "-t", "public.serial_t")
+    assert_same_schema(pg, awkward, target, "-t", "public.serial_t")
+    fps = table_fingerprints(pg, target)
+    assert list(fps) == ["public.serial_t"]
+    assert fps["public.serial_t"] == awkward_state.tables["public.serial_t"]
+    assert sequence_states(pg, target) == {
+        "public.serial_t_big_seq": (9000, True), "public.serial_t_id_seq": (500, True)}
+    assert pg.query(target, "SELECT nextval('public.serial_t_id_seq')") == [(501,)]
+
+    # Data only, for two tables of an existing database (one with awkward names).
+    work = clone(pg, awkward)
+    pg.execute(work, f"TRUNCATE {WEIRD}, public.serial_t; "
+                     "SELECT setval('public.serial_t_id_seq', 1)")
+    restore_into(pg, repo, sid, "--data-only", "-t", WEIRD, "-t", "public.serial_t", target=work)
+    assert_same_database(pg, awkward_state, work)
+
+
+def test_no_owner(pg, awkward_state, awkward_snap, tmp_path):
+    repo, sid = awkward_snap
+    target = restore_into(pg, repo, sid, "--no-owner")
+    owners = dict(pg.query(target, "SELECT tablename, tableowner FROM pg_tables "
+                                   "WHERE tablename IN ('serial_t', 'secrets')"))
+    assert owners == {"serial_t": "postgres", "secrets": "postgres"}
+    assert large_objects(pg, target)[91002][0] == "postgres"
+    assert pg.query(target, "SELECT has_table_privilege('fpv_reader', 'public.all_types', "
+                            "'SELECT')") == [(True,)]
+    assert_same_data(pg, awkward_state, target, owners=False)
+    r = run("restore", sid, "-r", repo, "--no-owner", "-o", str(tmp_path / "no_owner.sql"))
+    assert r.code == 0, r.err
+    text = (tmp_path / "no_owner.sql").read_text()
+    assert "GRANT SELECT ON TABLE public.all_types TO fpv_reader" in text
+    assert "OWNER TO" not in text
+
+
+def test_at_time_and_stdout(pg, db, repo):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'first')")
+    first = snap(repo, pg.dsn(db))
+    between = datetime.now(timezone.utc)
+    time.sleep(0.05)
+    pg.execute(db, "INSERT INTO t VALUES (2, 'second')")
+    second = snap(repo, pg.dsn(db))
+
+    def at(when: datetime):
+        return run("restore", "--at", when.isoformat(), "-r", repo, "-o", "-")
+
+    r = at(between)
+    assert r.code == 0, r.err
+    assert f"-- snapshot {first} " in r.out and "first" in r.out and "second" not in r.out
+    # The script on stdout loads as it is.
+    path = Path(repo).parent / "at.sql"
+    path.write_text(r.out)
+    target = pg.createdb()
+    pg.psql_file(target, path)
+    assert pg.query(target, "SELECT id, v FROM t") == [(1, "first")]
+
+    r = at(datetime.now(timezone.utc) + timedelta(hours=1))
+    assert r.code == 0 and f"-- snapshot {second} " in r.out and "second" in r.out
+    r = run("restore", "--at", (between - timedelta(hours=1)).isoformat(), "-r", repo, "-o", "-")
+    assert r.code == 2 and "No snapshot was taken at or before" in r.err and r.out == ""
+
+
+def test_plain_database_name_and_environment(pg, db, repo):
+    """-d takes a bare database name; host, port and user come from PG* variables."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
+    env = {"PGHOST": pg.base["host"], "PGPORT": str(pg.base["port"]), "PGUSER": pg.base["user"]}
+    r = run("snap", "-r", repo, "-d", db, "--json", env=env)
+    assert r.code == 0, r.err
+    target = pg.createdb()
+    r = run("restore", "latest", "-r", repo, "--to", target, env=env)
+    assert r.code == 0, r.err
+    assert_same_database(pg, db, target)
+
+
+def test_data_only_needs_superuser(pg, awkward_snap):
+    repo, sid = awkward_snap
+    target = restore_into(pg, repo, sid, "--schema-only")
+    with pg.connect() as conn:
+        conn.execute("""DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fpv_plain') THEN
+              CREATE ROLE fpv_plain LOGIN NOSUPERUSER;
+            END IF; END $$""")
+        conn.execute(f'ALTER DATABASE "{target}" OWNER TO fpv_plain')
+    before = capture(pg, target)
+    r = run("restore", sid, "-r", repo, "--data-only", "--to", pg.dsn(target, user="fpv_plain"))
+    assert r.code == 1, (r.code, r.err)
+    assert "needs a superuser" in r.err and "Traceback" not in r.err
+    assert capture(pg, target) == before
+
+
+def test_force_rls_is_never_silently_filtered(pg, db, repo):
+    """A role that cannot bypass row level security gets an error, not a partial table."""
+    with pg.connect() as conn:
+        conn.execute("""DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fpv_rls_owner') THEN
+              CREATE ROLE fpv_rls_owner LOGIN NOSUPERUSER NOBYPASSRLS;
+            END IF; END $$""")
+    pg.execute(db, """
+        CREATE TABLE hidden (id int PRIMARY KEY, visible bool NOT NULL);
+        INSERT INTO hidden SELECT g, g % 10 = 0 FROM generate_series(1, 100) g;
+        ALTER TABLE hidden OWNER TO fpv_rls_owner;
+        ALTER TABLE hidden ENABLE ROW LEVEL SECURITY;
+        ALTER TABLE hidden FORCE ROW LEVEL SECURITY;
+        CREATE POLICY only_visible ON hidden USING (visible);""")
+    with pg.connect(db) as conn:
+        conn.execute("SET ROLE fpv_rls_owner")
+        assert conn.execute("SELECT count(*) FROM hidden").fetchone() == (10,)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_rls_owner"), "--json")
+    assert r.code == 5, (r.code, r.out, r.err)
+    assert "row-level security" in r.err and "No snapshot was written" in r.err, r.err
+    assert json.loads(run("list", "-r", repo, "--json").out) == []
