@@ -29,6 +29,7 @@ of those shared columns.
 from __future__ import annotations
 
 import difflib
+from decimal import Decimal
 import re
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
@@ -360,31 +361,66 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
     ia = [a.columns.index(c) for c in shared_cols]
     ib = [b.columns.index(c) for c in shared_cols]
     kpos = [shared_cols.index(k) for k in a.key] if keyed else []
+    hunks = list(_hunks(la, lb))
 
-    def project(line: bytes, idx: list[int]) -> tuple[str | None, ...]:
-        fields = line.decode(enc, "backslashreplace").split("\t")
-        return tuple(fields[i] for i in idx)
-
-    def hunk_rows(chunks: list[bytes], idx: list[int]) -> Iterator[tuple[str | None, ...]]:
+    def rows_of(chunks: list[bytes], idx: list[int]) -> Iterator[tuple[bytes, ...]]:
+        """Rows of these chunks as COPY fields (bytes), projected on the shared columns."""
         result.chunks_decoded += len(chunks)
         for line in copy_rows(vault.store.get_many(chunks)):
-            yield project(line, idx)
+            fields = line.split(b"\t")
+            yield tuple(fields[i] for i in idx)
+
+    def rows(side: int, idx: list[int]) -> Iterator[tuple[bytes, ...]]:
+        """The one-sided rows of one side, in stream order."""
+        for hunk in hunks:
+            yield from rows_of(hunk[side], idx)
 
     def as_dict(values: tuple, cols: list[str]) -> dict[str, Any]:
-        return {c: copy_field(v) if v is not None else None for c, v in zip(cols, values)}
+        return {c: copy_field(v.decode(enc, "backslashreplace")) for c, v in zip(cols, values)}
+
+    kinds = a.key_kinds if a.key_kinds == b.key_kinds else []
+    if keyed and len(kinds) == len(a.key) and all(kinds):
+        # Both streams are in key order and Python can order keys as PostgreSQL does:
+        # a merge join, in constant memory.
+        order = _key_order(kinds, enc)
+        ita, itb = rows(0, ia), rows(1, ib)
+        ra, rb = next(ita, None), next(itb, None)
+        ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
+        kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
+        while ra is not None or rb is not None:
+            if rb is None or (ra is not None and ka < kb):
+                result.deleted += 1
+                result.rows.append(RowChange("delete", as_dict(tuple(ra[i] for i in kpos), a.key),
+                                             before=as_dict(ra, shared_cols)))
+                ra = next(ita, None)
+                ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
+            elif ra is None or kb < ka:
+                result.inserted += 1
+                result.rows.append(RowChange("insert", as_dict(tuple(rb[i] for i in kpos), a.key),
+                                             after=as_dict(rb, shared_cols)))
+                rb = next(itb, None)
+                kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
+            else:
+                _update(result, ra, rb, tuple(ra[i] for i in kpos), shared_cols, a.key, as_dict)
+                ra, rb = next(ita, None), next(itb, None)
+                ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
+                kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
+        return result
 
     if keyed:
+        # Keys Python cannot order: match them hunk by hunk; rows left unmatched are
+        # carried along, so memory is bounded by the largest hunk plus the changes.
         pend_a: dict[tuple, tuple] = {}
         pend_b: dict[tuple, tuple] = {}
-        for ha, hb in _hunks(la, lb):
-            for row in hunk_rows(ha, ia):
+        for ha, hb in hunks:
+            for row in rows_of(ha, ia):
                 k = tuple(row[i] for i in kpos)
                 other = pend_b.pop(k, None)
                 if other is None:
                     pend_a[k] = row
                 else:
                     _update(result, row, other, k, shared_cols, a.key, as_dict)
-            for row in hunk_rows(hb, ib):
+            for row in rows_of(hb, ib):
                 k = tuple(row[i] for i in kpos)
                 other = pend_a.pop(k, None)
                 if other is None:
@@ -400,10 +436,10 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
         return result
 
     counts: Counter[tuple] = Counter()
-    for ha, hb in _hunks(la, lb):
-        for row in hunk_rows(ha, ia):
+    for ha, hb in hunks:
+        for row in rows_of(ha, ia):
             counts[row] += 1
-        for row in hunk_rows(hb, ib):
+        for row in rows_of(hb, ib):
             counts[row] -= 1
     for row, n in sorted(counts.items(), key=lambda kv: kv[0]):
         if n > 0:
@@ -413,6 +449,22 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
             result.inserted += -n
             result.rows.append(RowChange("insert", {}, after=as_dict(row, shared_cols), count=-n))
     return result
+
+
+def _key_order(kinds: list[str], enc: str):
+    """A function from COPY key fields to a tuple that sorts as ORDER BY does."""
+    def one(kind: str, field: bytes):
+        if kind == "int":
+            return int(field)
+        if kind == "numeric":
+            text = field.decode("ascii")
+            return (1, Decimal(0)) if text == "NaN" else (0, Decimal(text))  # NaN sorts last
+        # bytes: C-like collation (or uuid): the value's bytes in the database encoding
+        return copy_field(field.decode(enc, "surrogateescape")).encode(enc, "surrogateescape")
+
+    def order(fields: tuple[bytes, ...]) -> tuple:
+        return tuple(one(k, f) for k, f in zip(kinds, fields))
+    return order
 
 
 def _update(result: RowDiff, before: tuple, after: tuple, k: tuple, cols: list[str],

@@ -39,6 +39,9 @@ class TableEntry(msgspec.Struct, kw_only=True):
     oid: int                          # in the source database, for the schema archive
     columns: list[str]                # COPY column list (no generated or dropped columns)
     key: list[str] = []               # ORDER BY key; empty: physical order, a bag of rows
+    # Per key column, how its COPY text orders as ORDER BY orders it ("int", "numeric",
+    # "bytes"; "" if Python cannot tell): lets diff merge-join two streams.
+    key_kinds: list[str] = []
     rows: int = 0
     data: Stream
     relkind: str = "r"

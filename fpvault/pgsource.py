@@ -120,6 +120,7 @@ class TableInfo:
     related_oids: list[int] = field(default_factory=list)
     owned_sequences: list[str] = field(default_factory=list)
     size: int = 0
+    key_kinds: list[str] = field(default_factory=list)
 
     def copy_statement(self) -> sql.Composed:
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
@@ -189,6 +190,30 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
         for relid, key in cur.fetchall():
             if not infos[relid].key:
                 infos[relid].key = list(key)
+        # How Python can order each key column exactly as ORDER BY does, if it can:
+        # integers, numeric, uuid, and strings under a bytewise (C-like) collation.
+        cur.execute("""
+            SELECT a.attrelid, a.attname,
+                   CASE WHEN t.typname IN ('int2', 'int4', 'int8', 'oid') THEN 'int'
+                        WHEN t.typname = 'numeric' THEN 'numeric'
+                        WHEN t.typname = 'uuid' THEN 'bytes'
+                        WHEN t.typname NOT IN ('text', 'varchar', 'bpchar', 'name') THEN ''
+                        WHEN CASE WHEN co.collname = 'default'
+                                  -- datlocprovider is new in 15; before it, always libc
+                                  THEN coalesce(to_jsonb(d) ->> 'datlocprovider', 'c') = 'c'
+                                       AND d.datcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8')
+                                  ELSE co.collprovider = 'c'
+                                       AND co.collcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8')
+                             END THEN 'bytes'
+                        ELSE '' END
+            FROM pg_catalog.pg_attribute a
+            JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+            LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+            JOIN pg_catalog.pg_database d ON d.datname = pg_catalog.current_database()
+            WHERE a.attrelid = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped""", (oids,))
+        kinds = {(relid, name): kind for relid, name, kind in cur.fetchall()}
+        for info in infos.values():
+            info.key_kinds = [kinds.get((info.oid, k), "") for k in info.key]
         cur.execute("""
             SELECT indrelid, indexrelid FROM pg_catalog.pg_index WHERE indrelid = ANY(%(o)s)
             UNION ALL SELECT conrelid, oid FROM pg_catalog.pg_constraint WHERE conrelid = ANY(%(o)s)

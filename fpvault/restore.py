@@ -174,7 +174,7 @@ def _archive_sections(vault: Vault, sid: str, snap: Snapshot,
                 for e in toc:
                     if keep(e):
                         f.write(e.line + "\n")
-        kw = dict(no_owner=no_owner, no_privileges=no_privileges, use_list=use_list)
+        kw = {"no_owner": no_owner, "no_privileges": no_privileges, "use_list": use_list}
         return (pgtools.archive_sql(pg_restore, archive, "pre-data", **kw),
                 pgtools.archive_sql(pg_restore, archive, "post-data", **kw))
 

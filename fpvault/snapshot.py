@@ -141,7 +141,12 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         post_sql = pgtools.archive_sql(pg_restore, archive_path, "post-data")
 
     class_oids = sorted({e.oid for e in toc if e.catalog == PG_CLASS})
-    lo_oids = sorted({e.oid for e in toc if e.catalog == PG_LARGEOBJECT})
+    lo_oids = []
+    if any(e.catalog == PG_LARGEOBJECT for e in toc):
+        # The dump includes large objects (pg_dump includes all or none).  pg_dump 17
+        # lists them in groups, so take their oids from the catalog, in our snapshot.
+        lo_oids = [r[0] for r in leader.execute(
+            "SELECT oid FROM pg_catalog.pg_largeobject_metadata ORDER BY oid").fetchall()]
     rels = pgsource.relations(leader, class_oids)
     table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
     seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
@@ -286,6 +291,7 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
                              "No snapshot was written.") from exc
     progress.table_done(table.qname)
     return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
-                      columns=table.columns, key=table.key, rows=rows, data=stream,
+                      columns=table.columns, key=table.key, key_kinds=table.key_kinds,
+                      rows=rows, data=stream,
                       relkind=table.relkind, persistence=table.persistence, parent=table.parent,
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences)
