@@ -281,11 +281,14 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
 @click.option("--no-privileges", is_flag=True, help="Do not restore grants.")
 @click.option("--at", "at", metavar="TIME",
               help="Use the latest snapshot taken at or before TIME (ISO 8601) instead of SNAPSHOT.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="With --to: load tables over this many connections (faster; a failure then "
+                   "leaves a partial restore instead of rolling back).")
 @common_options
 @click.pass_obj
 def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
             schema_only: bool, data_only: bool, tables, no_owner: bool, no_privileges: bool,
-            at: str | None) -> None:
+            at: str | None, jobs: int) -> None:
     """Restore a snapshot into a database, or write it as a SQL script.
 
     A full restore needs an empty database and runs in one transaction:
@@ -296,21 +299,23 @@ def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
         raise click.UsageError("Give exactly one of --to CONNINFO or -o FILE.")
     if (snapshot is None) == (at is None):
         raise click.UsageError("Give a SNAPSHOT or --at TIME (one of them).")
+    if jobs > 1 and to is None:
+        raise click.UsageError("-j/--jobs goes with --to (a script is written in one stream).")
     vault = ctx.open()
     with ctx.lock(vault, exclusive=False, command="restore"):
         _restore(ctx, vault, snapshot, to, output, at, schema_only, data_only, tables, no_owner,
-                 no_privileges)
+                 no_privileges, jobs)
 
 
 def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data_only, tables,
-             no_owner, no_privileges) -> None:
+             no_owner, no_privileges, jobs) -> None:
     sid, s = vault.resolve_at(at) if at else vault.resolve(snapshot)
     opts = restore_mod.Options(schema_only=schema_only, data_only=data_only, tables=tables,
                                no_owner=no_owner, no_privileges=no_privileges)
     plan = restore_mod.make_plan(vault, sid, s, opts)
     started = time.monotonic()
     if to is not None:
-        restore_mod.to_database(vault, plan, to)
+        restore_mod.to_database(vault, plan, to, jobs=jobs)
         info(ctx, f"restored snapshot {sid[:8]} ({len(plan.tables)} tables) in "
                   f"{time.monotonic() - started:.1f} s", json_mode=True)
         return

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
@@ -253,11 +255,16 @@ def copy_in_statement(table: TableEntry) -> sql.Composed:
 def to_database(vault: Vault, plan: Plan, conninfo: str,
                 progress: Callable[[str], None] | None = None,
                 before_commit: Callable[[psycopg.Cursor], None] | None = None,
-                commit: bool = True) -> None:
+                commit: bool = True, jobs: int = 1) -> None:
     """Run the plan in one transaction.  ``before_commit`` sees the restored data
     inside that transaction; with ``commit=False`` it is rolled back afterwards
-    (verify --restore-test leaves its scratch database as it found it)."""
+    (verify --restore-test leaves its scratch database as it found it).
+
+    With ``jobs`` > 1, tables load over that many connections instead, each in
+    a transaction of its own: faster, but a failure leaves a partial restore."""
     say = progress or (lambda _msg: None)
+    if jobs > 1 and len(plan.tables) > 1 and before_commit is None and commit:
+        return _to_database_parallel(vault, plan, conninfo, jobs, say)
     conn = pgsource.connect(conninfo, "to restore into")
     where = pgsource.describe(conninfo)
     step = "starting"
@@ -303,6 +310,88 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
         hint = _hint(exc)
         raise RestoreFailed(f"Restoring {step} into {where} failed: {_msg(exc)}.{hint} "
                             "The restore was rolled back; the database is as it was.") from exc
+    finally:
+        conn.close()
+
+
+def _session(cur: psycopg.Cursor, plan: Plan) -> None:
+    cur.execute(sql.SQL("SET client_encoding = {}").format(sql.Literal(plan.snapshot.source.encoding)))
+    if plan.options.data_only:
+        cur.execute("SET session_replication_role = replica")
+
+
+def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
+                          say: Callable[[str], None]) -> None:
+    """pre-data; tables over ``jobs`` connections, largest first; then sequences,
+    large objects and post-data.  Each step commits on its own."""
+    where = pgsource.describe(conninfo)
+    state = {"step": "starting"}
+    stop = threading.Event()
+
+    def load(table: TableEntry) -> None:
+        if stop.is_set():
+            return
+        conn = pgsource.connect(conninfo, "to restore into")
+        try:
+            with conn.cursor() as cur:
+                _session(cur, plan)
+                cur.execute("BEGIN")
+                with cur.copy(copy_in_statement(table)) as copy:
+                    for chunk in table_chunks(vault, plan, table):
+                        if stop.is_set():
+                            raise RestoreFailed("stopped")
+                        copy.write(chunk)
+                cur.execute("COMMIT")
+        except psycopg.Error as exc:
+            exc.add_note(table.qname)
+            state["step"] = f"the data of {table.qname}"
+            raise
+        finally:
+            conn.close()
+
+    conn = pgsource.connect(conninfo, "to restore into")
+    try:
+        _check_target(conn, plan, where)
+        with conn.cursor() as cur:
+            _session(cur, plan)
+            if plan.pre_data:
+                state["step"] = "the pre-data schema"
+                say("schema (pre-data)")
+                cur.execute("BEGIN")
+                cur.execute(plan.pre_data)
+                cur.execute("COMMIT")
+            state["step"] = "the data"
+            todo = sorted(plan.tables, key=lambda t: -t.data.bytes)
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(load, t) for t in todo]
+                try:
+                    for f in futures:
+                        f.result()
+                except BaseException:
+                    stop.set()
+                    raise
+            cur.execute("BEGIN")
+            for seq in plan.sequences:
+                state["step"] = f"sequence {seq.qname}"
+                cur.execute("SELECT pg_catalog.setval(%s::regclass, %s, %s)",
+                            (seq.qname, seq.last_value, seq.is_called))
+            for lo in plan.large_objects:
+                state["step"] = f"large object {lo.oid}"
+                _restore_lo(cur, vault, plan, lo)
+            if plan.post_data:
+                state["step"] = "the post-data schema (indexes, constraints, triggers)"
+                say("schema (post-data)")
+                cur.execute(plan.post_data)
+            cur.execute("COMMIT")
+    except psycopg.Error as exc:
+        partial = (" The database now holds a partial restore (with -j, tables load in "
+                   "transactions of their own): drop it and restore again, or use -j 1 to have "
+                   "a failure rolled back.")
+        if isinstance(exc, psycopg.OperationalError):
+            raise DatabaseError(f"Lost the connection to {where} while restoring "
+                                f"{state['step']}: {_msg(exc)}.{partial}") from exc
+        raise RestoreFailed(f"Restoring {state['step']} into {where} failed: {_msg(exc)}."
+                            f"{_hint(exc)}{partial}") from exc
     finally:
         conn.close()
 

@@ -161,6 +161,9 @@ def test_failed_restore_is_rolled_back_and_names_the_cause(pg, db, repo):
     assert r.code == 1
     assert "fpv_gone_role" in r.err and "--no-owner" in r.err and "rolled back" in r.err
     assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), "-j", "2")
+    assert r.code == 1 and "fpv_gone_role" in r.err and "partial restore" in r.err
+    assert run("restore", "latest", "-r", repo, "-o", "-", "-j", "2").code == 2
     r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), "--no-owner")
     assert r.code == 0, r.err
     assert pg.query(target, "SELECT id FROM t") == [(1,)]

@@ -109,6 +109,9 @@ def test_awkward_roundtrip(pg, awkward, awkward_state, awkward_snap, tmp_path):
     live = restore_into(pg, repo, sid)
     assert_same_database(pg, awkward_state, live)
 
+    parallel = restore_into(pg, repo, sid, "-j", "3")
+    assert_same_database(pg, awkward_state, parallel)
+
     script = restore_script(pg, repo, sid[:10], tmp_path / "awkward.sql")
     assert_same_database(pg, awkward_state, script)
 
