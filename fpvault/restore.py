@@ -325,7 +325,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     """pre-data; tables over ``jobs`` connections, largest first; then sequences,
     large objects and post-data.  Each step commits on its own."""
     where = pgsource.describe(conninfo)
-    state = {"step": "starting"}
+    state: dict = {"step": "starting", "committed": False}
     stop = threading.Event()
 
     def load(table: TableEntry) -> None:
@@ -360,6 +360,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                 cur.execute("BEGIN")
                 cur.execute(plan.pre_data)
                 cur.execute("COMMIT")
+            state["committed"] = True
             state["step"] = "the data"
             todo = sorted(plan.tables, key=lambda t: -t.data.bytes)
             with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -386,12 +387,18 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     except psycopg.Error as exc:
         partial = (" The database now holds a partial restore (with -j, tables load in "
                    "transactions of their own): drop it and restore again, or use -j 1 to have "
-                   "a failure rolled back.")
+                   "a failure rolled back." if state.get("committed") else
+                   " The restore was rolled back; the database is as it was.")
         if isinstance(exc, psycopg.OperationalError):
             raise DatabaseError(f"Lost the connection to {where} while restoring "
                                 f"{state['step']}: {_msg(exc)}.{partial}") from exc
         raise RestoreFailed(f"Restoring {state['step']} into {where} failed: {_msg(exc)}."
                             f"{_hint(exc)}{partial}") from exc
+    except RepositoryDamaged as exc:
+        if not state.get("committed"):
+            raise
+        raise RepositoryDamaged(f"{exc} The database now holds a partial restore (with -j, "
+                                "tables load in transactions of their own): drop it.") from exc
     finally:
         conn.close()
 

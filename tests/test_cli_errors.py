@@ -153,7 +153,8 @@ def test_restore_into_non_empty_database_changes_nothing(pg, db, repo):
 
 def test_failed_restore_is_rolled_back_and_names_the_cause(pg, db, repo):
     pg.execute(db, "CREATE ROLE fpv_gone_role; CREATE TABLE t (id int PRIMARY KEY); "
-                   "ALTER TABLE t OWNER TO fpv_gone_role; INSERT INTO t VALUES (1)")
+                   "ALTER TABLE t OWNER TO fpv_gone_role; INSERT INTO t VALUES (1); "
+                   "CREATE TABLE t2 (id int); INSERT INTO t2 VALUES (2)")
     snap(pg, repo, db)
     pg.execute(db, "DROP TABLE t; DROP ROLE fpv_gone_role")
     target = pg.createdb()
@@ -162,7 +163,8 @@ def test_failed_restore_is_rolled_back_and_names_the_cause(pg, db, repo):
     assert "fpv_gone_role" in r.err and "--no-owner" in r.err and "rolled back" in r.err
     assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
     r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), "-j", "2")
-    assert r.code == 1 and "fpv_gone_role" in r.err and "partial restore" in r.err
+    assert r.code == 1 and "fpv_gone_role" in r.err and "rolled back" in r.err  # in pre-data
+    assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
     assert run("restore", "latest", "-r", repo, "-o", "-", "-j", "2").code == 2
     r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), "--no-owner")
     assert r.code == 0, r.err
@@ -248,6 +250,9 @@ def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
     assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
     r = run("restore", sid, "-r", repo, "-o", "-")
     assert r.code == 3 and "public.a" in r.err
+    parallel = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(parallel), "-j", "2")
+    assert r.code == 3 and "public.a" in r.err and "partial restore" in r.err
     # The undamaged table still restores on its own.
     r = run("restore", sid, "-r", repo, "--to", pg.dsn(target), "-t", "b")
     assert r.code == 0, r.err
