@@ -378,61 +378,61 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
     def as_dict(values: tuple, cols: list[str]) -> dict[str, Any]:
         return {c: copy_field(v.decode(enc, "backslashreplace")) for c, v in zip(cols, values)}
 
+    def deleted(row: tuple) -> None:
+        result.deleted += 1
+        result.rows.append(RowChange("delete", as_dict(tuple(row[i] for i in kpos), a.key),
+                                     before=as_dict(row, shared_cols)))
+
+    def inserted(row: tuple) -> None:
+        result.inserted += 1
+        result.rows.append(RowChange("insert", as_dict(tuple(row[i] for i in kpos), a.key),
+                                     after=as_dict(row, shared_cols)))
+
+    def matched(before: tuple, after: tuple) -> None:
+        _update(result, before, after, tuple(before[i] for i in kpos), shared_cols, a.key, as_dict)
+
     kinds = a.key_kinds if a.key_kinds == b.key_kinds else []
     if keyed and len(kinds) == len(a.key) and all(kinds):
         # Both streams are in key order and Python can order keys as PostgreSQL does:
         # a merge join, in constant memory.
         order = _key_order(kinds, enc)
-        ita, itb = rows(0, ia), rows(1, ib)
-        ra, rb = next(ita, None), next(itb, None)
-        ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
-        kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
-        while ra is not None or rb is not None:
-            if rb is None or (ra is not None and ka < kb):
-                result.deleted += 1
-                result.rows.append(RowChange("delete", as_dict(tuple(ra[i] for i in kpos), a.key),
-                                             before=as_dict(ra, shared_cols)))
-                ra = next(ita, None)
-                ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
-            elif ra is None or kb < ka:
-                result.inserted += 1
-                result.rows.append(RowChange("insert", as_dict(tuple(rb[i] for i in kpos), a.key),
-                                             after=as_dict(rb, shared_cols)))
-                rb = next(itb, None)
-                kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
+
+        def keyed_rows(side: int, idx: list[int]):
+            for row in rows(side, idx):
+                yield order(tuple(row[i] for i in kpos)), row
+
+        ita, itb = keyed_rows(0, ia), keyed_rows(1, ib)
+        x, y = next(ita, None), next(itb, None)
+        while x is not None or y is not None:
+            if y is None or (x is not None and x[0] < y[0]):
+                deleted(x[1])
+                x = next(ita, None)
+            elif x is None or y[0] < x[0]:
+                inserted(y[1])
+                y = next(itb, None)
             else:
-                _update(result, ra, rb, tuple(ra[i] for i in kpos), shared_cols, a.key, as_dict)
-                ra, rb = next(ita, None), next(itb, None)
-                ka = order(tuple(ra[i] for i in kpos)) if ra is not None else None
-                kb = order(tuple(rb[i] for i in kpos)) if rb is not None else None
+                matched(x[1], y[1])
+                x, y = next(ita, None), next(itb, None)
         return result
 
     if keyed:
         # Keys Python cannot order: match them hunk by hunk; rows left unmatched are
         # carried along, so memory is bounded by the largest hunk plus the changes.
-        pend_a: dict[tuple, tuple] = {}
-        pend_b: dict[tuple, tuple] = {}
-        for ha, hb in hunks:
-            for row in rows_of(ha, ia):
-                k = tuple(row[i] for i in kpos)
-                other = pend_b.pop(k, None)
-                if other is None:
-                    pend_a[k] = row
-                else:
-                    _update(result, row, other, k, shared_cols, a.key, as_dict)
-            for row in rows_of(hb, ib):
-                k = tuple(row[i] for i in kpos)
-                other = pend_a.pop(k, None)
-                if other is None:
-                    pend_b[k] = row
-                else:
-                    _update(result, other, row, k, shared_cols, a.key, as_dict)
-        for k, row in pend_a.items():
-            result.deleted += 1
-            result.rows.append(RowChange("delete", as_dict(k, a.key), before=as_dict(row, shared_cols)))
-        for k, row in pend_b.items():
-            result.inserted += 1
-            result.rows.append(RowChange("insert", as_dict(k, a.key), after=as_dict(row, shared_cols)))
+        pending: tuple[dict, dict] = ({}, {})
+        for hunk in hunks:
+            for side, idx in ((0, ia), (1, ib)):
+                mine, theirs = pending[side], pending[1 - side]
+                for row in rows_of(hunk[side], idx):
+                    k = tuple(row[i] for i in kpos)
+                    other = theirs.pop(k, None)
+                    if other is None:
+                        mine[k] = row
+                    else:
+                        matched(*((row, other) if side == 0 else (other, row)))
+        for row in pending[0].values():
+            deleted(row)
+        for row in pending[1].values():
+            inserted(row)
         return result
 
     counts: Counter[tuple] = Counter()
