@@ -19,12 +19,13 @@ from __future__ import annotations
 
 from pyfastcdc import FastCDC
 
-# Chosen by measurement (docs/benchmarks.md, "Chunk size"): at 64 KiB the
-# per-chunk metadata (index entry + list entry, ~90 bytes) is 0.15% of the
-# data and zstd still sees enough context per chunk to compress within a few
-# percent of whole-stream compression; 16 KiB chunks cost 4x the metadata and
-# ~8% compression, and scattered 1% row updates still touch most chunks at
-# any size above ~1 KiB, which is what deltas (not smaller chunks) are for.
+# Chosen by measurement (docs/benchmarks.md, "chunk_size"; pgbench -s 10 plus the
+# sample, 1% scattered churn): at 64 KiB the metadata is 0.9% of a first snapshot
+# (16 KiB: 3.5%) and a churned snapshot adds 2.0% of the first (16 KiB: 3.9%,
+# 256 KiB: 31%, 1 MiB: 57%, because the delta encoder cannot reach far enough
+# back into large dictionaries).  The price is compression: chunks compressed
+# one by one store the table data 43% larger than one zstd stream over all of
+# it (26.1 against 18.2 MiB) and about even with pg_dump -Fc's zlib.
 DEFAULT_AVG_SIZE = 64 * 1024
 DEFAULT_MIN_SIZE = 16 * 1024
 DEFAULT_MAX_SIZE = 256 * 1024

@@ -193,7 +193,7 @@ class ChunkStore:
         """Store ``data`` unless it is already stored; return its id.
 
         ``similar``: ids of stored blobs likely to resemble ``data`` (the chunk at
-        the same place in the previous snapshot first, then its neighbours).
+        the same place in the previous snapshot first, then the one after it).
         When given, the blob may be stored as a delta against them.  ``blob``:
         the id, if the caller already hashed ``data``.
         """
