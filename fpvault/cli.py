@@ -220,7 +220,11 @@ def _snapshot_row(s: Snapshot) -> dict[str, Any]:
 @click.pass_obj
 def list_(ctx: Ctx, tags, as_json: bool) -> None:
     """List snapshots, oldest first."""
-    snaps = [s for s in ctx.open().snapshots() if not tags or set(tags) & set(s.tags)]
+    vault = ctx.open()
+    snaps = [s for s in vault.snapshots() if not tags or set(tags) & set(s.tags)]
+    for sid, _why in vault.damaged_snapshots:
+        click.echo(f"fpvault: snapshot {sid[:8]} is not listed: its manifest cannot be read; "
+                   "run 'fpvault verify'.", err=True)
     rows = [_snapshot_row(s) for s in snaps]
     if as_json:
         emit_json(rows)

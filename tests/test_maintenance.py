@@ -194,6 +194,7 @@ def test_corrupted_manifest_and_index_file(history, repo):
     assert ids[1] in doc["affected"] and any("manifest" in p for p in doc["problems"])
     r = run("list", "-r", repo, "--json")
     assert r.code == 0 and ids[1] not in r.out   # the others are still listed
+    assert f"snapshot {ids[1][:8]} is not listed" in r.err
     assert run("show", ids[1][:8], "-r", repo).code == 2
     for sid in (ids[0], ids[2], ids[3]):
         assert script(repo, sid) == scripts[sid]
