@@ -21,7 +21,7 @@ from . import snapshot as snapshot_mod
 from .errors import FpvaultError
 from .manifest import Snapshot
 from .locks import Lock
-from .vault import Vault, default_repo, parse_time, snapshot_id
+from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id
 
 
 class Ctx:
@@ -72,8 +72,8 @@ def common_options(f):
     f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
                      help="Print nothing but errors (and the result a script needs).")(f)
     f = click.option("-r", "--repo", metavar="PATH", expose_value=False, callback=_set_repo,
-                     help="Repository (default: $FPVAULT_REPO, else "
-                          "$XDG_DATA_HOME/fpvault or ~/.local/share/fpvault).")(f)
+                     help="Repository: a path or s3://bucket/prefix (default: $FPVAULT_REPO, "
+                          "else $XDG_DATA_HOME/fpvault or ~/.local/share/fpvault).")(f)
     return f
 
 
@@ -123,6 +123,10 @@ def init(ctx: Ctx) -> None:
     """Create an empty repository (an error if one exists there)."""
     vault = Vault.create(ctx.location())
     info(ctx, f"Created repository {vault.config.id[:8]} at {vault.backend.describe()}")
+    if is_remote(ctx.location()):
+        click.echo("fpvault: warning: this repository is not encrypted (fpvault does not encrypt "
+                   "yet): anyone who can read the bucket can read the backed-up data. Restrict "
+                   "the bucket (docs/s3.md) and use the provider's server-side encryption.", err=True)
 
 
 class TermProgress(snapshot_mod.Progress):

@@ -42,10 +42,16 @@ def default_repo() -> str:
 
 
 def backend_for(location: str) -> Backend:
+    if location.startswith("s3://"):
+        from .s3 import S3Backend
+        return S3Backend(location)
     if re.match(r"^[a-z][a-z0-9+]*://", location):
-        raise UsageError(f"Repository {location!r}: only local directories are supported in this "
-                         "version; give a path.")
+        raise UsageError(f"Repository {location!r}: give a local path or an s3://bucket/prefix URL.")
     return LocalBackend(Path(location).expanduser())
+
+
+def is_remote(location: str) -> bool:
+    return location.startswith("s3://")
 
 
 def now_iso() -> str:
@@ -78,10 +84,15 @@ class Vault:
         backend = backend_for(location)
         if backend.exists(CONFIG):
             raise RepositoryExists(f"A repository already exists at {backend.describe()}.")
-        path = Path(location).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise RepositoryExists(f"{path} exists and is not an empty directory; "
-                                   "choose a new path for the repository.")
+        if is_remote(location):
+            if next(iter(backend.list("")), None) is not None:
+                raise RepositoryExists(f"{location} already holds objects; choose an empty prefix "
+                                       "for the repository.")
+        else:
+            path = Path(location).expanduser()
+            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+                raise RepositoryExists(f"{path} exists and is not an empty directory; "
+                                       "choose a new path for the repository.")
         config = Config(
             id=secrets.token_hex(16), created=now_iso(),
             chunker=chunker or ChunkerParams(avg_size=DEFAULT_AVG_SIZE, min_size=DEFAULT_MIN_SIZE,

@@ -198,3 +198,37 @@ def repo(tmp_path):
     r = run("init", "-r", path)
     assert r.code == 0, r.err
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible HTTP server (moto's server mode) on loopback, for the session.
+
+    Returns a function that makes a fresh bucket and gives its s3:// URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "FPVAULT_S3_ENDPOINT")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1",
+                      FPVAULT_S3_ENDPOINT=f"http://127.0.0.1:{port}")
+    import boto3
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+
+    def bucket(prefix: str = "repo") -> str:
+        name = f"fpvault-{next(_counter)}-{os.getpid()}"
+        client.create_bucket(Bucket=name)
+        return f"s3://{name}/{prefix}"
+
+    try:
+        yield bucket
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -16,8 +16,11 @@ from fpvault.errors import RepositoryDamaged
 # -- the Backend contract: every implementation must pass these
 
 
-@pytest.fixture(params=["local"])
+@pytest.fixture(params=["local", "s3"])
 def backend(request, tmp_path):
+    if request.param == "s3":
+        from fpvault.s3 import S3Backend
+        return S3Backend(request.getfixturevalue("s3_server")())
     return LocalBackend(tmp_path / "objects")
 
 
