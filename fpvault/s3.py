@@ -26,11 +26,14 @@ from typing import Iterator
 from .backend import ObjectMissing
 from .errors import FpvaultError, RepositoryDamaged, UsageError
 
-# Retries per request, with botocore's backoff: rides out a throttling burst of
-# tens of seconds without hanging a cron job for ever.
+# Attempts per request, with botocore's backoff: rides out a throttling burst of
+# tens of seconds without hanging a cron job for ever (FPVAULT_S3_ATTEMPTS overrides).
 MAX_ATTEMPTS = 10
 # Parallel connections per client: enough for parallel pack reads.
 MAX_POOL = 16
+# Seconds without an answer before a request is given up and retried: a 32 MiB
+# pack upload on a slow link must fit; FPVAULT_S3_TIMEOUT overrides it.
+DEFAULT_TIMEOUT = 120
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -53,8 +56,11 @@ class S3Backend:
             raise FpvaultError("An s3:// repository needs boto3: pip install 'fpvault[s3]'.") from None
         self.url = url
         self.bucket, self.prefix = parse_url(url)
-        config = Config(retries={"max_attempts": MAX_ATTEMPTS, "mode": "adaptive"},
-                        max_pool_connections=MAX_POOL, connect_timeout=10, read_timeout=120)
+        timeout = float(os.environ.get("FPVAULT_S3_TIMEOUT") or DEFAULT_TIMEOUT)
+        attempts = int(os.environ.get("FPVAULT_S3_ATTEMPTS") or MAX_ATTEMPTS)
+        config = Config(retries={"max_attempts": attempts, "mode": "adaptive"},
+                        max_pool_connections=MAX_POOL, connect_timeout=min(timeout, 10),
+                        read_timeout=timeout)
         session = boto3.session.Session(region_name=os.environ.get("FPVAULT_S3_REGION") or None)
         self.client = session.client("s3", endpoint_url=os.environ.get("FPVAULT_S3_ENDPOINT") or None,
                                      config=config)

@@ -223,6 +223,7 @@ def s3_server():
         client.create_bucket(Bucket=name)
         return f"s3://{name}/{prefix}"
 
+    bucket.port = port
     try:
         yield bucket
     finally:

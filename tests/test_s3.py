@@ -76,3 +76,66 @@ def test_s3_errors(s3_server):
     S3Backend(vault_url).put("something-else", b"x")
     r = run("init", "-r", vault_url)
     assert r.code == 1 and "already holds objects" in r.err
+
+
+def _through(proxy, **extra):
+    return {"FPVAULT_S3_ENDPOINT": f"http://127.0.0.1:{proxy.port}", "FPVAULT_S3_TIMEOUT": "1",
+            **extra}
+
+
+def test_transient_faults_are_retried(pg, db, s3_server):
+    from s3faults import FaultProxy
+
+    repo = s3_server()
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    proxy = FaultProxy(s3_server.port)
+    # Every 7th request fails: 503 SlowDown, 500, a dropped connection, and (1 in 56)
+    # a request that is never answered.
+    kinds = ["503", "500", "drop", "503", "500", "drop", "503", "stall"]
+    proxy.plan = lambda method, n: kinds[(n // 7) % 8] if n % 7 == 0 else None
+    try:
+        env = _through(proxy)
+        assert run("init", "-r", repo, env=env).code == 0
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", env=env)
+        assert r.code == 0, r.err
+        pg.execute(db, "UPDATE t SET v = 'changed' WHERE id % 50 = 0")
+        assert run("snap", "-r", repo, "-d", pg.dsn(db), env=env).code == 0
+        target = pg.createdb()
+        r = run("restore", "latest", "-r", repo, "--to", pg.dsn(target), env=env)
+        assert r.code == 0, r.err
+        r = run("verify", "-r", repo, "--read-data", env=env)
+        direct = run("verify", "-r", repo, "--read-data")
+        assert r.code == 0, (r.err, direct.err)
+        assert run("forget", "-r", repo, "--keep-last", "1", "--prune", env=env).code == 0
+    finally:
+        proxy.close()
+    assert proxy.faults >= 8, proxy.faults
+    # Straight to the server: nothing corrupt was left behind.
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    assert pg.query(target, "SELECT count(*), count(*) FILTER (WHERE v = 'changed') FROM t") == [
+        (20000, 400)]
+
+
+def test_a_store_that_keeps_failing_fails_the_snapshot_cleanly(pg, db, s3_server):
+    from s3faults import FaultProxy
+
+    repo = s3_server()
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    assert run("init", "-r", repo).code == 0
+    assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
+    pg.execute(db, "UPDATE t SET v = 'again' WHERE id % 10 = 0")
+    proxy = FaultProxy(s3_server.port)
+    # Every upload of a pack or an index fails, however often it is retried.
+    proxy.plan = lambda method, n: "500" if method == "PUT" and n > 3 else None
+    try:
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), env=_through(proxy, FPVAULT_S3_ATTEMPTS="2"))
+    finally:
+        proxy.close()
+    assert r.code == 1
+    assert "InternalError" in r.err and "Nothing was committed" in r.err and "Traceback" not in r.err
+    assert len(json.loads(run("list", "-r", repo, "--json").out)) == 1
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0   # no manual unlock needed
+    assert len(json.loads(run("list", "-r", repo, "--json").out)) == 2
