@@ -30,6 +30,7 @@ import zstandard
 from . import packs
 from .backend import Backend
 from .errors import RepositoryDamaged
+from .crypto import Plain
 from .packs import BlobEntry
 
 INDEX_PREFIX = "index/"
@@ -106,13 +107,13 @@ class Index:
         self.damaged: list[str] = []   # index files that could not be read
 
     @classmethod
-    def load(cls, backend: Backend, strict: bool = False) -> "Index":
+    def load(cls, backend: Backend, codec=None, strict: bool = False) -> "Index":
         """The union of all index files.  A damaged one is skipped (and listed in
         ``damaged``) unless ``strict``: what it named is then simply not found."""
         index = cls()
         for name in sorted(backend.list(INDEX_PREFIX)):
             try:
-                index.add_file(name, backend.get(name))
+                index.add_file(name, backend.get(name), codec or Plain())
             except (RepositoryDamaged, msgspec.DecodeError) as exc:
                 if strict:
                     raise RepositoryDamaged(f"Index file {name} is damaged ({exc}); run "
@@ -120,8 +121,8 @@ class Index:
                 index.damaged.append(name)
         return index
 
-    def add_file(self, name: str, data: bytes) -> None:
-        for pack_id, entries in decode_index(name, data):
+    def add_file(self, name: str, data: bytes, codec) -> None:
+        for pack_id, entries in decode_index(name, data, codec):
             self.add_pack(pack_id, entries)
         self.files.append(name)
 
@@ -139,19 +140,20 @@ class Index:
         return {pack_id for pack_id, _ in self.blobs.values()}
 
 
-def encode_index(packs_entries: list[tuple[bytes, list[BlobEntry]]]) -> tuple[str, bytes]:
+def encode_index(packs_entries: list[tuple[bytes, list[BlobEntry]]], codec) -> tuple[str, bytes]:
     raw = _index_encoder.encode(packs_entries)
-    name = INDEX_PREFIX + packs.blob_id(raw).hex()
-    return name, zstandard.ZstdCompressor(level=3).compress(raw)
+    name = INDEX_PREFIX + codec.blob_id(raw).hex()
+    return name, codec.seal(zstandard.ZstdCompressor(level=3).compress(raw))
 
 
-def decode_index(name: str, data: bytes) -> list[tuple[bytes, list[BlobEntry]]]:
+def decode_index(name: str, data: bytes, codec) -> list[tuple[bytes, list[BlobEntry]]]:
+    data = codec.open(data, f"index file {name}")
     try:
         raw = zstandard.ZstdDecompressor().decompress(data)
     except zstandard.ZstdError as exc:
         raise RepositoryDamaged(f"index file {name} does not decompress ({exc}); "
                                 "rebuild it from the packs.") from exc
-    if packs.blob_id(raw).hex() != name.rsplit("/", 1)[-1]:
+    if codec.blob_id(raw).hex() != name.rsplit("/", 1)[-1]:
         raise RepositoryDamaged(f"index file {name} does not match its hash; "
                                 "rebuild it from the packs.")
     return _index_decoder.decode(raw)
@@ -160,8 +162,9 @@ def decode_index(name: str, data: bytes) -> list[tuple[bytes, list[BlobEntry]]]:
 class ChunkStore:
     """Content-addressed blobs over a backend."""
 
-    def __init__(self, backend: Backend, index: Index, level: int = 3):
+    def __init__(self, backend: Backend, index: Index, level: int = 3, codec=None):
         self.backend = backend
+        self.codec = codec or Plain()
         self.index = index
         self.level = level
         self.stats = StoreStats()
@@ -197,7 +200,7 @@ class ChunkStore:
         When given, the blob may be stored as a delta against them.  ``blob``:
         the id, if the caller already hashed ``data``.
         """
-        blob = blob or packs.blob_id(data)
+        blob = blob or self.codec.blob_id(data)
         with self._lock:
             if blob in self.index or blob in self._pending:
                 return blob
@@ -215,7 +218,8 @@ class ChunkStore:
                     encoding = packs.DELTA
             if encoding == packs.ZSTD and len(stored) >= len(data):
                 stored, encoding = bytes(data), packs.RAW
-            if encoding != packs.RAW:
+            stored = self.codec.seal(stored)
+            if encoding != packs.RAW or self.codec.encrypted:
                 entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
                 self.decode(blob, entry, stored)  # raises unless it decodes to exactly data
         except BaseException:
@@ -280,7 +284,7 @@ class ChunkStore:
 
     def _write_pack(self) -> None:
         builder, self._builder = self._builder, packs.PackBuilder()
-        pack_id, data = builder.finish()
+        pack_id, data = builder.finish(self.codec if self.codec.encrypted else None)
         self.backend.put(packs.pack_name(pack_id), data)
         self.stats.bytes_added += len(data)
         self._unindexed.append((pack_id, builder.entries))
@@ -292,7 +296,7 @@ class ChunkStore:
                 self._write_pack()
             if not self._unindexed:
                 return
-            name, data = encode_index(self._unindexed)
+            name, data = encode_index(self._unindexed, self.codec)
             self.backend.put(name, data)
             self.stats.bytes_added += len(data)
             for pack_id, entries in self._unindexed:
@@ -322,6 +326,11 @@ class ChunkStore:
         return data
 
     def decode(self, blob: bytes, e: BlobEntry, stored: bytes) -> bytes:
+        if self.codec.encrypted:
+            try:
+                stored = self.codec.open(stored, f"blob {blob.hex()[:16]}")
+            except RepositoryDamaged:
+                raise BlobDamaged(blob, "it failed authentication (damaged or tampered with)") from None
         if e.encoding == packs.RAW:
             data = stored
         elif e.encoding == packs.ZSTD:
@@ -344,7 +353,7 @@ class ChunkStore:
                 raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
         else:
             raise BlobDamaged(blob, f"unknown encoding {e.encoding} (written by a newer fpvault?)")
-        if len(data) != e.raw_length or packs.blob_id(data) != blob:
+        if len(data) != e.raw_length or self.codec.blob_id(data) != blob:
             raise BlobDamaged(blob, "its content does not match its hash")
         return data
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import click
@@ -30,12 +32,33 @@ class Ctx:
         self.quiet = False
         self.debug = False
         self.lock_wait = 0.0
+        self.password_file: str | None = None
 
     def location(self) -> str:
         return self.repo or os.environ.get("FPVAULT_REPO") or default_repo()
 
     def open(self, create: bool = False) -> Vault:
-        return Vault.open(self.location(), create=create)
+        return Vault.open(self.location(), create=create, password=self.password)
+
+    def password(self, prompt: str = "Repository password", confirm: bool = False,
+                 env: str = "FPVAULT_PASSWORD", file: str | None = None) -> str:
+        """From ``env``, else the password file, else a prompt on a terminal."""
+        if os.environ.get(env):
+            return os.environ[env]
+        path = file or (self.password_file if env == "FPVAULT_PASSWORD" else None)
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.readline().rstrip("\r\n")
+            except OSError as exc:
+                raise FpvaultError(f"Cannot read the password file {path}: {exc.strerror}.") from None
+            if not text:
+                raise FpvaultError(f"The password file {path} is empty.")
+            return text
+        if sys.stdin.isatty():
+            return click.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+        raise FpvaultError(f"A password is needed: set {env} or pass a password file "
+                           "(there is no terminal to ask on).")
 
     def lock(self, vault: Vault, exclusive: bool, command: str) -> Lock:
         """Shared for commands that add or read data, exclusive for those that delete."""
@@ -62,8 +85,18 @@ def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: float | N
         ctx.ensure_object(Ctx).lock_wait = value
 
 
+def _set_password_file(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(Ctx).password_file = value
+
+
 def common_options(f):
-    """-r/--repo, -q, --lock-wait and --debug are accepted before or after the command name."""
+    """-r/--repo, -q, --lock-wait, --password-file and --debug are accepted before or
+    after the command name."""
+    f = click.option("--password-file", metavar="FILE", expose_value=False,
+                     callback=_set_password_file,
+                     help="Read an encrypted repository's password from FILE "
+                          "(else $FPVAULT_PASSWORD, else a prompt).")(f)
     f = click.option("--lock-wait", type=click.FloatRange(0), default=None, expose_value=False,
                      callback=_set_lock_wait, metavar="SECONDS",
                      help="Wait this long for a conflicting lock to go away (default 0).")(f)
@@ -116,17 +149,22 @@ def cli(ctx: click.Context) -> None:
     ctx.ensure_object(Ctx)
 
 
-@cli.command(epilog="Example:\n\n\b\n  fpvault init -r /backups/app")
+@cli.command(epilog="Examples:\n\n\b\n  fpvault init -r /backups/app\n"
+                    "  FPVAULT_PASSWORD=... fpvault init -r s3://backups/app --encrypt")
+@click.option("--encrypt", is_flag=True,
+              help="Encrypt the repository (ChaCha20-Poly1305; key from a password via scrypt).")
 @common_options
 @click.pass_obj
-def init(ctx: Ctx) -> None:
+def init(ctx: Ctx, encrypt: bool) -> None:
     """Create an empty repository (an error if one exists there)."""
-    vault = Vault.create(ctx.location())
-    info(ctx, f"Created repository {vault.config.id[:8]} at {vault.backend.describe()}")
-    if is_remote(ctx.location()):
-        click.echo("fpvault: warning: this repository is not encrypted (fpvault does not encrypt "
-                   "yet): anyone who can read the bucket can read the backed-up data. Restrict "
-                   "the bucket (docs/s3.md) and use the provider's server-side encryption.", err=True)
+    password = ctx.password("New repository password", confirm=True) if encrypt else None
+    vault = Vault.create(ctx.location(), password=password)
+    info(ctx, f"Created {'encrypted ' if encrypt else ''}repository {vault.config.id[:8]} at "
+              f"{vault.backend.describe()}")
+    if is_remote(ctx.location()) and not encrypt:
+        click.echo("fpvault: warning: this repository is not encrypted: anyone who can read the "
+                   "bucket can read the backed-up data. Use 'init --encrypt' for a remote "
+                   "repository, or at least restrict the bucket (docs/s3.md).", err=True)
 
 
 class TermProgress(snapshot_mod.Progress):
@@ -674,6 +712,35 @@ def stats(ctx: Ctx, as_json: bool) -> None:
                f"index {human_bytes(stored['index/'])}, manifests {human_bytes(stored['snapshots/'])})\n"
                f"ratio          {doc['dedup_ratio'] or '-'}x\nblobs          {doc['blobs']}\n"
                f"packs          {doc['packs']}")
+
+
+@cli.group(epilog="Example:\n\n\b\n  fpvault key passwd")
+def key() -> None:
+    """Manage the password of an encrypted repository."""
+
+
+@key.command(name="passwd", epilog="Examples:\n\n\b\n  fpvault key passwd\n"
+                                   "  FPVAULT_PASSWORD=old FPVAULT_NEW_PASSWORD=new fpvault key passwd")
+@click.option("--new-password-file", metavar="FILE",
+              help="Read the new password from FILE (else $FPVAULT_NEW_PASSWORD, else a prompt).")
+@common_options
+@click.pass_obj
+def key_passwd(ctx: Ctx, new_password_file: str | None) -> None:
+    """Change the password: the master key is wrapped anew, no data is re-encrypted."""
+    from . import crypto
+
+    vault = Vault.open(ctx.location(), password=ctx.password)
+    if not vault.config.encrypted:
+        raise FpvaultError(f"The repository at {vault.backend.describe()} is not encrypted; "
+                           "it has no password to change.")
+    with ctx.lock(vault, exclusive=True, command="key passwd"):
+        _codec, old, master = crypto.unlock(vault.backend, ctx.password())
+        new_password = ctx.password("New repository password", confirm=True,
+                                    env="FPVAULT_NEW_PASSWORD", file=new_password_file)
+        vault.backend.put(crypto.KEYS + secrets.token_hex(16),
+                          crypto.wrap(master, new_password, datetime.now().astimezone().isoformat()))
+        vault.backend.delete(old)
+    info(ctx, "Password changed.")
 
 
 @cli.group(epilog="Example:\n\n\b\n  fpvault repair index")

@@ -110,7 +110,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     started = time.monotonic()
     stats = PruneStats(dry_run=dry_run)
     backend = vault.backend
-    index = Index.load(backend, strict=True)
+    index = Index.load(backend, vault.codec, strict=True)
     vault.reset_index(index)
     snapshots = vault.snapshots(strict=True)
     live = live_blobs(vault, snapshots)
@@ -162,7 +162,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
 
     def write_builder() -> None:
         nonlocal builder
-        pack_id, data = builder.finish()
+        pack_id, data = builder.finish(vault.codec if vault.codec.encrypted else None)
         backend.put(packs.pack_name(pack_id), data)
         new_packs.append((pack_id, builder.entries))
         builder = packs.PackBuilder()
@@ -187,7 +187,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     old_index_files = list(index.files)
     entries = [(p, e) for p, e in keep.items()] + new_packs
     if entries:
-        name, blob = encode_index(entries)
+        name, blob = encode_index(entries, vault.codec)
         if name not in old_index_files:
             backend.put(name, blob)
     else:
@@ -222,7 +222,7 @@ def repair_index(vault: Vault) -> RepairStats:
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     for name in sorted(backend.list("data/")):
         try:
-            pack_entries = read_pack_trailer(backend, name)
+            pack_entries = read_pack_trailer(backend, name, vault.codec)
         except (RepositoryDamaged, packs.PackFormatError) as exc:
             stats.unreadable.append(f"{name}: {exc}")
             continue
@@ -232,7 +232,7 @@ def repair_index(vault: Vault) -> RepairStats:
     old = list(backend.list(INDEX_PREFIX))
     new_name = None
     if entries:
-        new_name, blob = encode_index(entries)
+        new_name, blob = encode_index(entries, vault.codec)
         backend.put(new_name, blob)
     for name in old:
         if name != new_name:
@@ -242,7 +242,7 @@ def repair_index(vault: Vault) -> RepairStats:
     return stats
 
 
-def read_pack_trailer(backend, name: str) -> list[BlobEntry]:
+def read_pack_trailer(backend, name: str, codec=None) -> list[BlobEntry]:
     """A pack's entries, from ranged reads of its head and tail."""
     size = backend.size(name)
     if size < len(packs.MAGIC) + 12:
@@ -256,7 +256,8 @@ def read_pack_trailer(backend, name: str) -> list[BlobEntry]:
     start = size - 12 - tlen
     if start < len(packs.MAGIC):
         raise packs.PackFormatError("trailer length out of range")
-    return packs.decode_trailer(backend.get(name, start, tlen), start)
+    return packs.decode_trailer(backend.get(name, start, tlen), start,
+                                codec if codec is not None and codec.encrypted else None)
 
 
 __all__ = ["prune", "repair_index", "live_blobs", "snapshot_streams", "read_pack_trailer",

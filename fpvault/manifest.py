@@ -124,6 +124,9 @@ class Config(msgspec.Struct, kw_only=True):
     created: str
     chunker: ChunkerParams
     compression_level: int = 3
+    # Encrypted: blobs, pack trailers, index files and manifests are sealed with the
+    # master key in keys/ (fpvault/crypto.py); ids are keyed BLAKE3.
+    encrypted: bool = False
 
 
 json_encoder = msgspec.json.Encoder()

@@ -84,9 +84,11 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.buf)
 
-    def finish(self) -> tuple[bytes, bytes]:
-        """Return (pack id, pack bytes)."""
+    def finish(self, codec=None) -> tuple[bytes, bytes]:
+        """Return (pack id, pack bytes); ``codec`` seals the trailer in an encrypted repository."""
         trailer = zstandard.ZstdCompressor(level=3).compress(_trailer_encoder.encode(self.entries))
+        if codec is not None:
+            trailer = codec.seal(trailer)
         self.buf += trailer
         self.buf += struct.pack("<I", len(trailer))
         self.buf += TRAILER_MAGIC
@@ -98,7 +100,7 @@ class PackFormatError(ValueError):
     pass
 
 
-def read_trailer(data: bytes) -> list[BlobEntry]:
+def read_trailer(data: bytes, codec=None) -> list[BlobEntry]:
     """Entries of a whole pack; raises PackFormatError if it is malformed."""
     if len(data) < len(MAGIC) + 12 or not data.startswith(MAGIC) or not data.endswith(TRAILER_MAGIC):
         raise PackFormatError("not a pack file, or truncated")
@@ -106,11 +108,16 @@ def read_trailer(data: bytes) -> list[BlobEntry]:
     start = len(data) - 12 - tlen
     if start < len(MAGIC):
         raise PackFormatError("trailer length out of range")
-    return decode_trailer(data[start:len(data) - 12], start)
+    return decode_trailer(data[start:len(data) - 12], start, codec)
 
 
-def decode_trailer(trailer: bytes, body_end: int) -> list[BlobEntry]:
+def decode_trailer(trailer: bytes, body_end: int, codec=None) -> list[BlobEntry]:
     """Entries from a trailer's bytes; ``body_end`` is where the trailer starts."""
+    if codec is not None:
+        try:
+            trailer = codec.open(trailer, "pack trailer")
+        except Exception as exc:
+            raise PackFormatError(str(exc)) from exc
     try:
         raw = zstandard.ZstdDecompressor().decompress(trailer)
         entries = _trailer_decoder.decode(raw)

@@ -15,16 +15,17 @@ import secrets
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import blake3
 import msgspec
 import zstandard
 
-from . import packs
+from . import crypto, packs
 from .backend import Backend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
 from .chunkstore import ChunkRef, ChunkStore, Index
+from .crypto import Plain
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
 from .manifest import (FORMAT_VERSION, ChunkerParams, Config, Snapshot, Stream, decode_config,
@@ -69,9 +70,10 @@ def parse_time(text: str) -> datetime:
 
 
 class Vault:
-    def __init__(self, backend: Backend, config: Config):
+    def __init__(self, backend: Backend, config: Config, codec=None):
         self.backend = backend
         self.config = config
+        self.codec = codec or Plain()
         self._index: Index | None = None
         self._store: ChunkStore | None = None
         self._snapshots: dict[str, Snapshot] | None = None
@@ -80,7 +82,9 @@ class Vault:
     # -- opening
 
     @classmethod
-    def create(cls, location: str, chunker: ChunkerParams | None = None) -> "Vault":
+    def create(cls, location: str, chunker: ChunkerParams | None = None,
+               password: str | None = None) -> "Vault":
+        """A new repository; encrypted under ``password`` when one is given."""
         backend = backend_for(location)
         if backend.exists(CONFIG):
             raise RepositoryExists(f"A repository already exists at {backend.describe()}.")
@@ -96,12 +100,21 @@ class Vault:
         config = Config(
             id=secrets.token_hex(16), created=now_iso(),
             chunker=chunker or ChunkerParams(avg_size=DEFAULT_AVG_SIZE, min_size=DEFAULT_MIN_SIZE,
-                                             max_size=DEFAULT_MAX_SIZE))
+                                             max_size=DEFAULT_MAX_SIZE),
+            encrypted=password is not None)
+        codec = None
+        if password is not None:
+            master = crypto.new_master()
+            # The key first: a config that says "encrypted" must never lack a key.
+            backend.put(crypto.KEYS + secrets.token_hex(16), crypto.wrap(master, password, now_iso()))
+            codec = crypto.Crypto(master)
         backend.put(CONFIG, json_encoder.encode(config))
-        return cls(backend, config)
+        return cls(backend, config, codec)
 
     @classmethod
-    def open(cls, location: str, create: bool = False) -> "Vault":
+    def open(cls, location: str, create: bool = False,
+             password: Callable[[], str] | None = None) -> "Vault":
+        """Open a repository; ``password`` is asked for only if it is encrypted."""
         backend = backend_for(location)
         if not backend.exists(CONFIG):
             if create:
@@ -118,12 +131,18 @@ class Vault:
             raise FpvaultError(f"The repository at {backend.describe()} has format version "
                                f"{config.version}; this fpvault reads up to {FORMAT_VERSION}. "
                                "Upgrade fpvault.")
-        return cls(backend, config)
+        codec = None
+        if config.encrypted:
+            if password is None:
+                raise FpvaultError(f"The repository at {backend.describe()} is encrypted; give its "
+                                   "password (FPVAULT_PASSWORD or --password-file).")
+            codec, _ = crypto.open_keys(backend, password())
+        return cls(backend, config, codec)
 
     @property
     def index(self) -> Index:
         if self._index is None:
-            self._index = Index.load(self.backend)
+            self._index = Index.load(self.backend, self.codec)
         return self._index
 
     def reset_index(self, index: Index | None) -> None:
@@ -134,7 +153,8 @@ class Vault:
     @property
     def store(self) -> ChunkStore:
         if self._store is None:
-            self._store = ChunkStore(self.backend, self.index, self.config.compression_level)
+            self._store = ChunkStore(self.backend, self.index, self.config.compression_level,
+                                     self.codec)
         return self._store
 
     def chunker(self) -> Chunker:
@@ -201,13 +221,13 @@ class Vault:
             self.damaged_snapshots = [d for d in self.damaged_snapshots if d[0] != sid]
 
     def load_snapshot(self, sid: str) -> Snapshot:
-        data = self.backend.get(SNAPSHOTS + sid)
+        data = self.codec.open(self.backend.get(SNAPSHOTS + sid), f"snapshot {sid[:8]}'s manifest")
         try:
             raw = zstandard.ZstdDecompressor().decompress(data)
         except zstandard.ZstdError as exc:
             raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest does not decompress "
                                     f"({exc}).") from exc
-        if blake3.blake3(raw).hexdigest() != sid:
+        if self.codec.blob_id(raw).hex() != sid:
             raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest does not match its hash.")
         snap = decode_snapshot(raw)
         snap.id = sid
@@ -215,8 +235,8 @@ class Vault:
 
     def save_snapshot(self, snap: Snapshot) -> str:
         raw = json_encoder.encode(snap)
-        sid = blake3.blake3(raw).hexdigest()
-        data = zstandard.ZstdCompressor(level=10).compress(raw)
+        sid = self.codec.blob_id(raw).hex()
+        data = self.codec.seal(zstandard.ZstdCompressor(level=10).compress(raw))
         self.backend.put(SNAPSHOTS + sid, data)
         snap.id = sid
         if self._snapshots is not None:
@@ -302,7 +322,7 @@ class StreamWriter:
 
     def _put(self, chunk: bytes) -> None:
         self.newlines += chunk.count(b"\n")
-        blob = packs.blob_id(chunk)
+        blob = self.vault.codec.blob_id(chunk)
         similar = None
         if self._prev:
             same = self._prev_where.get(blob)

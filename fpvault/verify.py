@@ -115,7 +115,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                 damaged(e.id, f"its data was in missing pack {pack_id.hex()[:16]}")
             continue
         try:
-            trailer = {e.id: e for e in read_pack_trailer(backend, name)}
+            trailer = {e.id: e for e in read_pack_trailer(backend, name, vault.codec)}
         except (RepositoryDamaged, packs.PackFormatError) as exc:
             report.problems.append(f"pack {pack_id.hex()[:16]} is damaged: {exc}")
             for e in entries:

@@ -2,19 +2,26 @@
 
 import json
 
+import pytest
+
 from conftest import run
 from fpvault.locks import Lock
-from fpvault.vault import Vault
+from fpvault.vault import backend_for
 
 
-def test_every_command_on_s3(pg, db, s3_server):
-    repo = s3_server()
+@pytest.mark.parametrize("where,encrypted", [("s3", False), ("s3", True), ("local", True)])
+def test_every_command(pg, db, s3_server, tmp_path, monkeypatch, where, encrypted):
+    """The whole command suite on a bucket and on a directory, encrypted and not (the
+    plain local repository is what every other test uses)."""
+    repo = s3_server() if where == "s3" else str(tmp_path / "repo")
+    if encrypted:
+        monkeypatch.setenv("FPVAULT_PASSWORD", "correct horse battery staple")
     pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
                    "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 30000) g; "
                    "CREATE SEQUENCE s; SELECT setval('s', 7); SELECT lo_from_bytea(4242, 'lob')")
-    r = run("init", "-r", repo)
+    r = run("init", "-r", repo, *(["--encrypt"] if encrypted else []))
     assert r.code == 0, r.err
-    assert "not encrypted" in r.err
+    assert ("not encrypted" in r.err) == (where == "s3" and not encrypted)
     assert run("init", "-r", repo).code == 1
 
     r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", "--tag", "s3")
@@ -47,8 +54,7 @@ def test_every_command_on_s3(pg, db, s3_server):
     stats = json.loads(run("stats", "-r", repo, "--json").out)
     assert stats["snapshots"] == 2 and stats["packs"] >= 2
 
-    vault = Vault.open(repo)
-    with Lock(vault.backend, exclusive=False, command="snap"):
+    with Lock(backend_for(repo), exclusive=False, command="snap"):
         r = run("prune", "-r", repo)
         assert r.code == 4 and "shared lock held by snap" in r.err
     r = run("forget", "-r", repo, "--keep-last", "1", "--prune", "--json")
