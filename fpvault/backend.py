@@ -178,3 +178,73 @@ def _storage_error(exc: OSError, doing: str, root: Path) -> FpvaultError:
         return FpvaultError(f"Permission denied while {doing} in {root}: {exc.strerror}. "
                             "Check the repository's owner and mode.")
     return FpvaultError(f"Storage error while {doing} in {root}: {exc.strerror or exc}.")
+
+
+class CachingBackend:
+    """A remote backend with a local cache of its index files and manifests.
+
+    Those objects are written once and never change (their names are hashes
+    of their content), so a cached copy is good for as long as the remote
+    still lists the name.  Listing always asks the remote, so the cache
+    follows it: a name the remote no longer lists is dropped from the cache.
+    Each cached copy carries the BLAKE3 of its bytes; a copy that does not
+    match (a damaged cache disk) is fetched again, never trusted.
+    """
+
+    CACHED = ("index/", "snapshots/")
+
+    def __init__(self, inner: Backend, directory: str | os.PathLike[str]):
+        self.inner = inner
+        self.cache = LocalBackend(directory)
+        self.parallel_reads = getattr(inner, "parallel_reads", False)
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def _cached(self, name: str) -> bool:
+        return name.startswith(self.CACHED)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        if not self._cached(name) or offset or length is not None:
+            return self.inner.get(name, offset, length)
+        try:
+            stored = self.cache.get(name)
+            digest, data = stored[:32], stored[32:]
+            if _digest(data) == digest:
+                return data
+        except FpvaultError:
+            pass
+        data = self.inner.get(name)
+        try:
+            self.cache.put(name, _digest(data) + data)
+        except FpvaultError:
+            pass  # a cache that cannot be written only costs speed
+        return data
+
+    def list(self, prefix: str) -> Iterator[str]:
+        names = list(self.inner.list(prefix))
+        if prefix.startswith(self.CACHED) or prefix in ("index/", "snapshots/"):
+            live = set(names)
+            for cached in list(self.cache.list(prefix)):
+                if cached not in live:
+                    self.cache.delete(cached)
+        return iter(names)
+
+    def put(self, name: str, data: bytes) -> None:
+        self.inner.put(name, data)
+
+    def delete(self, name: str) -> None:
+        self.inner.delete(name)
+        if self._cached(name):
+            self.cache.delete(name)
+
+    def exists(self, name: str) -> bool:
+        return self.inner.exists(name)
+
+    def size(self, name: str) -> int:
+        return self.inner.size(name)
+
+
+def _digest(data: bytes) -> bytes:
+    import blake3
+    return blake3.blake3(data).digest()

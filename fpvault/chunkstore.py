@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -44,6 +45,9 @@ DELTA_CLEARLY_WORTH = 0.05
 # Chains restart with a whole copy after this many versions; with skip-deltas a chain
 # of this length is at most 10 deltas deep.
 MAX_GENERATION = 1023
+# Full packs waiting for upload (each up to PACK_TARGET_SIZE in memory) while the
+# next one fills: enough to overlap uploading with reading and compressing.
+MAX_PENDING_UPLOADS = 2
 # Decoded blobs kept for reuse: delta bases are shared by neighbouring chunks and by
 # successive versions, so a small cache saves most re-reads when restoring a table.
 CACHE_BYTES = 32 * 1024 * 1024
@@ -174,6 +178,9 @@ class ChunkStore:
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
         self._cache = BlobCache(CACHE_BYTES)
+        self._uploader: ThreadPoolExecutor | None = None
+        self._uploads: list[Future] = []
+        self._upload_slots = threading.BoundedSemaphore(MAX_PENDING_UPLOADS)
 
     # -- codecs, one per thread (zstd contexts are not thread-safe)
 
@@ -283,17 +290,37 @@ class ChunkStore:
         return None
 
     def _write_pack(self) -> None:
+        """Close the open pack and upload it in the background (called with the lock held).
+
+        At most ``MAX_PENDING_UPLOADS`` full packs wait for upload; beyond that the
+        writer waits, which bounds memory whatever the speed of the backend."""
         builder, self._builder = self._builder, packs.PackBuilder()
         pack_id, data = builder.finish(self.codec if self.codec.encrypted else None)
-        self.backend.put(packs.pack_name(pack_id), data)
+        if self._uploader is None:
+            self._uploader = ThreadPoolExecutor(max_workers=MAX_PENDING_UPLOADS,
+                                                thread_name_prefix="fpvault-upload")
+        self._upload_slots.acquire()
+        self._uploads.append(self._uploader.submit(self._upload, packs.pack_name(pack_id), data))
         self.stats.bytes_added += len(data)
         self._unindexed.append((pack_id, builder.entries))
 
+    def _upload(self, name: str, data: bytes) -> None:
+        try:
+            self.backend.put(name, data)
+        finally:
+            self._upload_slots.release()
+
     def flush(self) -> None:
-        """Write the open pack and an index file for every pack written since."""
+        """Write the open pack and an index file for every pack written since.
+
+        The index file is written only once every pack it names is stored: an
+        upload that failed fails the flush, and no index names its pack."""
         with self._lock:
             if self._builder.entries:
                 self._write_pack()
+            uploads, self._uploads = self._uploads, []
+            for f in uploads:
+                f.result()
             if not self._unindexed:
                 return
             name, data = encode_index(self._unindexed, self.codec)

@@ -48,6 +48,9 @@ def parse_url(url: str) -> tuple[str, str]:
 class S3Backend:
     """Objects under ``prefix`` in ``bucket``."""
 
+    # Each GET is a round trip: readers should keep several in flight.
+    parallel_reads = True
+
     def __init__(self, url: str):
         try:
             import boto3

@@ -13,6 +13,8 @@ import os
 import re
 import secrets
 import socket
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -22,7 +24,7 @@ import msgspec
 import zstandard
 
 from . import crypto, packs
-from .backend import Backend, LocalBackend
+from .backend import Backend, CachingBackend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
 from .chunkstore import ChunkRef, ChunkStore, Index
 from .crypto import Plain
@@ -35,6 +37,10 @@ CONFIG = "config"
 SNAPSHOTS = "snapshots/"
 # Reading references by prefix: shorter prefixes collide too easily.
 MIN_PREFIX = 4
+# Remote reads: requests in flight per stream, and threads issuing them; a
+# ranged GET costs a round trip, so several are kept going (at most 8 x 512 KiB).
+READ_AHEAD = 8
+READ_THREADS = 4
 
 
 def default_repo() -> str:
@@ -53,6 +59,12 @@ def backend_for(location: str) -> Backend:
 
 def is_remote(location: str) -> bool:
     return location.startswith("s3://")
+
+
+def cache_dir(repo_id: str) -> str:
+    """Where index files and manifests of a remote repository are cached."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fpvault", repo_id)
 
 
 def now_iso() -> str:
@@ -78,6 +90,7 @@ class Vault:
         self._store: ChunkStore | None = None
         self._snapshots: dict[str, Snapshot] | None = None
         self.damaged_snapshots: list[tuple[str, str]] = []
+        self._readers: ThreadPoolExecutor | None = None
 
     # -- opening
 
@@ -131,6 +144,8 @@ class Vault:
             raise FpvaultError(f"The repository at {backend.describe()} has format version "
                                f"{config.version}; this fpvault reads up to {FORMAT_VERSION}. "
                                "Upgrade fpvault.")
+        if is_remote(location):
+            backend = CachingBackend(backend, cache_dir(config.id))
         codec = None
         if config.encrypted:
             if password is None:
@@ -181,9 +196,34 @@ class Vault:
         return writer.close()
 
     def read_stream(self, stream: Stream) -> Iterator[bytes]:
-        """The stream's chunks in order, each checked against its hash."""
-        for ref in self.store.get_list(bytes.fromhex(stream.list)):
-            yield self.store.get(ref.id)
+        """The stream's chunks in order, each checked against its hash.
+
+        On a remote backend, chunks are fetched (ranged GETs) and decoded by
+        several threads, ``READ_AHEAD`` chunks ahead of the reader."""
+        refs = self.store.get_list(bytes.fromhex(stream.list))
+        if not getattr(self.backend, "parallel_reads", False) or len(refs) < 2:
+            for ref in refs:
+                yield self.store.get(ref.id)
+            return
+        if self._readers is None:
+            self._readers = ThreadPoolExecutor(max_workers=READ_THREADS,
+                                               thread_name_prefix="fpvault-read")
+        ahead: deque[Future] = deque()
+        todo = iter(refs)
+        try:
+            for ref in todo:
+                ahead.append(self._readers.submit(self.store.get, ref.id))
+                if len(ahead) >= READ_AHEAD:
+                    break
+            while ahead:
+                data = ahead.popleft().result()
+                ref = next(todo, None)
+                if ref is not None:
+                    ahead.append(self._readers.submit(self.store.get, ref.id))
+                yield data
+        finally:
+            for f in ahead:
+                f.cancel()
 
     def read_bytes(self, stream: Stream) -> bytes:
         return b"".join(self.read_stream(stream))

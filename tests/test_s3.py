@@ -145,3 +145,27 @@ def test_a_store_that_keeps_failing_fails_the_snapshot_cleanly(pg, db, s3_server
     assert run("verify", "-r", repo, "--read-data").code == 0
     assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0   # no manual unlock needed
     assert len(json.loads(run("list", "-r", repo, "--json").out)) == 2
+
+
+def test_metadata_cache_follows_the_remote(pg, db, s3_server):
+    from pathlib import Path
+
+    from fpvault.vault import Vault, cache_dir
+
+    repo = s3_server()
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 100)")
+    assert run("init", "-r", repo).code == 0
+    ids = [json.loads(run("snap", "-r", repo, "-d", pg.dsn(db), "--json").out)["id"] for _ in range(2)]
+    assert len(json.loads(run("list", "-r", repo, "--json").out)) == 2
+    cache = Path(cache_dir(Vault.open(repo).config.id))
+    cached = sorted(p.name for p in (cache / "snapshots").iterdir())
+    assert cached == sorted(ids)
+    # A damaged cached copy is not trusted: it is fetched again.
+    victim = cache / "snapshots" / ids[0]
+    victim.write_bytes(b"\0" * 40)
+    assert run("verify", "-r", repo).code == 0
+    # A snapshot forgotten (here, by another machine) leaves the cache too.
+    from fpvault.s3 import S3Backend
+    S3Backend(repo).delete(f"snapshots/{ids[0]}")
+    assert [s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)] == [ids[1]]
+    assert sorted(p.name for p in (cache / "snapshots").iterdir()) == [ids[1]]
