@@ -346,6 +346,43 @@ class ChunkStore:
         stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
         return self.decode(blob, e, stored)
 
+    def get_run(self, blobs: list[bytes]) -> list[bytes]:
+        """Blobs stored one after another in one pack, read with a single ranged read."""
+        entries = []
+        for blob in blobs:
+            try:
+                entries.append(self.index.blobs[blob])
+            except KeyError:
+                raise BlobDamaged(blob, "it is not in the index") from None
+        pack_id = entries[0][0]
+        start = entries[0][1].offset
+        end = max(e.offset + e.length for _, e in entries)
+        data = self.backend.get(packs.pack_name(pack_id), start, end - start)
+        return [self.decode(blob, e, data[e.offset - start:e.offset - start + e.length])
+                for blob, (_, e) in zip(blobs, entries)]
+
+    def runs(self, blobs: list[bytes], max_gap: int, max_span: int) -> list[list[bytes]]:
+        """Split ``blobs`` (in stream order) into runs that ``get_run`` can read at once:
+        same pack, each after the previous, with gaps, stored span and plaintext
+        size bounded."""
+        out: list[list[bytes]] = []
+        prev = None   # (pack, last entry, run start offset, plaintext bytes in the run)
+        for blob in blobs:
+            found = self.index.blobs.get(blob)
+            if found is not None and prev is not None and out:
+                pack_id, e = found
+                ppack, pe, start, raw = prev
+                if (pack_id == ppack and pe.offset + pe.length <= e.offset
+                        <= pe.offset + pe.length + max_gap
+                        and e.offset + e.length - start <= max_span
+                        and raw + e.raw_length <= max_span):
+                    out[-1].append(blob)
+                    prev = (pack_id, e, start, raw + e.raw_length)
+                    continue
+            out.append([blob])
+            prev = (found[0], found[1], found[1].offset, found[1].raw_length) if found else None
+        return out
+
     def _base(self, blob: bytes) -> bytes:
         """A delta base: read through the cache, since its neighbours share it."""
         data = self.get(blob)

@@ -41,6 +41,10 @@ MIN_PREFIX = 4
 # ranged GET costs a round trip, so several are kept going (at most 8 x 512 KiB).
 READ_AHEAD = 8
 READ_THREADS = 4
+# A run read at once: skip at most this much of other blobs between two wanted
+# ones, and span at most this much (bounds memory: READ_AHEAD x RUN_SPAN).
+RUN_GAP = 256 * 1024
+RUN_SPAN = 4 * 1024 * 1024
 
 
 def default_repo() -> str:
@@ -198,8 +202,9 @@ class Vault:
     def read_stream(self, stream: Stream) -> Iterator[bytes]:
         """The stream's chunks in order, each checked against its hash.
 
-        On a remote backend, chunks are fetched (ranged GETs) and decoded by
-        several threads, ``READ_AHEAD`` chunks ahead of the reader."""
+        On a remote backend, chunks are fetched (ranged GETs, one per run of
+        adjacent chunks) and decoded by several threads, ``READ_AHEAD`` runs
+        ahead of the reader."""
         refs = self.store.get_list(bytes.fromhex(stream.list))
         if not getattr(self.backend, "parallel_reads", False) or len(refs) < 2:
             for ref in refs:
@@ -208,19 +213,22 @@ class Vault:
         if self._readers is None:
             self._readers = ThreadPoolExecutor(max_workers=READ_THREADS,
                                                thread_name_prefix="fpvault-read")
+        # Chunks stored next to each other in a pack (the usual case: a table's
+        # chunks are written in order) are fetched with one ranged GET.
+        runs = self.store.runs([ref.id for ref in refs], RUN_GAP, RUN_SPAN)
         ahead: deque[Future] = deque()
-        todo = iter(refs)
+        todo = iter(runs)
         try:
-            for ref in todo:
-                ahead.append(self._readers.submit(self.store.get, ref.id))
+            for run in todo:
+                ahead.append(self._readers.submit(self.store.get_run, run))
                 if len(ahead) >= READ_AHEAD:
                     break
             while ahead:
-                data = ahead.popleft().result()
-                ref = next(todo, None)
-                if ref is not None:
-                    ahead.append(self._readers.submit(self.store.get, ref.id))
-                yield data
+                chunks = ahead.popleft().result()
+                run = next(todo, None)
+                if run is not None:
+                    ahead.append(self._readers.submit(self.store.get_run, run))
+                yield from chunks
         finally:
             for f in ahead:
                 f.cancel()

@@ -170,3 +170,20 @@ class StoreMachine(RuleBasedStateMachine):
 
 StoreMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_store_state_machine = StoreMachine.TestCase
+
+
+def test_runs_group_adjacent_blobs_within_bounds(tmp_path):
+    backend = LocalBackend(tmp_path)
+    store = ChunkStore(backend, Index())
+    blobs = [store.put(os.urandom(50_000)) for _ in range(20)]
+    store.flush()
+    runs = store.runs(blobs, max_gap=0, max_span=200_000)
+    assert [b for run in runs for b in run] == blobs
+    assert all(1 <= len(run) <= 4 for run in runs) and len(runs) >= 5
+    assert all(store.get_run(run) == [store.get(b) for b in run] for run in runs)
+    # Out of order, or not adjacent: runs of one.
+    shuffled = blobs[::-1]
+    assert all(len(run) == 1 for run in store.runs(shuffled, max_gap=0, max_span=10**9))
+    skipping = blobs[::2]
+    assert all(len(run) == 1 for run in store.runs(skipping, max_gap=0, max_span=10**9))
+    assert max(len(run) for run in store.runs(skipping, max_gap=60_000, max_span=10**9)) > 1
