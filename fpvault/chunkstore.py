@@ -45,6 +45,10 @@ DELTA_CLEARLY_WORTH = 0.05
 # Chains restart with a whole copy after this many versions; with skip-deltas a chain
 # of this length is at most 10 deltas deep.
 MAX_GENERATION = 1023
+# Remote reads of several blobs: skip at most this much between two wanted ones,
+# and read at most this much at once (stored, and decoded).
+REMOTE_RUN_GAP = 256 * 1024
+REMOTE_RUN_SPAN = 4 * 1024 * 1024
 # Full packs waiting for upload (each up to PACK_TARGET_SIZE in memory) while the
 # next one fills: enough to overlap uploading with reading and compressing.
 MAX_PENDING_UPLOADS = 2
@@ -422,8 +426,14 @@ class ChunkStore:
         return data
 
     def get_many(self, blobs: Iterable[bytes]) -> Iterator[bytes]:
-        for blob in blobs:
-            yield self.get(blob)
+        """Blobs in order; on a remote backend, adjacent ones share one ranged read."""
+        blobs = list(blobs)
+        if not getattr(self.backend, "parallel_reads", False):
+            for blob in blobs:
+                yield self.get(blob)
+            return
+        for run in self.runs(blobs, REMOTE_RUN_GAP, REMOTE_RUN_SPAN):
+            yield from self.get_run(run)
 
     # -- chunk lists
 

@@ -90,9 +90,24 @@ def _set_password_file(ctx: click.Context, _param: click.Parameter, value: str |
         ctx.ensure_object(Ctx).password_file = value
 
 
+def _set_env(name: str):
+    def callback(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value:
+            os.environ[name] = value
+    return callback
+
+
 def common_options(f):
-    """-r/--repo, -q, --lock-wait, --password-file and --debug are accepted before or
-    after the command name."""
+    """-r/--repo, -q, --lock-wait, --password-file, --s3-endpoint, --s3-region and
+    --debug are accepted before or after the command name."""
+    f = click.option("--s3-region", metavar="REGION", expose_value=False,
+                     callback=_set_env("FPVAULT_S3_REGION"),
+                     help="Region of an s3:// repository (else $FPVAULT_S3_REGION, the AWS "
+                          "configuration).")(f)
+    f = click.option("--s3-endpoint", metavar="URL", expose_value=False,
+                     callback=_set_env("FPVAULT_S3_ENDPOINT"),
+                     help="Endpoint of an S3-compatible service, e.g. MinIO or R2 (else "
+                          "$FPVAULT_S3_ENDPOINT, $AWS_ENDPOINT_URL).")(f)
     f = click.option("--password-file", metavar="FILE", expose_value=False,
                      callback=_set_password_file,
                      help="Read an encrypted repository's password from FILE "

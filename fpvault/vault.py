@@ -26,7 +26,7 @@ import zstandard
 from . import crypto, packs
 from .backend import Backend, CachingBackend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
-from .chunkstore import ChunkRef, ChunkStore, Index
+from .chunkstore import REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef, ChunkStore, Index
 from .crypto import Plain
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
@@ -39,12 +39,9 @@ SNAPSHOTS = "snapshots/"
 MIN_PREFIX = 4
 # Remote reads: requests in flight per stream, and threads issuing them; a
 # ranged GET costs a round trip, so several are kept going (at most 8 x 512 KiB).
+# Memory: READ_AHEAD runs of at most REMOTE_RUN_SPAN (chunkstore.py).
 READ_AHEAD = 8
 READ_THREADS = 4
-# A run read at once: skip at most this much of other blobs between two wanted
-# ones, and span at most this much (bounds memory: READ_AHEAD x RUN_SPAN).
-RUN_GAP = 256 * 1024
-RUN_SPAN = 4 * 1024 * 1024
 
 
 def default_repo() -> str:
@@ -215,7 +212,7 @@ class Vault:
                                                thread_name_prefix="fpvault-read")
         # Chunks stored next to each other in a pack (the usual case: a table's
         # chunks are written in order) are fetched with one ranged GET.
-        runs = self.store.runs([ref.id for ref in refs], RUN_GAP, RUN_SPAN)
+        runs = self.store.runs([ref.id for ref in refs], REMOTE_RUN_GAP, REMOTE_RUN_SPAN)
         ahead: deque[Future] = deque()
         todo = iter(runs)
         try:

@@ -68,6 +68,17 @@ def test_every_command(pg, db, s3_server, tmp_path, monkeypatch, where, encrypte
     assert pg.query(again, "SELECT count(*) FROM t") == [(30001,)]
 
 
+def test_endpoint_as_an_option(s3_server, monkeypatch):
+    repo = s3_server()
+    endpoint = f"http://127.0.0.1:{s3_server.port}"
+    monkeypatch.setenv("FPVAULT_S3_ENDPOINT", "http://127.0.0.1:1")   # wrong: the option wins
+    r = run("init", "-r", repo, "--s3-endpoint", endpoint, "--s3-region", "us-east-1")
+    assert r.code == 0, r.err
+    monkeypatch.setenv("FPVAULT_S3_ENDPOINT", "http://127.0.0.1:1")
+    r = run("list", "-r", repo, env={"FPVAULT_S3_ATTEMPTS": "1", "FPVAULT_S3_TIMEOUT": "2"})
+    assert r.code == 1 and "Cannot reach S3" in r.err
+
+
 def test_s3_errors(s3_server):
     repo = s3_server()
     r = run("list", "-r", repo)
