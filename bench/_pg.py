@@ -240,18 +240,25 @@ def churn(cluster: Cluster, dbname: str) -> list[int]:
 GROUPS = {"pgbench": "n.nspname = 'public'", "factory_pulse": "n.nspname <> 'public'"}
 
 
+def group_tables(conn: psycopg.Connection) -> dict[str, list[str]]:
+    """Per group: the qualified names of its ordinary tables."""
+    out = {}
+    for group, where in GROUPS.items():
+        out[group] = [r[0] for r in conn.execute(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            f"WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+            f"AND {where} ORDER BY 1").fetchall()]
+    return out
+
+
 def copy_sizes(cluster: Cluster, dbname: str) -> dict[str, tuple[int, int, int]]:
     """Per group: (tables, rows, bytes of COPY text), by reading every COPY stream."""
     out = {}
     with cluster.connect(dbname) as conn:
-        for group, where in GROUPS.items():
-            tables = conn.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                f"WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-                f"AND {where} ORDER BY 1").fetchall()
+        for group, tables in group_tables(conn).items():
             rows = size = 0
-            for (qname,) in tables:
+            for qname in tables:
                 with conn.cursor().copy(f"COPY {qname} TO STDOUT") as copy:
                     for buf in copy:
                         size += len(buf)

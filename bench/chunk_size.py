@@ -38,7 +38,7 @@ import zstandard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _pg import (CHURN_TEXT, GROUPS, Cluster, build_bench_db, churn, copy_sizes, human,  # noqa: E402
+from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, copy_sizes, group_tables, human,  # noqa: E402
                  load_average, machine, pin_fpvault, today, tree_bytes, write_section)
 
 # Measure a frozen copy of the sources: the package may be edited meanwhile.
@@ -196,14 +196,9 @@ def whole_stream_zstd(pg: Cluster, dbname: str, level: int) -> dict[str, int]:
     (what compression would give without chunking)."""
     out = {}
     with pg.connect(dbname) as conn:
-        for group, where in GROUPS.items():
-            tables = conn.execute(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' "
-                f"AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND {where}"
-            ).fetchall()
+        for group, tables in group_tables(conn).items():
             total = 0
-            for (qname,) in tables:
+            for qname in tables:
                 cobj = zstandard.ZstdCompressor(level=level).compressobj()
                 with conn.cursor().copy(f"COPY {qname} TO STDOUT") as copy:
                     for buf in copy:

@@ -20,7 +20,6 @@ each.  borgbackup and restic are installed from Debian's packages when absent.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess

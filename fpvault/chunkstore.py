@@ -144,9 +144,6 @@ class Index:
     def __len__(self) -> int:
         return len(self.blobs)
 
-    def packs(self) -> set[bytes]:
-        return {pack_id for pack_id, _ in self.blobs.values()}
-
 
 def encode_index(packs_entries: list[tuple[bytes, list[BlobEntry]]], codec) -> tuple[str, bytes]:
     raw = _index_encoder.encode(packs_entries)

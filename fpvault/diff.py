@@ -187,8 +187,6 @@ class RowDiff:
     rows: list[RowChange] = field(default_factory=list)
     chunks_decoded: int = 0
     chunks_total: int = 0
-    compared_columns: list[str] = field(default_factory=list)
-    keyed: bool = True
 
 
 @dataclass
@@ -357,7 +355,7 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
     lb = vault.store.get_list(bytes.fromhex(b.data.list))
     shared_cols = [c for c in b.columns if c in a.columns]
     keyed = bool(a.key) and a.key == b.key and all(k in shared_cols for k in a.key)
-    result = RowDiff(chunks_total=len(la) + len(lb), compared_columns=shared_cols, keyed=keyed)
+    result = RowDiff(chunks_total=len(la) + len(lb))
     ia = [a.columns.index(c) for c in shared_cols]
     ib = [b.columns.index(c) for c in shared_cols]
     kpos = [shared_cols.index(k) for k in a.key] if keyed else []

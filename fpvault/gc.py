@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from . import packs
 from .backend import LocalBackend
-from .chunkstore import INDEX_PREFIX, BlobDamaged, Index, encode_index
+from .chunkstore import INDEX_PREFIX, Index, encode_index
 from .errors import RepositoryDamaged
 from .manifest import Snapshot, Stream
 from .packs import BlobEntry
@@ -258,7 +258,3 @@ def read_pack_trailer(backend, name: str, codec=None) -> list[BlobEntry]:
         raise packs.PackFormatError("trailer length out of range")
     return packs.decode_trailer(backend.get(name, start, tlen), start,
                                 codec if codec is not None and codec.encrypted else None)
-
-
-__all__ = ["prune", "repair_index", "live_blobs", "snapshot_streams", "read_pack_trailer",
-           "BlobDamaged"]

@@ -73,10 +73,17 @@ def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
                                connect_timeout=params.get("connect_timeout") or 30)
     except psycopg.Error as exc:
         where = describe(conninfo)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = pg_message(exc)
         raise DatabaseError(f"Cannot connect to {where}{' ' + purpose if purpose else ''}: {msg}. "
                             "Check -d/--dbname and the PG* environment variables.") from None
     return conn
+
+
+def pg_message(exc: psycopg.Error) -> str:
+    """The first line of what PostgreSQL (or libpq) said, for one-line messages."""
+    diag = getattr(exc, "diag", None)
+    msg = (diag.message_primary if diag and diag.message_primary else str(exc)).strip()
+    return msg.splitlines()[0] if msg else type(exc).__name__
 
 
 def describe(conninfo: str) -> str:

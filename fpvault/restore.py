@@ -305,10 +305,10 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
             cur.execute("COMMIT" if commit else "ROLLBACK")
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
-                            f"{_msg(exc)}. The restore was rolled back.") from exc
+                            f"{pgsource.pg_message(exc)}. The restore was rolled back.") from exc
     except psycopg.Error as exc:
         hint = _hint(exc)
-        raise RestoreFailed(f"Restoring {step} into {where} failed: {_msg(exc)}.{hint} "
+        raise RestoreFailed(f"Restoring {step} into {where} failed: {pgsource.pg_message(exc)}.{hint} "
                             "The restore was rolled back; the database is as it was.") from exc
     finally:
         conn.close()
@@ -391,8 +391,8 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                    " The restore was rolled back; the database is as it was.")
         if isinstance(exc, psycopg.OperationalError):
             raise DatabaseError(f"Lost the connection to {where} while restoring "
-                                f"{state['step']}: {_msg(exc)}.{partial}") from exc
-        raise RestoreFailed(f"Restoring {state['step']} into {where} failed: {_msg(exc)}."
+                                f"{state['step']}: {pgsource.pg_message(exc)}.{partial}") from exc
+        raise RestoreFailed(f"Restoring {state['step']} into {where} failed: {pgsource.pg_message(exc)}."
                             f"{_hint(exc)}{partial}") from exc
     except RepositoryDamaged as exc:
         if not state.get("committed"):
@@ -440,14 +440,8 @@ def _restore_lo(cur: psycopg.Cursor, vault: Vault, plan: Plan, lo: LargeObject) 
         offset += len(chunk)
 
 
-def _msg(exc: psycopg.Error) -> str:
-    diag = getattr(exc, "diag", None)
-    msg = (diag.message_primary if diag and diag.message_primary else str(exc)).strip()
-    return msg.splitlines()[0] if msg else type(exc).__name__
-
-
 def _hint(exc: psycopg.Error) -> str:
-    if isinstance(exc, psycopg.errors.UndefinedObject) and "role" in _msg(exc):
+    if isinstance(exc, psycopg.errors.UndefinedObject) and "role" in pgsource.pg_message(exc):
         return (" Roles are global, not part of a database: create them first "
                 "(pg_dumpall --globals-only has them), or restore with --no-owner "
                 "--no-privileges.")

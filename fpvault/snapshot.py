@@ -88,23 +88,17 @@ def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Fi
         return _take(vault, leader, conninfo, tags, filters, max(1, jobs), progress, started)
     except psycopg.OperationalError as exc:
         raise DatabaseError(f"Lost the connection to {pgsource.describe(conninfo)} during the "
-                            f"snapshot: {_pg_message(exc)}. No snapshot was written.") from exc
+                            f"snapshot: {pgsource.pg_message(exc)}. No snapshot was written.") from exc
     except psycopg.errors.InsufficientPrivilege as exc:
         raise DatabaseError(f"The database refused a read needed for the snapshot: "
-                            f"{_pg_message(exc)}. Snap as a role that can read every table "
+                            f"{pgsource.pg_message(exc)}. Snap as a role that can read every table "
                             "(and bypass row level security), or narrow it with -n/-t. "
                             "No snapshot was written.") from exc
     except psycopg.Error as exc:
-        raise SnapshotFailed(f"The snapshot failed: {_pg_message(exc)}. No snapshot was "
+        raise SnapshotFailed(f"The snapshot failed: {pgsource.pg_message(exc)}. No snapshot was "
                              "written.") from exc
     finally:
         leader.close()
-
-
-def _pg_message(exc: psycopg.Error) -> str:
-    diag = getattr(exc, "diag", None)
-    msg = (diag.message_primary if diag and diag.message_primary else str(exc)).strip()
-    return msg.splitlines()[0] if msg else type(exc).__name__
 
 
 def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters: Filters,
@@ -287,7 +281,7 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
         exc.add_note(f"while reading {table.qname}")
         if isinstance(exc, (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege)):
             raise
-        raise SnapshotFailed(f"Reading {table.qname} failed: {_pg_message(exc)}. "
+        raise SnapshotFailed(f"Reading {table.qname} failed: {pgsource.pg_message(exc)}. "
                              "No snapshot was written.") from exc
     progress.table_done(table.qname)
     return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
