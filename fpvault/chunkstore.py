@@ -52,6 +52,14 @@ REMOTE_RUN_SPAN = 4 * 1024 * 1024
 # Full packs waiting for upload (each up to PACK_TARGET_SIZE in memory) while the
 # next one fills: enough to overlap uploading with reading and compressing.
 MAX_PENDING_UPLOADS = 2
+# Trained dictionaries (packs.DICT, one per large table): at most this size (zstd's
+# default; on the sample's largest tables 110 KiB beat 64 KiB by 4-5%), and kept only if
+# the sample it was trained on, compressed with it, shrinks by more than the
+# dictionary's own stored size plus this share.
+DICT_MAX_SIZE = 110 * 1024
+DICT_MIN_GAIN = 0.03
+# Compression and decompression contexts loaded with a dictionary, per thread.
+DICT_CONTEXTS = 8
 # Decoded blobs kept for reuse: delta bases are shared by neighbouring chunks and by
 # successive versions, so a small cache saves most re-reads when restoring a table.
 CACHE_BYTES = 32 * 1024 * 1024
@@ -176,6 +184,7 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._pending: set[bytes] = set()     # added this session, maybe not yet indexed
+        self._trained: dict[bytes, bytes] = {}  # dictionaries added this session: id -> bytes
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
         self._cache = BlobCache(CACHE_BYTES)
@@ -200,13 +209,15 @@ class ChunkStore:
     # -- writing
 
     def put(self, data: bytes, type: int = packs.DATA, similar: list[bytes] | None = None,
-            blob: bytes | None = None) -> bytes:
+            blob: bytes | None = None, dictionary: bytes | None = None) -> bytes:
         """Store ``data`` unless it is already stored; return its id.
 
         ``similar``: ids of stored blobs likely to resemble ``data`` (the chunk at
         the same place in the previous snapshot first, then the one after it).
         When given, the blob may be stored as a delta against them.  ``blob``:
-        the id, if the caller already hashed ``data``.
+        the id, if the caller already hashed ``data``.  ``dictionary``: a trained
+        dictionary (from ``train_dictionary``) to compress it with when it is not
+        stored as a delta.
         """
         blob = blob or self.codec.blob_id(data)
         with self._lock:
@@ -219,13 +230,17 @@ class ChunkStore:
                 stored, bases, generation = delta   # no need to compress it on its own too
                 encoding = packs.DELTA
             else:
-                stored = self._cctx().compress(data)
-                encoding, bases, generation = packs.ZSTD, [], 0
+                if dictionary is not None:
+                    stored = self._dict_contexts(dictionary)[0].compress(data)
+                    encoding, bases, generation = packs.ZDICT, [dictionary], 0
+                else:
+                    stored = self._cctx().compress(data)
+                    encoding, bases, generation = packs.ZSTD, [], 0
                 if delta is not None and len(delta[0]) <= len(stored) * DELTA_WORTH:
                     stored, bases, generation = delta
                     encoding = packs.DELTA
-            if encoding == packs.ZSTD and len(stored) >= len(data):
-                stored, encoding = bytes(data), packs.RAW
+            if encoding in (packs.ZSTD, packs.ZDICT) and len(stored) >= len(data):
+                stored, encoding, bases = bytes(data), packs.RAW, []
             stored = self.codec.seal(stored)
             if encoding != packs.RAW or self.codec.encrypted:
                 entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
@@ -243,6 +258,63 @@ class ChunkStore:
             if len(self._builder) >= packs.PACK_TARGET_SIZE:
                 self._write_pack()
         return blob
+
+    def train_dictionary(self, samples: list[bytes]) -> bytes | None:
+        """Train a zstd dictionary on ``samples`` (the first chunks of a stream) and
+        store it, if it pays; return its id, or None.
+
+        Each chunk is compressed on its own, so what recurs across a table (JSON
+        keys, repeated names, common values) is paid for again in every chunk;
+        a dictionary trained on the table's first chunks carries it instead.  On
+        the sample's largest tables it cut their stored size by 13-16%.  Fixed
+        fastCOVER parameters (k=1024, d=8) train in about 40 ms on 4 MiB; zstd's
+        parameter search took 2-4 s for 3% more.
+        """
+        size = min(DICT_MAX_SIZE, sum(map(len, samples)) // 16)
+        if len(samples) < 8 or size < 4096:
+            return None
+        try:
+            trained = zstandard.train_dictionary(size, samples, k=1024, d=8, level=self.level,
+                                                 threads=1)
+            zdict = zstandard.ZstdCompressionDict(trained.as_bytes(),
+                                                  dict_type=zstandard.DICT_TYPE_FULLDICT)
+            zdict.precompute_compress(level=self.level)
+        except zstandard.ZstdError:
+            return None  # too little or too uniform data to train on
+        raw = trained.as_bytes()
+        with_dict = zstandard.ZstdCompressor(level=self.level, dict_data=zdict)
+        plain = sum(len(self._cctx().compress(s)) for s in samples)
+        cost = sum(len(with_dict.compress(s)) for s in samples) + len(self._cctx().compress(raw))
+        if cost > plain * (1 - DICT_MIN_GAIN):
+            return None
+        dictionary = self.codec.blob_id(raw)
+        with self._lock:
+            self._trained[dictionary] = raw
+        return self.put(raw, packs.DICT, blob=dictionary)
+
+    def _dict_contexts(self, dictionary: bytes) -> tuple[zstandard.ZstdCompressor,
+                                                         zstandard.ZstdDecompressor]:
+        """This thread's compressor and decompressor loaded with a trained dictionary."""
+        contexts = getattr(self._local, "dicts", None)
+        if contexts is None:
+            contexts = self._local.dicts = OrderedDict()
+        found = contexts.get(dictionary)
+        if found is not None:
+            contexts.move_to_end(dictionary)
+            return found
+        raw = self._trained.get(dictionary)
+        if raw is None:
+            raw = self.get(dictionary)
+        try:
+            zdict = zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_FULLDICT)
+            zdict.precompute_compress(level=self.level)
+        except zstandard.ZstdError as exc:
+            raise BlobDamaged(dictionary, f"it is not a zstd dictionary ({exc})") from exc
+        found = contexts[dictionary] = (zstandard.ZstdCompressor(level=self.level, dict_data=zdict),
+                                        zstandard.ZstdDecompressor(dict_data=zdict))
+        if len(contexts) > DICT_CONTEXTS:
+            contexts.popitem(last=False)
+        return found
 
     def _delta(self, data: bytes, similar: list[bytes]) -> tuple[bytes, list[bytes], int] | None:
         """(stored, bases, generation) of ``data`` as a delta, if that pays.
@@ -414,6 +486,18 @@ class ChunkStore:
             try:
                 data = zstandard.ZstdDecompressor(dict_data=ddict).decompress(
                     stored, max_output_size=e.raw_length)
+            except zstandard.ZstdError as exc:
+                raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
+        elif e.encoding == packs.ZDICT:
+            if len(e.bases) != 1:
+                raise BlobDamaged(blob, "its entry names no single dictionary")
+            try:
+                dctx = self._dict_contexts(e.bases[0])[1]
+            except BlobDamaged as exc:
+                raise BlobDamaged(blob, f"it is compressed with dictionary blob "
+                                        f"{exc.blob.hex()[:16]}, which is damaged: {exc.why}") from exc
+            try:
+                data = dctx.decompress(stored, max_output_size=e.raw_length)
             except zstandard.ZstdError as exc:
                 raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
         else:

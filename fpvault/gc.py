@@ -54,6 +54,8 @@ def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
     seen_lists: set[bytes] = set()
     for snap in snapshots:
         for what, stream in snapshot_streams(snap):
+            if stream.dictionary:  # carried to the stream's next version: keep it
+                live.add(bytes.fromhex(stream.dictionary))
             list_id = bytes.fromhex(stream.list)
             if list_id in seen_lists:
                 continue

@@ -28,6 +28,8 @@ class Stream(msgspec.Struct, kw_only=True):
     bytes: int            # plaintext length
     hash: str             # hex BLAKE3 of the whole stream
     chunks: int = 0       # number of chunks
+    dictionary: str = ""  # hex id of the trained zstd dictionary (a DICT blob) its chunks
+                          # may be compressed with, carried to its next version; "" if none
 
 
 class TableEntry(msgspec.Struct, kw_only=True):

@@ -35,11 +35,13 @@ PACK_TARGET_SIZE = 32 * 1024 * 1024
 DATA = 0   # a chunk of a table's COPY stream or of a large object
 LIST = 1   # a chunk list: the ids and sizes of a stream's chunks
 META = 2   # schema text, the pg_dump archive
+DICT = 3   # a zstd dictionary trained on the first chunks of a table's stream
 
 # Encodings of a blob's bytes in a pack.
 RAW = 0    # stored as is (zstd did not make it smaller)
 ZSTD = 1   # a zstd frame
 DELTA = 2  # a zstd frame compressed with the plaintext of ``bases`` (concatenated) as dictionary
+ZDICT = 3  # a zstd frame compressed with the trained dictionary (a DICT blob) ``bases[0]``
 
 
 class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -51,8 +53,10 @@ class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
     length: int       # stored bytes
     raw_length: int   # plaintext bytes
     encoding: int
-    bases: list[bytes] = []   # DELTA: the blobs whose plaintext is the dictionary, primary first
-    generation: int = 0       # DELTA: position in its chain of versions (0: stored whole)
+    bases: list[bytes] = []   # DELTA: the blobs whose plaintext is the dictionary, primary
+                              # first; ZDICT: the dictionary blob
+    generation: int = 0       # DELTA: position in its chain of versions (0: stored whole,
+                              # or with a trained dictionary)
 
 
 _trailer_encoder = msgspec.msgpack.Encoder()

@@ -42,6 +42,11 @@ MIN_PREFIX = 4
 # Memory: READ_AHEAD runs of at most REMOTE_RUN_SPAN (chunkstore.py).
 READ_AHEAD = 8
 READ_THREADS = 4
+# A stream's first chunks, held back to train its zstd dictionary on: this many average
+# chunks (4 MiB at the default 64 KiB); at least DICT_MIN_CHUNKS of them new, or no
+# dictionary is trained.
+DICT_SAMPLE_CHUNKS = 64
+DICT_MIN_CHUNKS = 16
 
 
 def default_repo() -> str:
@@ -185,13 +190,15 @@ class Vault:
 
         ``previous``: the same stream in an earlier snapshot, whose chunks new
         chunks may be stored as deltas against."""
-        prev_refs = None
+        prev_refs, dictionary = None, None
         if previous is not None:
             try:
                 prev_refs = self.store.get_list(bytes.fromhex(previous.list))
             except RepositoryDamaged:
                 prev_refs = None  # no deltas against damage
-        writer = StreamWriter(self, prev_refs)
+            if previous.dictionary and bytes.fromhex(previous.dictionary) in self.store.index:
+                dictionary = bytes.fromhex(previous.dictionary)
+        writer = StreamWriter(self, prev_refs, dictionary)
         for buf in buffers:
             writer.write(buf)
         return writer.close()
@@ -339,10 +346,21 @@ class StreamWriter:
     one holding its first byte, and the next) as delta bases.  "The same place" is the same offset, corrected by the drift
     seen at the last chunk both streams share, so rows inserted or deleted
     earlier in the table do not throw the alignment off.
+
+    Chunks not stored as deltas are compressed with ``dictionary``, a zstd
+    dictionary trained on the stream's first chunks.  Without one (a new
+    table, or one too small or too uniform for it to pay before), the first
+    ``DICT_SAMPLE_CHUNKS`` chunks are held back, a dictionary is trained on
+    them if some are new and there are enough, and then they are stored.
     """
 
-    def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None):
+    def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
+                 dictionary: bytes | None = None):
         self.vault = vault
+        self.dictionary = dictionary
+        self._held: list[tuple[bytes, bytes]] | None = None if dictionary else []
+        self._held_bytes = 0
+        self._sample_bytes = DICT_SAMPLE_CHUNKS * vault.config.chunker.avg_size
         self.chunker = vault.chunker()
         self.hasher = blake3.blake3(max_threads=1)
         self.chunks: list[ChunkRef] = []
@@ -368,6 +386,25 @@ class StreamWriter:
     def _put(self, chunk: bytes) -> None:
         self.newlines += chunk.count(b"\n")
         blob = self.vault.codec.blob_id(chunk)
+        if self._held is None:
+            self._store(chunk, blob)
+            return
+        self._held.append((chunk, blob))
+        self._held_bytes += len(chunk)
+        if self._held_bytes >= self._sample_bytes:
+            self._train()
+
+    def _train(self) -> None:
+        """Train the dictionary on the held chunks if that can pay; then store them."""
+        held, self._held = self._held or [], None
+        store = self.vault.store
+        new = [chunk for chunk, blob in held if blob not in store.index]
+        if len(new) >= DICT_MIN_CHUNKS:
+            self.dictionary = store.train_dictionary([chunk for chunk, _ in held])
+        for chunk, blob in held:
+            self._store(chunk, blob)
+
+    def _store(self, chunk: bytes, blob: bytes) -> None:
         similar = None
         if self._prev:
             same = self._prev_where.get(blob)
@@ -380,16 +417,20 @@ class StreamWriter:
                 # spans at most those two when boundaries move a little.  (A third,
                 # the one before, made deltas no smaller and cost 40% more CPU.)
                 similar = [self._prev[i].id for i in (at, at + 1) if i < len(self._prev)]
-        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob)
+        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob,
+                             dictionary=self.dictionary)
         self.chunks.append(ChunkRef(blob, len(chunk), not chunk.endswith(b"\n")))
         self._offset += len(chunk)
 
     def close(self) -> tuple[Stream, int]:
         for chunk in self.chunker.finish():
             self._put(chunk)
+        if self._held is not None:
+            self._train()
         list_id = self.vault.store.put_list(self.chunks)
         stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),
-                        chunks=len(self.chunks))
+                        chunks=len(self.chunks),
+                        dictionary=self.dictionary.hex() if self.dictionary else "")
         return stream, self.newlines
 
 
