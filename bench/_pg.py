@@ -210,29 +210,35 @@ def build_bench_db(cluster: Cluster, dbname: str, scale: int) -> dict[str, float
 # the whole table; 1% of app.activity_log (the sample's largest table)
 # updated, scattered likewise; and 1000 new activity_log rows appended (an
 # audit trail grows at its end; the identity column numbers them after the
-# last id).  Deterministic, so every repository sees the same change.
+# last id).  Round r updates the rows whose key is 7 + 13r modulo 100, so
+# successive rounds touch different rows, as pgbench's random transactions
+# would (13 is prime to 100: a hundred rounds cover every row once), and every
+# repository sees the same change.  Re-updating the same rows each round would
+# flatter tools that read in physical order: after the first round the
+# updated rows sit together at the table's end, so only that region changes.
 CHURN = (
-    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 7",
-    "UPDATE app.activity_log SET payload = jsonb_set(payload, '{reviewed}', 'true') "
-    "WHERE id % 100 = 7",
-    "INSERT INTO app.activity_log (org_id, actor_id, action, entity_type, entity_id, payload, "
-    "ip, created_at) "
-    "SELECT org_id, actor_id, 'comment', entity_type, entity_id, "
-    "payload || '{\"source\": \"bench\"}', ip, created_at + interval '1 year' "
-    "FROM app.activity_log WHERE id <= 1000 ORDER BY id",
+    "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = {residue}",
+    ("UPDATE app.activity_log SET payload = jsonb_set(payload, '{{reviewed}}', 'true') "
+     "WHERE id % 100 = {residue}"),
+    ("INSERT INTO app.activity_log (org_id, actor_id, action, entity_type, entity_id, payload, "
+     "ip, created_at) "
+     "SELECT org_id, actor_id, 'comment', entity_type, entity_id, "
+     "payload || '{{\"source\": \"bench\"}}', ip, created_at + interval '1 year' "
+     "FROM app.activity_log WHERE id <= 1000 ORDER BY id"),
 )
 CHURN_TEXT = ("`UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid % 100 = 7` (1% of "
               "rows, scattered); `UPDATE app.activity_log SET payload = jsonb_set(payload, "
               "'{reviewed}', 'true') WHERE id % 100 = 7` (1%, scattered); 1000 rows appended to "
-              "`app.activity_log`")
+              "`app.activity_log`; where it is repeated, round r updates the rows whose key is "
+              "7 + 13r modulo 100 instead of 7, so each round touches different rows")
 
 
-def churn(cluster: Cluster, dbname: str) -> list[int]:
-    """Apply CHURN; return the rows each statement touched."""
+def churn(cluster: Cluster, dbname: str, round: int = 0) -> list[int]:
+    """Apply CHURN for ``round``; return the rows each statement touched."""
     counts = []
     with cluster.connect(dbname) as conn:
         for s in CHURN:
-            counts.append(conn.execute(s).rowcount)
+            counts.append(conn.execute(s.format(residue=(7 + 13 * round) % 100)).rowcount)
     return counts
 
 

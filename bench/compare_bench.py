@@ -2,7 +2,8 @@
 
 Builds pgbench -i -s SCALE plus the factory_pulse sample, then takes SNAPS
 snapshots with the standard churn before each (1% of pgbench_accounts and of
-app.activity_log updated, scattered; 1000 rows appended), four ways:
+app.activity_log updated, scattered, different rows each round; 1000 rows
+appended), four ways:
 
 - fpvault snap into its repository;
 - pg_dump -Fc into a new file each time (what the backup script keeps);
@@ -31,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import Cluster, build_bench_db, churn, fpvault_bin, human, machine, today, tree_bytes, write_section  # noqa: E402
+from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, fpvault_bin, human, machine,  # noqa: E402
+                 pin_fpvault, today, tree_bytes, write_section)
 
 
 def ensure_tools() -> None:
@@ -57,6 +59,9 @@ def main() -> None:
     args = ap.parse_args()
     ensure_tools()
     started = time.monotonic()
+    # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
+    src, version = pin_fpvault()
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     fv = fpvault_bin()
     with Cluster() as cluster, tempfile.TemporaryDirectory(prefix="fpvault-bench-") as tmp:
         env = cluster.env()
@@ -74,7 +79,7 @@ def main() -> None:
         times = {k: [] for k in repos}
         for i in range(args.snaps):
             if i:
-                churn(cluster, "bench")
+                churn(cluster, "bench", i)
             times["fpvault"].append(sh(f"{fv} -q -r {repos['fpvault']} snap -d dbname=bench", env))
             times["pg_dump -Fc"].append(sh(f"{dump} -Fc -f {repos['pg_dump -Fc']}/{i}.dump", env))
             times["restic"].append(sh(f"{dump} -Fp | restic -q -r {repos['restic']} backup --stdin "
@@ -90,13 +95,13 @@ def main() -> None:
             return sizes[k][n] - sizes[k][n - 1]
 
         lines = [
-            f"Measured {today()} on {machine(cluster)}; restic "
+            f"Measured {today()} on {machine(cluster)}; {version}; restic "
             f"{subprocess.run(['restic', 'version'], capture_output=True, text=True).stdout.split()[1]}, "
             f"borg {subprocess.run(['borg', '--version'], capture_output=True, text=True).stdout.split()[1]}.",
             "",
             f"Database: `pgbench -i -s {args.scale}` plus factory_pulse; {args.snaps} snapshots with "
-            "the standard churn before each (one run; sizes are the repository directories' "
-            "apparent sizes, restic's encrypted, borg's unencrypted, fpvault's unencrypted).",
+            f"the standard churn before each ({CHURN_TEXT}). One run; sizes are the repository directories' "
+            "apparent sizes, restic's encrypted, borg's unencrypted, fpvault's unencrypted.",
             "",
             "| measure | fpvault | pg_dump -Fc | restic | borg | fpvault / borg |",
             "|---|---:|---:|---:|---:|---:|",

@@ -48,7 +48,7 @@ def main() -> None:
         snap_times = []
         for i in range(args.snaps):
             if i:
-                churn(cluster, "bench")
+                churn(cluster, "bench", i)
             run = timed([fv, "-r", repo, "snap", "-d", "dbname=bench", "--json"], env=env, rss=False)
             snap_times.append(run.seconds)
         stats_before = json.loads(timed([fv, "-r", repo, "stats", "--json"], env=env).stdout)

@@ -11,7 +11,8 @@ Builds one database with ``pgbench -i -s SCALE`` and the factory_pulse sample
   table of each part; 1000 rows appended), then snapshot 3: bytes added, also
   as a share of snapshot 1's; against a new full dump each time;
 - ``fpvault restore --to`` of the latest snapshot into an empty database
-  against ``pg_restore -d`` of the last dump.
+  against ``pg_restore -d`` of the last dump, then both with ``-j 2``, then
+  ``restore -o FILE`` against ``pg_restore -f FILE``.
 
 It prints a markdown table and writes it into docs/benchmarks.md between
 ``<!-- snap_bench:start -->`` and ``<!-- snap_bench:end -->``.
@@ -156,22 +157,37 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
     check_sql = ("SELECT (SELECT count(*) || '/' || sum(abalance) FROM pgbench_accounts), "
                  "(SELECT count(*) || '/' || max(id) FROM app.activity_log)")
     expect = pg.query(DB, check_sql)[0]
-    rest_fp, rest_pg = [], []
+    # Each restore variant against its pg_restore counterpart: (label, fpvault args, pg_restore
+    # args); None for a script, which is written to a file instead of a database.
+    variants = [("restore into an empty database", ["--to", None], ["-d", None]),
+                ("restore -j 2 into an empty database", ["--to", None, "-j", "2"],
+                 ["-j", "2", "-d", None]),
+                ("restore as a SQL script to a file", ["-o", "FILE"], ["-f", "FILE"])]
+    rest = {label: ([], []) for label, _, _ in variants}
+    out_file = os.path.join(work, "restore.sql")
+
+    def restore(name: str, cmd_of, tool_args: list) -> Run:
+        """Run one restore, into a new database or to a file; check what it restored."""
+        target = pg.createdb(f"restore_{name}") if None in tool_args else None
+        cmd = cmd_of([pg.dsn(target) if x is None else out_file if x == "FILE" else x
+                      for x in tool_args])
+        result = timed(cmd, env)
+        if target is None:
+            os.unlink(out_file)
+            return result
+        got = pg.query(target, check_sql)[0]
+        if got != expect:
+            raise RuntimeError(f"{name} restored {got}, expected {expect}: {' '.join(cmd)}")
+        pg.dropdb(target)
+        return result
+
     for i in range(args.runs):
-        log(f"run {i + 1}/{args.runs}: restore")
-        target = pg.createdb("restore_fp")
-        rest_fp.append(timed([fp, "-q", "-r", repos[i], "restore", "latest", "--to",
-                              pg.dsn(target)], env))
-        got = pg.query(target, check_sql)[0]
-        if got != expect:
-            raise RuntimeError(f"fpvault restore differs: {got} != {expect}")
-        pg.dropdb(target)
-        target = pg.createdb("restore_pg")
-        rest_pg.append(timed([pg_restore, "-d", pg.dsn(target), dumps[i]], env))
-        got = pg.query(target, check_sql)[0]
-        if got != expect:
-            raise RuntimeError(f"pg_restore differs: {got} != {expect}")
-        pg.dropdb(target)
+        for label, fp_args, pg_args in variants:
+            log(f"run {i + 1}/{args.runs}: {label}")
+            rest[label][0].append(restore("fpvault", lambda a, i=i: [
+                fp, "-q", "-r", repos[i], "restore", "latest", *a], fp_args))
+            rest[label][1].append(restore("pg_restore", lambda a, i=i: [
+                pg_restore, *a, dumps[i]], pg_args))
 
     # -- the report
     s1, d1 = med(stored1), med(dump1_size)
@@ -202,12 +218,13 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
          "—"),
         ("stored after 3 snapshots", human(med(repo3)), human(2 * d1 + d3),
          ratio(med(repo3), 2 * d1 + d3)),
-        ("restore into an empty database: wall time", secs(rest_fp), secs(rest_pg),
-         ratio(med([r.seconds for r in rest_fp]), med([r.seconds for r in rest_pg]))),
-        ("restore: client CPU (user+sys)", f"{med([r.cpu_seconds for r in rest_fp]):.2f} s",
-         f"{med([r.cpu_seconds for r in rest_pg]):.2f} s",
-         ratio(med([r.cpu_seconds for r in rest_fp]), med([r.cpu_seconds for r in rest_pg]))),
     ]
+    for label, (r_fp, r_pg) in rest.items():
+        rows += [(f"{label}: wall time", secs(r_fp), secs(r_pg),
+                  ratio(med([r.seconds for r in r_fp]), med([r.seconds for r in r_pg]))),
+                 (f"{label}: client CPU (user+sys)", f"{med([r.cpu_seconds for r in r_fp]):.2f} s",
+                  f"{med([r.cpu_seconds for r in r_pg]):.2f} s",
+                  ratio(med([r.cpu_seconds for r in r_fp]), med([r.cpu_seconds for r in r_pg])))]
     out = [f"Measured {today()} on {machine(pg)}; {version}. Load average (1/5/15 min) "
            f"{load_before} at the start, {load_average()} at the end.",
            "",
@@ -243,9 +260,10 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
             "(packs + index).",
             "",
             "Restore: `fpvault restore latest --to` (one transaction) against `pg_restore -d` "
-            "(no `-j`, not single-transaction) of the latest `-Fc` dump, each into a new empty "
-            "database; row counts and sums are checked after each. Peak RSS and CPU are of the "
-            "client process tree (`/usr/bin/time -v`), not the server's."]
+            "(not single-transaction) of the latest `-Fc` dump, each into a new empty database, "
+            "without and with `-j 2` on both sides; row counts and sums are checked after each. "
+            "`restore -o FILE` against `pg_restore -f FILE` writes the SQL script. Peak RSS and "
+            "CPU are of the client process tree (`/usr/bin/time -v`), not the server's."]
     return "\n".join(out) + "\n"
 
 
