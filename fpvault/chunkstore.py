@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -52,6 +52,9 @@ REMOTE_RUN_SPAN = 4 * 1024 * 1024
 # Full packs waiting for upload (each up to PACK_TARGET_SIZE in memory) while the
 # next one fills: enough to overlap uploading with reading and compressing.
 MAX_PENDING_UPLOADS = 2
+# Delta bases read ahead on a remote backend (``prefetch_bases``): their stored bytes
+# wait here until decoded, at most this much.
+PREFETCH_BYTES = 32 * 1024 * 1024
 # Trained dictionaries (packs.DICT, one per large table): at most this size (zstd's
 # default; on the sample's largest tables 110 KiB beat 64 KiB by 4-5%), and kept only if
 # the sample it was trained on, compressed with it, shrinks by more than the
@@ -185,6 +188,8 @@ class ChunkStore:
         self._local = threading.local()
         self._pending: set[bytes] = set()     # added this session, maybe not yet indexed
         self._trained: dict[bytes, bytes] = {}  # dictionaries added this session: id -> bytes
+        self._prefetched: OrderedDict[bytes, bytes] = OrderedDict()  # id -> stored bytes
+        self._prefetched_bytes = 0
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
         self._cache = BlobCache(CACHE_BYTES)
@@ -416,8 +421,58 @@ class ChunkStore:
             pack_id, e = self.index.blobs[blob]
         except KeyError:
             raise BlobDamaged(blob, "it is not in the index") from None
-        stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
+        with self._lock:
+            stored = self._prefetched.pop(blob, None)
+            if stored is not None:
+                self._prefetched_bytes -= len(stored)
+        if stored is None:
+            stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
         return self.decode(blob, e, stored)
+
+    def prefetch_bases(self, likely: list[bytes], pool: Executor) -> None:
+        """Read ahead what storing deltas against ``likely`` (the next chunks of a
+        stream's previous version) will decode: the ancestor ``_delta`` would pick
+        for each, and what decoding that needs, in coalesced ranged reads run on
+        ``pool``.  On a remote backend this turns a round trip per changed chunk
+        into a few per window."""
+        need: list[bytes] = []
+        seen: set[bytes] = set()
+        for blob in likely:
+            found = self.index.blobs.get(blob)
+            if found is None:
+                continue
+            generation = found[1].generation + 1
+            todo = [self._ancestor(blob, generation & (generation - 1))]
+            while todo:
+                b = todo.pop()
+                if b is None or b in seen or self._cache.get(b) is not None:
+                    continue
+                seen.add(b)
+                entry = self.index.blobs.get(b)
+                if entry is None:
+                    continue
+                need.append(b)
+                todo.extend(entry[1].bases)
+        if not need:
+            return
+        need.sort(key=lambda b: (self.index.blobs[b][0], self.index.blobs[b][1].offset))
+        for got in pool.map(self._read_stored, self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN)):
+            with self._lock:
+                for blob, stored in got:
+                    if blob not in self._prefetched:
+                        self._prefetched[blob] = stored
+                        self._prefetched_bytes += len(stored)
+                while self._prefetched_bytes > PREFETCH_BYTES:
+                    self._prefetched_bytes -= len(self._prefetched.popitem(last=False)[1])
+
+    def _read_stored(self, run: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """The stored (still encoded) bytes of a run of blobs, in one ranged read."""
+        entries = [self.index.blobs[blob] for blob in run]
+        start = entries[0][1].offset
+        end = max(e.offset + e.length for _, e in entries)
+        data = self.backend.get(packs.pack_name(entries[0][0]), start, end - start)
+        return [(blob, data[e.offset - start:e.offset - start + e.length])
+                for blob, (_, e) in zip(run, entries)]
 
     def get_run(self, blobs: list[bytes]) -> list[bytes]:
         """Blobs stored one after another in one pack, read with a single ranged read."""

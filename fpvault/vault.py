@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import socket
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -47,6 +48,9 @@ READ_THREADS = 4
 # dictionary is trained.
 DICT_SAMPLE_CHUNKS = 64
 DICT_MIN_CHUNKS = 16
+# Snap on a remote backend: the delta bases of this many chunks of a stream's previous
+# version are read ahead at once, when a changed chunk first needs them.
+BASE_READ_AHEAD = 64
 
 
 def default_repo() -> str:
@@ -97,6 +101,7 @@ class Vault:
         self._snapshots: dict[str, Snapshot] | None = None
         self.damaged_snapshots: list[tuple[str, str]] = []
         self._readers: ThreadPoolExecutor | None = None
+        self._readers_lock = threading.Lock()
 
     # -- opening
 
@@ -214,9 +219,7 @@ class Vault:
             for ref in refs:
                 yield self.store.get(ref.id)
             return
-        if self._readers is None:
-            self._readers = ThreadPoolExecutor(max_workers=READ_THREADS,
-                                               thread_name_prefix="fpvault-read")
+        readers = self.read_pool()
         # Chunks stored next to each other in a pack (the usual case: a table's
         # chunks are written in order) are fetched with one ranged GET.
         runs = self.store.runs([ref.id for ref in refs], REMOTE_RUN_GAP, REMOTE_RUN_SPAN)
@@ -224,18 +227,26 @@ class Vault:
         todo = iter(runs)
         try:
             for run in todo:
-                ahead.append(self._readers.submit(self.store.get_run, run))
+                ahead.append(readers.submit(self.store.get_run, run))
                 if len(ahead) >= READ_AHEAD:
                     break
             while ahead:
                 chunks = ahead.popleft().result()
                 run = next(todo, None)
                 if run is not None:
-                    ahead.append(self._readers.submit(self.store.get_run, run))
+                    ahead.append(readers.submit(self.store.get_run, run))
                 yield from chunks
         finally:
             for f in ahead:
                 f.cancel()
+
+    def read_pool(self) -> ThreadPoolExecutor:
+        """The threads that issue remote reads."""
+        with self._readers_lock:
+            if self._readers is None:
+                self._readers = ThreadPoolExecutor(max_workers=READ_THREADS,
+                                                   thread_name_prefix="fpvault-read")
+            return self._readers
 
     def read_bytes(self, stream: Stream) -> bytes:
         return b"".join(self.read_stream(stream))
@@ -361,6 +372,8 @@ class StreamWriter:
         self._held: list[tuple[bytes, bytes]] | None = None if dictionary else []
         self._held_bytes = 0
         self._sample_bytes = DICT_SAMPLE_CHUNKS * vault.config.chunker.avg_size
+        self._remote = bool(previous) and getattr(vault.backend, "parallel_reads", False)
+        self._read_ahead_to = 0   # bases of previous chunks before this one are read ahead
         self.chunker = vault.chunker()
         self.hasher = blake3.blake3(max_threads=1)
         self.chunks: list[ChunkRef] = []
@@ -417,6 +430,11 @@ class StreamWriter:
                 # spans at most those two when boundaries move a little.  (A third,
                 # the one before, made deltas no smaller and cost 40% more CPU.)
                 similar = [self._prev[i].id for i in (at, at + 1) if i < len(self._prev)]
+                if self._remote and at + 2 > self._read_ahead_to:
+                    self.vault.store.prefetch_bases(
+                        [ref.id for ref in self._prev[at:at + BASE_READ_AHEAD]],
+                        self.vault.read_pool())
+                    self._read_ahead_to = at + BASE_READ_AHEAD
         self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob,
                              dictionary=self.dictionary)
         self.chunks.append(ChunkRef(blob, len(chunk), not chunk.endswith(b"\n")))

@@ -1,12 +1,14 @@
 """Every command on an s3:// repository, against a real S3-compatible server on loopback."""
 
 import json
+import random
 
 import pytest
 
 from conftest import run
+from test_delta import rows_text
 from fpvault.locks import Lock
-from fpvault.vault import backend_for
+from fpvault.vault import Vault, backend_for
 
 
 @pytest.mark.parametrize("where,encrypted", [("s3", False), ("s3", True), ("local", True)])
@@ -180,3 +182,33 @@ def test_metadata_cache_follows_the_remote(pg, db, s3_server):
     S3Backend(repo).delete(f"snapshots/{ids[0]}")
     assert [s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)] == [ids[1]]
     assert sorted(p.name for p in (cache / "snapshots").iterdir()) == [ids[1]]
+
+
+def test_delta_bases_are_read_ahead_in_few_requests(s3_server):
+    """A snapshot after scattered changes fetches the delta bases of a window of chunks in
+    a few ranged GETs, not one round trip per changed chunk; and stores the same bytes."""
+    url = s3_server()
+    vault = Vault.create(url)
+    rnd = random.Random(5)
+    rows = {i: rnd.randbytes(20).hex() for i in range(150000)}
+    first, _ = vault.write_stream([rows_text(rows)])
+    vault.store.flush()
+    for k in range(7, 150000, 100):               # 1% of rows, scattered: every chunk changes
+        rows[k] = "changed" + rows[k][7:]
+    second_text = rows_text(rows)
+
+    fresh = Vault.open(url)                        # nothing decoded or cached yet
+    gets = []
+    real_get = fresh.store.backend.get
+
+    def counting_get(name, *args):
+        if name.startswith("data/"):
+            gets.append(name)
+        return real_get(name, *args)
+
+    fresh.store.backend.get = counting_get
+    second, _ = fresh.write_stream([second_text], first)
+    fresh.store.flush()
+    assert fresh.store.stats.deltas_added >= 60, fresh.store.stats
+    assert len(gets) <= fresh.store.stats.deltas_added / 10, (len(gets), fresh.store.stats)
+    assert Vault.open(url).read_bytes(second) == second_text
