@@ -426,10 +426,16 @@ class StreamWriter:
             else:
                 at = bisect.bisect_right(self._prev_starts, self._offset + self._drift) - 1
                 at = min(max(at, 0), len(self._prev) - 1)
-                # The old chunk holding this chunk's start, and the next one: a chunk
-                # spans at most those two when boundaries move a little.  (A third,
-                # the one before, made deltas no smaller and cost 40% more CPU.)
-                similar = [self._prev[i].id for i in (at, at + 1) if i < len(self._prev)]
+                # The old chunk holding this chunk's start, and the next one if this
+                # chunk reaches into it: a chunk spans at most those two when
+                # boundaries move a little.  (A third, the one before, made deltas no
+                # smaller and cost 40% more CPU.)  A chunk within one old chunk, as
+                # after same-length updates, gains nothing from the second base, which
+                # would cost its id twice (pack trailer and index) and a third of the
+                # delta's compression time.
+                end = self._offset + self._drift + len(chunk)
+                similar = [self._prev[i].id for i in (at, at + 1)
+                           if i == at or (i < len(self._prev) and end > self._prev_starts[i])]
                 if self._remote and at + 2 > self._read_ahead_to:
                     self.vault.store.prefetch_bases(
                         [ref.id for ref in self._prev[at:at + BASE_READ_AHEAD]],
