@@ -30,6 +30,8 @@ class Stream(msgspec.Struct, kw_only=True):
     chunks: int = 0       # number of chunks
     dictionary: str = ""  # hex id of the trained zstd dictionary (a DICT blob) its chunks
                           # may be compressed with, carried to its next version; "" if none
+    no_dictionary: bool = False  # a dictionary was tried on a full sample and did not pay:
+                                 # its next versions do not try again
 
 
 class TableEntry(msgspec.Struct, kw_only=True):

@@ -195,15 +195,16 @@ class Vault:
 
         ``previous``: the same stream in an earlier snapshot, whose chunks new
         chunks may be stored as deltas against."""
-        prev_refs, dictionary = None, None
+        prev_refs, dictionary, no_dictionary = None, None, False
         if previous is not None:
+            no_dictionary = previous.no_dictionary
             try:
                 prev_refs = self.store.get_list(bytes.fromhex(previous.list))
             except RepositoryDamaged:
                 prev_refs = None  # no deltas against damage
             if previous.dictionary and bytes.fromhex(previous.dictionary) in self.store.index:
                 dictionary = bytes.fromhex(previous.dictionary)
-        writer = StreamWriter(self, prev_refs, dictionary)
+        writer = StreamWriter(self, prev_refs, dictionary, no_dictionary)
         for buf in buffers:
             writer.write(buf)
         return writer.close()
@@ -360,16 +361,19 @@ class StreamWriter:
 
     Chunks not stored as deltas are compressed with ``dictionary``, a zstd
     dictionary trained on the stream's first chunks.  Without one (a new
-    table, or one too small or too uniform for it to pay before), the first
+    table, or one too small for a full sample before), unless ``no_dictionary``
+    (one was tried on a full sample and did not pay), the first
     ``DICT_SAMPLE_CHUNKS`` chunks are held back, a dictionary is trained on
-    them if some are new and there are enough, and then they are stored.
+    them if enough of them are new, and then they are stored.
     """
 
     def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
-                 dictionary: bytes | None = None):
+                 dictionary: bytes | None = None, no_dictionary: bool = False):
         self.vault = vault
         self.dictionary = dictionary
-        self._held: list[tuple[bytes, bytes]] | None = None if dictionary else []
+        self.no_dictionary = no_dictionary and not dictionary
+        self._held: list[tuple[bytes, bytes]] | None = (
+            None if dictionary or self.no_dictionary else [])
         self._held_bytes = 0
         self._sample_bytes = DICT_SAMPLE_CHUNKS * vault.config.chunker.avg_size
         self._remote = bool(previous) and getattr(vault.backend, "parallel_reads", False)
@@ -414,6 +418,8 @@ class StreamWriter:
         new = [chunk for chunk, blob in held if blob not in store.index]
         if len(new) >= DICT_MIN_CHUNKS:
             self.dictionary = store.train_dictionary([chunk for chunk, _ in held])
+            # A full sample decides for good; a short one is tried again as the stream grows.
+            self.no_dictionary = not self.dictionary and self._held_bytes >= self._sample_bytes
         for chunk, blob in held:
             self._store(chunk, blob)
 
@@ -454,7 +460,8 @@ class StreamWriter:
         list_id = self.vault.store.put_list(self.chunks)
         stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),
                         chunks=len(self.chunks),
-                        dictionary=self.dictionary.hex() if self.dictionary else "")
+                        dictionary=self.dictionary.hex() if self.dictionary else "",
+                        no_dictionary=self.no_dictionary)
         return stream, self.newlines
 
 

@@ -98,6 +98,17 @@ def test_no_dictionary_where_it_cannot_pay(tmp_path):
     assert (packs.DICT, packs.ZSTD) not in encodings(vault)
     fresh = Vault.open(str(tmp_path / "r"))
     assert fresh.read_bytes(streams[0]) == small and fresh.read_bytes(streams[1]) == noise
+    # A full sample that did not pay is not tried again; a short one is, once it grows.
+    assert [s.no_dictionary for s in streams] == [False, True]
+    tried = []
+    real_train = fresh.store.train_dictionary
+    fresh.store.train_dictionary = lambda samples: tried.append(len(samples)) or real_train(samples)
+    noise2 = random.Random(5).randbytes(6 << 20)
+    again, _ = fresh.write_stream([noise2], streams[1])
+    assert tried == [] and again.no_dictionary
+    grown = small + "".join(app_rows(random.Random(6), 2000, 60000)).encode()
+    bigger, _ = fresh.write_stream([grown], streams[0])
+    assert len(tried) == 1 and bigger.dictionary
 
 
 # Users and paths recur across the table, skewed, as in test_dictionary's app_rows.
