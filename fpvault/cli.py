@@ -233,7 +233,8 @@ class TermProgress(snapshot_mod.Progress):
 @click.option("-T", "--exclude-table", "exclude_tables", multiple=True, metavar="PATTERN",
               help="Leave out these tables.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="Connections reading tables in parallel (all in one snapshot).")
+              help="Connections reading tables in parallel (all in one snapshot); a table "
+                   "larger than its share is read in key ranges by several of them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @common_options
 @click.pass_obj

@@ -10,7 +10,9 @@
    was truncated or rewritten since the snapshot began.
 4. Each table's COPY stream (key order where the table has a key) is chunked,
    hashed, deduplicated and stored, by ``jobs`` connections that all read the
-   exported snapshot.
+   exported snapshot.  A table larger than its share is split into key ranges
+   read at once; the later ranges wait in spool files until the table's writer
+   reaches them, so its stream is the same as if one connection had read it.
 5. Sequence states and large objects are read by the leader.
 6. The chunk store is flushed (packs, then index), and the manifest written
    last.  Any failure before that leaves no snapshot: blobs already written
@@ -19,14 +21,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import psycopg
+import zstandard
 
 from . import pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, ToolError
@@ -36,6 +41,10 @@ from .vault import Vault, client_hostname, now_iso
 
 PG_CLASS = 1259
 PG_LARGEOBJECT = 2613
+# With -j N, a table larger than its share of the work (all tables' size / N) and at
+# least this big is read in key ranges by several connections at once (a single integer
+# key is needed), so that one table does not serialize the snapshot.
+SPLIT_MIN_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -211,16 +220,75 @@ def previous_snapshot(vault: Vault, database: str, port: str) -> Snapshot | None
     return best[-1] if best else None
 
 
+class _Stopped(Exception):
+    """A task gave up because another one failed (whose error is the one to report)."""
+
+
+class Spool:
+    """A later key range of a split table, read by another connection while the first
+    range is being stored.  Its COPY stream waits, zstd-compressed in a temporary file,
+    until the table's writer reaches it, so the table's stream is byte for byte what
+    one connection would have read: same chunks, same hash, same dedup."""
+
+    def __init__(self, table: pgsource.TableInfo, key_range: tuple[int | None, int | None]):
+        self.table = table
+        self.key_range = key_range
+        self.done = threading.Event()
+        self.failed = False
+        self._file = tempfile.TemporaryFile(prefix="fpvault-spool-")
+
+    def fill(self, conn: psycopg.Connection, progress: Progress) -> None:
+        try:
+            with zstandard.ZstdCompressor(level=1).stream_writer(self._file, closefd=False) as out:
+                for buf in pgsource.copy_out(conn, self.table, self.key_range):
+                    progress.advance(len(buf))
+                    out.write(buf)
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            self.done.set()
+
+    def read(self, stop: threading.Event) -> Iterator[bytes]:
+        while not self.done.wait(0.1):
+            if stop.is_set():
+                raise _Stopped()
+        if self.failed:
+            raise _Stopped()   # the spool's own task reports why
+        self._file.seek(0)
+        yield from zstandard.ZstdDecompressor().read_to_iter(self._file, read_size=1 << 20,
+                                                             write_size=pgsource.COPY_BATCH)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
                  tables: list[pgsource.TableInfo], jobs: int, progress: Progress,
                  previous: dict[tuple[str, str], Stream]) -> list[TableEntry]:
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
-    if jobs == 1 or len(todo) <= 1:
+    if jobs == 1 or not todo:
         return [_copy_table(vault, leader, t, progress, previous) for t in todo]
 
+    # A table larger than its share of the work is read in key ranges by several
+    # connections at once.  Their spools go first in the queue: every spool is being
+    # read before any table's writer can wait for one, so nothing waits forever.
+    share = sum(t.size for t in todo) / jobs
+    spools: list[Spool] = []
+    tasks: list[tuple[pgsource.TableInfo, list[Spool], tuple | None]] = []
+    for table in todo:
+        parts = min(jobs, math.ceil(table.size / share)) if table.size >= SPLIT_MIN_BYTES else 1
+        ranges = pgsource.key_ranges(leader, table, parts) if parts > 1 else None
+        if ranges:
+            mine = [Spool(table, r) for r in ranges[1:]]
+            spools += mine
+            tasks.append((table, mine, ranges[0]))
+        else:
+            tasks.append((table, [], None))
+    queue: list = [*spools, *tasks]
+
     lock = threading.Lock()
-    queue = list(todo)
     results: list[TableEntry] = []
     stop = threading.Event()
 
@@ -229,7 +297,8 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             with lock:
                 if not queue:
                     return
-                table = queue.pop(0)
+                task = queue.pop(0)
+            table = task.table if isinstance(task, Spool) else task[0]
             if not is_leader:
                 # The leader holds the locks; a worker that must wait for one means someone
                 # asked for an exclusive lock in between (pg_dump's parallel.c avoids the
@@ -240,7 +309,10 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
                     raise SnapshotFailed(f"Another session is waiting for an exclusive lock on "
                                          f"{table.qname}; take the snapshot again when that DDL "
                                          "is done.") from exc
-            entry = _copy_table(vault, conn, table, progress, previous)
+            if isinstance(task, Spool):
+                task.fill(conn, progress)
+                continue
+            entry = _copy_table(vault, conn, table, progress, previous, *task[1:], stop)
             with lock:
                 results.append(entry)
 
@@ -254,26 +326,35 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         finally:
             conn.close()
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(work, leader, True)] + [pool.submit(worker) for _ in range(jobs - 1)]
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            if f.exception() is not None:
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(work, leader, True)] + [pool.submit(worker)
+                                                           for _ in range(jobs - 1)]
+            done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+            if any(f.exception() is not None for f in done):
                 stop.set()
-                break
-        wait(futures)
-        for f in futures:
-            if f.exception() is not None:
-                raise f.exception()
+            wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+    finally:
+        for spool in spools:
+            spool.close()
     return results
 
 
 def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInfo,
-                progress: Progress, previous: dict[tuple[str, str], Stream]) -> TableEntry:
+                progress: Progress, previous: dict[tuple[str, str], Stream],
+                spools: list[Spool] = (), first_range: tuple | None = None,
+                stop: threading.Event | None = None) -> TableEntry:
+    """Read and store one table; when it is split, its first key range from ``conn``
+    and then the later ranges from their ``spools``, in key order."""
     def counted():
-        for buf in pgsource.copy_out(conn, table):
+        for buf in pgsource.copy_out(conn, table, first_range):
             progress.advance(len(buf))
             yield buf
+        for spool in spools:
+            yield from spool.read(stop)
 
     try:
         stream, rows = vault.write_stream(counted(), previous.get((table.schema, table.name)))
