@@ -5,7 +5,8 @@ Builds one database with ``pgbench -i -s SCALE`` and the factory_pulse sample
 (medians of ``--runs``; each run has its own fresh repository):
 
 - snapshot 1 into a fresh repository: wall time, client CPU, peak RSS, and the
-  repository's size afterwards, against ``pg_dump -Fc`` (time, size);
+  repository's size afterwards, against ``pg_dump -Fc`` (time, size); and
+  with ``-j 2`` into another fresh repository (time, RSS);
 - snapshot 2 of the unchanged database: wall time and bytes added;
 - the churn of ``_pg.CHURN`` (1% of rows updated, scattered, in the largest
   table of each part; 1000 rows appended), then snapshot 3: bytes added, also
@@ -126,13 +127,18 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
 
     repos = [os.path.join(work, f"repo{i}") for i in range(args.runs)]
     dumps = [os.path.join(work, f"dump{i}.fc") for i in range(args.runs)]
-    dump1, dump1_size, snap1, stored1 = [], [], [], []
+    dump1, dump1_size, snap1, stored1, snap1_j2 = [], [], [], [], []
     for i in range(args.runs):
         log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshot 1")
         dump1.append(timed([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn], env))
         dump1_size.append(os.path.getsize(dumps[i]))
         snap1.append(timed([fp, "-q", "-r", repos[i], "snap", "-d", dsn, *jobs, "--json"], env))
         stored1.append(tree_bytes(repos[i]))
+        log(f"run {i + 1}/{args.runs}: snapshot 1 with -j 2")
+        repo_j2 = os.path.join(work, f"repo-j2-{i}")
+        snap1_j2.append(timed([fp, "-q", "-r", repo_j2, "snap", "-d", dsn, "-j", "2", "--json"],
+                              env))
+        shutil.rmtree(repo_j2)
 
     snap2, added2 = [], []
     for i in range(args.runs):
@@ -202,6 +208,12 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         ("snapshot 1: client CPU (user+sys)", f"{cpu_fp:.2f} s", f"{cpu_pg:.2f} s",
          ratio(cpu_fp, cpu_pg)),
         ("snapshot 1: client peak RSS", human(rss_fp), human(rss_pg), ratio(rss_fp, rss_pg)),
+        ("snapshot 1 with -j 2 (a table larger than its share is read in two key ranges): "
+         "wall time", secs(snap1_j2), secs(dump1),
+         ratio(med([r.seconds for r in snap1_j2]), med([r.seconds for r in dump1]))),
+        ("snapshot 1 with -j 2: client peak RSS",
+         human(med([r.max_rss_kib for r in snap1_j2]) * 1024), human(rss_pg),
+         ratio(med([r.max_rss_kib for r in snap1_j2]) * 1024, rss_pg)),
         ("snapshot 1: stored bytes", human(s1), human(d1), ratio(s1, d1)),
         ("snapshot 2 (unchanged): wall time", secs(snap2), secs(dump1) + " ¹",
          ratio(med([r.seconds for r in snap2]), med([r.seconds for r in dump1]))),

@@ -82,7 +82,8 @@ class Chunker:
             nl = buf.find(b"\n", end, limit)
             if nl >= 0:
                 end = nl + 1
-        chunk = bytes(buf[pos:end])
+        with memoryview(buf) as view:
+            chunk = bytes(view[pos:end])   # one copy (a bytearray slice would be two)
         self._pos = end
         return chunk
 

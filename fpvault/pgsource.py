@@ -313,9 +313,11 @@ def key_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
 
 
 def copy_out(conn: psycopg.Connection, table: TableInfo,
-             key_range: tuple[int | None, int | None] | None = None) -> Iterator[bytes]:
+             key_range: tuple[int | None, int | None] | None = None,
+             rows: list[int] | None = None) -> Iterator[bytearray]:
     """The table's COPY stream (or the part in ``key_range``), in buffers of about
-    COPY_BATCH bytes.
+    COPY_BATCH bytes, each a new bytearray the consumer may keep.  At the end, the
+    number of rows the server sent is appended to ``rows``.
 
     This talks to libpq directly: psycopg's ``Copy.read()`` costs about 0.6 us
     per row in Python, libpq's ``PQgetCopyData`` loop half that, which on a
@@ -357,19 +359,21 @@ def copy_out(conn: psycopg.Connection, table: TableInfo,
                 if nbytes > 0:
                     buf += data
                     if len(buf) >= COPY_BATCH:
-                        yield bytes(buf)
-                        buf.clear()
+                        yield buf
+                        buf = bytearray()
                 elif nbytes == 0:
                     wait_readable()
                 else:
                     break
             if buf:
-                yield bytes(buf)
+                yield buf
         finally:
             # Drain to the end of the statement so the connection is usable (or the
             # error it ended with is raised), even if the consumer stopped early.
             while (res := next_result()) is not None:
                 check(res)
+                if rows is not None and res.status == pq.ExecStatus.COMMAND_OK:
+                    rows.append(res.command_tuples or 0)
             if pgconn.status != pq.ConnStatus.OK:
                 raise psycopg.OperationalError(pgconn.get_error_message() or "connection lost")
 

@@ -235,12 +235,13 @@ class Spool:
         self.key_range = key_range
         self.done = threading.Event()
         self.failed = False
+        self.rows: list[int] = []
         self._file = tempfile.TemporaryFile(prefix="fpvault-spool-")
 
     def fill(self, conn: psycopg.Connection, progress: Progress) -> None:
         try:
             with zstandard.ZstdCompressor(level=1).stream_writer(self._file, closefd=False) as out:
-                for buf in pgsource.copy_out(conn, self.table, self.key_range):
+                for buf in pgsource.copy_out(conn, self.table, self.key_range, self.rows):
                     progress.advance(len(buf))
                     out.write(buf)
         except BaseException:
@@ -349,15 +350,19 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
                 stop: threading.Event | None = None) -> TableEntry:
     """Read and store one table; when it is split, its first key range from ``conn``
     and then the later ranges from their ``spools``, in key order."""
+    rows: list[int] = []
+
     def counted():
-        for buf in pgsource.copy_out(conn, table, first_range):
+        for buf in pgsource.copy_out(conn, table, first_range, rows):
             progress.advance(len(buf))
             yield buf
         for spool in spools:
             yield from spool.read(stop)
+            rows.extend(spool.rows)
 
     try:
-        stream, rows = vault.write_stream(counted(), previous.get((table.schema, table.name)))
+        stream, _ = vault.write_stream(counted(), previous.get((table.schema, table.name)),
+                                       count_rows=False)
     except psycopg.Error as exc:
         exc.add_note(f"while reading {table.qname}")
         if isinstance(exc, (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege)):
@@ -367,6 +372,6 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
     progress.table_done(table.qname)
     return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
                       columns=table.columns, key=table.key, key_kinds=table.key_kinds,
-                      rows=rows, data=stream,
+                      rows=sum(rows), data=stream,
                       relkind=table.relkind, persistence=table.persistence, parent=table.parent,
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences)

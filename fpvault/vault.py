@@ -189,9 +189,11 @@ class Vault:
 
     # -- streams
 
-    def write_stream(self, buffers: Iterable[bytes | memoryview],
-                     previous: Stream | None = None) -> tuple[Stream, int]:
-        """Chunk, store and list a stream; return it and its newline count.
+    def write_stream(self, buffers: Iterable[bytes | bytearray | memoryview],
+                     previous: Stream | None = None, count_rows: bool = True
+                     ) -> tuple[Stream, int]:
+        """Chunk, store and list a stream; return it and its newline count (0 unless
+        ``count_rows``: a table's snapshot takes the row count from the server).
 
         ``previous``: the same stream in an earlier snapshot, whose chunks new
         chunks may be stored as deltas against."""
@@ -204,7 +206,7 @@ class Vault:
                 prev_refs = None  # no deltas against damage
             if previous.dictionary and bytes.fromhex(previous.dictionary) in self.store.index:
                 dictionary = bytes.fromhex(previous.dictionary)
-        writer = StreamWriter(self, prev_refs, dictionary, no_dictionary)
+        writer = StreamWriter(self, prev_refs, dictionary, no_dictionary, count_rows)
         for buf in buffers:
             writer.write(buf)
         return writer.close()
@@ -368,8 +370,10 @@ class StreamWriter:
     """
 
     def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
-                 dictionary: bytes | None = None, no_dictionary: bool = False):
+                 dictionary: bytes | None = None, no_dictionary: bool = False,
+                 count_rows: bool = True):
         self.vault = vault
+        self.count_rows = count_rows
         self.dictionary = dictionary
         self.no_dictionary = no_dictionary and not dictionary
         self._held: list[tuple[bytes, bytes]] | None = (
@@ -401,7 +405,8 @@ class StreamWriter:
             self._put(chunk)
 
     def _put(self, chunk: bytes) -> None:
-        self.newlines += chunk.count(b"\n")
+        if self.count_rows:
+            self.newlines += chunk.count(b"\n")
         blob = self.vault.codec.blob_id(chunk)
         if self._held is None:
             self._store(chunk, blob)

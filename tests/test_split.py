@@ -20,11 +20,11 @@ def spy_on_copy(monkeypatch, fail_range=False):
     seen = []
     real = pgsource.copy_out
 
-    def copy_out(conn, table, key_range=None):
+    def copy_out(conn, table, key_range=None, rows=None):
         seen.append((table.name, key_range))
         if fail_range and key_range is not None and key_range[0] is not None:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real(conn, table, key_range)
+        return real(conn, table, key_range, rows)
 
     monkeypatch.setattr(pgsource, "copy_out", copy_out)
     return seen
@@ -59,6 +59,7 @@ def test_a_split_table_stores_the_same_stream(pg, db, repo, monkeypatch):
     assert run("restore", split["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
     assert pg.query(target, "SELECT count(*), sum(id) FROM big") == \
         pg.query(db, "SELECT count(*), sum(id) FROM big")
+    assert tables[split["id"]]["big"].rows == 200000      # the ranges' counts, summed
 
 
 def test_a_failed_range_fails_the_snapshot(pg, db, repo, monkeypatch):
