@@ -279,7 +279,8 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     spools: list[Spool] = []
     tasks: list[tuple[pgsource.TableInfo, list[Spool], tuple | None]] = []
     for table in todo:
-        parts = min(jobs, math.ceil(table.size / share)) if table.size >= SPLIT_MIN_BYTES else 1
+        parts = (min(jobs, math.ceil(table.size / share))
+                 if share and table.size >= SPLIT_MIN_BYTES else 1)
         ranges = pgsource.key_ranges(leader, table, parts) if parts > 1 else None
         if ranges:
             mine = [Spool(table, r) for r in ranges[1:]]
