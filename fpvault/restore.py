@@ -22,6 +22,7 @@ re-hashed as it is read; a damaged one stops the restore, naming the table.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -320,10 +321,36 @@ def _session(cur: psycopg.Cursor, plan: Plan) -> None:
         cur.execute("SET session_replication_role = replica")
 
 
+# Post-data entries that -j builds over several connections at once, as pg_restore -j
+# does: indexes, and primary key, unique, check and exclusion constraints.  Each locks
+# only its own table.  The rest (foreign keys, which need those keys; triggers, rules,
+# policies, comments) follows on one connection, in the dump's order.
+_PARALLEL_POST_DATA = {"INDEX", "CONSTRAINT"}
+_ENTRY_HEADER = re.compile(rb"^--\n-- Name: .*; Type: (.*); Schema: .*; Owner: .*\n--\n", re.M)
+
+
+def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """(preamble, the entries that can be built in parallel, the rest with the preamble)
+    of pg_restore's post-data SQL.  Nothing is split when partitioned indexes are
+    attached (INDEX ATTACH): building a parent's index locks its partitions, which
+    could deadlock against a partition's own constraint."""
+    heads = list(_ENTRY_HEADER.finditer(post_data))
+    types = [m.group(1).decode("utf-8", "replace") for m in heads]
+    if not heads or "INDEX ATTACH" in types:
+        return b"", [], post_data
+    preamble = post_data[:heads[0].start()]
+    parallel, rest = [], [preamble]
+    for m, kind, nxt in zip(heads, types, [*heads[1:], None]):
+        entry = post_data[m.start():nxt.start() if nxt else len(post_data)]
+        (parallel if kind in _PARALLEL_POST_DATA else rest).append(entry)
+    return preamble, parallel, b"".join(rest)
+
+
 def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                           say: Callable[[str], None]) -> None:
-    """pre-data; tables over ``jobs`` connections, largest first; then sequences,
-    large objects and post-data.  Each step commits on its own."""
+    """pre-data; tables over ``jobs`` connections, largest first; indexes and key
+    constraints over ``jobs`` connections; then sequences, large objects and the rest
+    of post-data.  Each step commits on its own."""
     where = pgsource.describe(conninfo)
     state: dict = {"step": "starting", "committed": False}
     stop = threading.Event()
@@ -349,6 +376,33 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
         finally:
             conn.close()
 
+    def build(preamble: bytes, entry: bytes) -> None:
+        if stop.is_set():
+            return
+        conn = pgsource.connect(conninfo, "to restore into")
+        try:
+            with conn.cursor() as cur:
+                _session(cur, plan)
+                cur.execute(preamble)
+                cur.execute("BEGIN")
+                cur.execute(entry)
+                cur.execute("COMMIT")
+        except psycopg.Error:
+            state["step"] = "the post-data schema (indexes, constraints)"
+            raise
+        finally:
+            conn.close()
+
+    def run_all(fn, items) -> None:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(fn, *item) for item in items]
+            try:
+                for f in futures:
+                    f.result()
+            except BaseException:
+                stop.set()
+                raise
+
     conn = pgsource.connect(conninfo, "to restore into")
     try:
         _check_target(conn, plan, where)
@@ -362,15 +416,11 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                 cur.execute("COMMIT")
             state["committed"] = True
             state["step"] = "the data"
-            todo = sorted(plan.tables, key=lambda t: -t.data.bytes)
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                futures = [pool.submit(load, t) for t in todo]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    stop.set()
-                    raise
+            run_all(load, [(t,) for t in sorted(plan.tables, key=lambda t: -t.data.bytes)])
+            preamble, parallel, post_data = split_post_data(plan.post_data)
+            if parallel:
+                say("schema (post-data: indexes and constraints)")
+                run_all(build, [(preamble, entry) for entry in parallel])
             cur.execute("BEGIN")
             for seq in plan.sequences:
                 state["step"] = f"sequence {seq.qname}"
@@ -379,10 +429,10 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
             for lo in plan.large_objects:
                 state["step"] = f"large object {lo.oid}"
                 _restore_lo(cur, vault, plan, lo)
-            if plan.post_data:
+            if post_data:
                 state["step"] = "the post-data schema (indexes, constraints, triggers)"
                 say("schema (post-data)")
-                cur.execute(plan.post_data)
+                cur.execute(post_data)
             cur.execute("COMMIT")
     except psycopg.Error as exc:
         partial = (" The database now holds a partial restore (with -j, tables load in "

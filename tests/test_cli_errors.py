@@ -175,6 +175,7 @@ def test_permission_denied_fails_the_snapshot(pg, db, repo):
     pg.execute(db, "CREATE TABLE open_t (id int); CREATE TABLE secret_t (id int); "
                    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_reader') "
                    "THEN CREATE ROLE fpv_reader LOGIN; END IF; END $$; "
+                   "ALTER ROLE fpv_reader LOGIN; "   # tests/sql/awkward.sql makes it NOLOGIN
                    "GRANT SELECT ON open_t TO fpv_reader")
     r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_reader"))
     assert r.code == 5, r.err

@@ -352,3 +352,38 @@ def test_force_rls_is_never_silently_filtered(pg, db, repo):
     assert r.code == 5, (r.code, r.out, r.err)
     assert "row-level security" in r.err and "No snapshot was written" in r.err, r.err
     assert json.loads(run("list", "-r", repo, "--json").out) == []
+
+
+POST_DATA_SQL = """
+CREATE TABLE parent (id int PRIMARY KEY, code text UNIQUE, n int CHECK (n >= 0));
+CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent (id), note text,
+                    CONSTRAINT child_note_len CHECK (length(note) < 100) NOT VALID);
+CREATE INDEX child_parent ON child (parent_id);
+CREATE INDEX child_note_lower ON child (lower(note)) WHERE note IS NOT NULL;
+CREATE UNIQUE INDEX parent_code_n ON parent (code, n);
+COMMENT ON INDEX child_parent IS 'the foreign key''s index';
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;
+CREATE TRIGGER child_touch BEFORE UPDATE ON child FOR EACH ROW EXECUTE FUNCTION touch();
+ALTER TABLE child CLUSTER ON child_parent;
+INSERT INTO parent SELECT g, 'c' || g, g FROM generate_series(1, 2000) g;
+INSERT INTO child SELECT g, g % 2000 + 1, 'n' || g FROM generate_series(1, 20000) g;
+"""
+
+
+def test_parallel_restore_builds_indexes_and_keys_at_once(pg, db, repo):
+    """restore -j builds indexes and key constraints over several connections, then
+    foreign keys, triggers and comments: the same database as a one-connection restore."""
+    from fpvault.restore import split_post_data
+    from fpvault.vault import Vault
+
+    pg.execute(db, POST_DATA_SQL)
+    source = capture(pg, db)
+    sid = snap(repo, pg.dsn(db))
+    vault = Vault.open(repo)
+    post = vault.read_bytes(vault.resolve(sid)[1].schema.post_data)
+    preamble, parallel, rest = split_post_data(post)
+    assert len(parallel) == 6                     # 2 primary keys, a unique key, 3 indexes
+    assert b"FOREIGN KEY" in rest and b"CREATE TRIGGER" in rest and b"COMMENT ON INDEX" in rest
+    assert not any(b"FOREIGN KEY" in p or b"TRIGGER" in p for p in parallel)
+    assert rest.startswith(preamble) and b"search_path" in preamble
+    assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "3"))
