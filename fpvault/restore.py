@@ -25,7 +25,8 @@ import os
 import re
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterator
 
@@ -346,62 +347,98 @@ def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
     return preamble, parallel, b"".join(rest)
 
 
+# The table a parallel post-data entry builds on, as pg_dump names it (the same quoting
+# as a manifest's qname): "ALTER TABLE ONLY t ADD CONSTRAINT" or "CREATE INDEX i ON t".
+_QNAME = rb'(?:"(?:[^"]|"")+"|[^\s."]+)\.(?:"(?:[^"]|"")+"|[^\s."(]+)'
+_ENTRY_TABLE = re.compile(rb"^(?:ALTER TABLE ONLY (" + _QNAME + rb")\s|CREATE (?:UNIQUE )?INDEX "
+                          rb".*? ON (?:ONLY )?(" + _QNAME + rb") USING )", re.M)
+
+
+def entry_table(entry: bytes) -> str | None:
+    m = _ENTRY_TABLE.search(entry)
+    return (m.group(1) or m.group(2)).decode("utf-8") if m else None
+
+
 def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                           say: Callable[[str], None]) -> None:
-    """pre-data; tables over ``jobs`` connections, largest first; indexes and key
-    constraints over ``jobs`` connections; then sequences, large objects and the rest
-    of post-data.  Each step commits on its own."""
+    """pre-data; then over ``jobs`` connections the tables, largest first, each
+    followed as soon as it is loaded by its indexes and key constraints (as
+    pg_restore -j schedules them); then sequences, large objects and the rest of
+    post-data on one connection.  Each step commits on its own."""
     where = pgsource.describe(conninfo)
     state: dict = {"step": "starting", "committed": False}
     stop = threading.Event()
+    preamble, parallel, post_data = split_post_data(plan.post_data)
+    restored = {t.qname for t in plan.tables}
+    builds: dict[str | None, list[bytes]] = {}
+    for entry in parallel:
+        table = entry_table(entry)
+        builds.setdefault(table if table in restored else None, []).append(entry)
+    # Work items: ("load", table) or ("build", entry).  A table's builds go to the front
+    # of the queue when its data is in; builds on no restored table wait for all loads.
+    queue: deque = deque(("load", t) for t in sorted(plan.tables, key=lambda t: -t.data.bytes))
+    waiting = {"loads": len(plan.tables)}
+    ready = threading.Condition()
 
-    def load(table: TableEntry) -> None:
-        if stop.is_set():
+    def next_item():
+        with ready:
+            while not stop.is_set():
+                if queue:
+                    return queue.popleft()
+                if waiting["loads"] == 0:
+                    return None
+                ready.wait()
+            return None
+
+    def loaded(table: TableEntry) -> None:
+        with ready:
+            waiting["loads"] -= 1
+            queue.extendleft(("build", e) for e in reversed(builds.pop(table.qname, [])))
+            if waiting["loads"] == 0:
+                queue.extend(("build", e) for e in builds.pop(None, []))
+            ready.notify_all()
+
+    def worker() -> None:
+        item = next_item()
+        if item is None:
             return
         conn = pgsource.connect(conninfo, "to restore into")
         try:
             with conn.cursor() as cur:
                 _session(cur, plan)
-                cur.execute("BEGIN")
-                with cur.copy(copy_in_statement(table)) as copy:
-                    for chunk in table_chunks(vault, plan, table):
-                        if stop.is_set():
-                            raise RestoreFailed("stopped")
-                        copy.write(chunk)
-                cur.execute("COMMIT")
-        except psycopg.Error as exc:
-            exc.add_note(table.qname)
-            state["step"] = f"the data of {table.qname}"
+                if preamble:
+                    cur.execute(preamble)
+                while item is not None:
+                    kind, what = item
+                    cur.execute("BEGIN")
+                    if kind == "load":
+                        try:
+                            with cur.copy(copy_in_statement(what)) as copy:
+                                for chunk in table_chunks(vault, plan, what):
+                                    if stop.is_set():
+                                        raise RestoreFailed("stopped")
+                                    copy.write(chunk)
+                        except psycopg.Error as exc:
+                            exc.add_note(what.qname)
+                            state["step"] = f"the data of {what.qname}"
+                            raise
+                    else:
+                        try:
+                            cur.execute(what)
+                        except psycopg.Error:
+                            state["step"] = "the post-data schema (indexes, constraints)"
+                            raise
+                    cur.execute("COMMIT")
+                    if kind == "load":
+                        loaded(what)
+                    item = next_item()
+        except BaseException:
+            stop.set()
+            with ready:
+                ready.notify_all()
             raise
         finally:
             conn.close()
-
-    def build(preamble: bytes, entry: bytes) -> None:
-        if stop.is_set():
-            return
-        conn = pgsource.connect(conninfo, "to restore into")
-        try:
-            with conn.cursor() as cur:
-                _session(cur, plan)
-                cur.execute(preamble)
-                cur.execute("BEGIN")
-                cur.execute(entry)
-                cur.execute("COMMIT")
-        except psycopg.Error:
-            state["step"] = "the post-data schema (indexes, constraints)"
-            raise
-        finally:
-            conn.close()
-
-    def run_all(fn, items) -> None:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(fn, *item) for item in items]
-            try:
-                for f in futures:
-                    f.result()
-            except BaseException:
-                stop.set()
-                raise
 
     conn = pgsource.connect(conninfo, "to restore into")
     try:
@@ -416,11 +453,14 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                 cur.execute("COMMIT")
             state["committed"] = True
             state["step"] = "the data"
-            run_all(load, [(t,) for t in sorted(plan.tables, key=lambda t: -t.data.bytes)])
-            preamble, parallel, post_data = split_post_data(plan.post_data)
-            if parallel:
-                say("schema (post-data: indexes and constraints)")
-                run_all(build, [(preamble, entry) for entry in parallel])
+            say("data, indexes and key constraints")
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = [pool.submit(worker) for _ in range(jobs)]
+                wait(futures)
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                raise next((e for e in errors if not (isinstance(e, RestoreFailed)
+                                                      and str(e) == "stopped")), errors[0])
             cur.execute("BEGIN")
             for seq in plan.sequences:
                 state["step"] = f"sequence {seq.qname}"

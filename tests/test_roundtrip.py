@@ -373,7 +373,7 @@ INSERT INTO child SELECT g, g % 2000 + 1, 'n' || g FROM generate_series(1, 20000
 def test_parallel_restore_builds_indexes_and_keys_at_once(pg, db, repo):
     """restore -j builds indexes and key constraints over several connections, then
     foreign keys, triggers and comments: the same database as a one-connection restore."""
-    from fpvault.restore import split_post_data
+    from fpvault.restore import entry_table, split_post_data
     from fpvault.vault import Vault
 
     pg.execute(db, POST_DATA_SQL)
@@ -386,4 +386,8 @@ def test_parallel_restore_builds_indexes_and_keys_at_once(pg, db, repo):
     assert b"FOREIGN KEY" in rest and b"CREATE TRIGGER" in rest and b"COMMENT ON INDEX" in rest
     assert not any(b"FOREIGN KEY" in p or b"TRIGGER" in p for p in parallel)
     assert rest.startswith(preamble) and b"search_path" in preamble
+    # Each is scheduled right after its own table's data.
+    assert sorted(entry_table(p) for p in parallel) == [
+        "public.child", "public.child", "public.child", "public.parent", "public.parent",
+        "public.parent"]
     assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "3"))
