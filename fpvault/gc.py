@@ -77,10 +77,7 @@ def with_bases(index: Index, blobs: set[bytes]) -> set[bytes]:
     out = set(blobs)
     todo = list(blobs)
     while todo:
-        found = index.blobs.get(todo.pop())
-        if found is None:
-            continue
-        for base in found[1].bases:
+        for base in index.blobs.bases(todo.pop()) or ():
             if base not in out:
                 out.add(base)
                 todo.append(base)

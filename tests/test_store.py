@@ -4,14 +4,16 @@ import os
 import stat
 
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from fpvault import packs
 from fpvault.backend import LocalBackend, ObjectMissing
-from fpvault.chunkstore import BlobDamaged, ChunkRef, ChunkStore, Index, decode_list, encode_list
+from fpvault.chunkstore import (BlobDamaged, BlobMap, ChunkRef, ChunkStore, Index, decode_list,
+                               encode_list)
 from fpvault.errors import RepositoryDamaged
+from fpvault.packs import BlobEntry
 
 # -- the Backend contract: every implementation must pass these
 
@@ -187,3 +189,23 @@ def test_runs_group_adjacent_blobs_within_bounds(tmp_path):
     skipping = blobs[::2]
     assert all(len(run) == 1 for run in store.runs(skipping, max_gap=0, max_span=10**9))
     assert max(len(run) for run in store.runs(skipping, max_gap=60_000, max_span=10**9)) > 1
+
+
+@given(entries=st.lists(st.tuples(st.binary(min_size=32, max_size=32), st.integers(0, 3),
+                                  st.integers(0, 2**40), st.integers(0, 2**32 - 1),
+                                  st.integers(0, 2**32 - 1), st.integers(0, 3),
+                                  st.lists(st.binary(min_size=32, max_size=32), max_size=3),
+                                  st.integers(0, 1023), st.sampled_from([b"p" * 32, b"q" * 32])),
+                        max_size=30, unique_by=lambda t: t[0]))
+def test_the_compact_index_gives_back_what_it_was_given(entries):
+    blobs = BlobMap()
+    want = {}
+    for blob, type_, offset, length, raw, enc, bases, gen, pack in entries:
+        e = BlobEntry(blob, type_, offset, length, raw, enc, bases, gen)
+        blobs[blob] = (pack, e)
+        want[blob] = (pack, e)
+    assert len(blobs) == len(want) and set(blobs) == set(want)
+    assert {b: blobs[b] for b in want} == want
+    assert dict(blobs.items()) == want
+    assert sorted(e.id for _, e in blobs.values()) == sorted(want)
+    assert blobs.get(b"x" * 32) is None and b"x" * 32 not in blobs
