@@ -144,12 +144,18 @@ class BlobMap:
             number, e.type, e.offset, e.length, e.raw_length, e.encoding,
             e.generation) + b"".join(e.bases)
 
+    _SIZE = _RECORD.size
+    _unpack = _RECORD.unpack_from
+
     def _entry(self, blob: bytes, record: bytes) -> tuple[bytes, BlobEntry]:
-        number, type_, offset, length, raw_length, encoding, generation = \
-            self._RECORD.unpack_from(record)
-        size = self._RECORD.size
-        bases = ([record[i:i + 32] for i in range(size, len(record), 32)]
-                 if len(record) > size else [])
+        number, type_, offset, length, raw_length, encoding, generation = self._unpack(record)
+        size = self._SIZE
+        if len(record) == size:
+            bases = []
+        elif len(record) == size + 32:
+            bases = [record[size:]]
+        else:
+            bases = [record[i:i + 32] for i in range(size, len(record), 32)]
         return self._packs[number], BlobEntry(blob, type_, offset, length, raw_length, encoding,
                                               bases, generation)
 
