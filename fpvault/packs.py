@@ -88,15 +88,18 @@ class PackBuilder:
     def __len__(self) -> int:
         return len(self.buf)
 
-    def finish(self, codec=None) -> tuple[bytes, bytes]:
-        """Return (pack id, pack bytes); ``codec`` seals the trailer in an encrypted repository."""
+    def finish(self, codec=None) -> tuple[bytes, bytearray]:
+        """Return (pack id, pack bytes); ``codec`` seals the trailer in an encrypted repository.
+
+        The bytes are the builder's own buffer, not a copy (a pack is up to 32 MiB):
+        the builder must not be added to afterwards."""
         trailer = zstandard.ZstdCompressor(level=3).compress(_trailer_encoder.encode(self.entries))
         if codec is not None:
             trailer = codec.seal(trailer)
         self.buf += trailer
         self.buf += struct.pack("<I", len(trailer))
         self.buf += TRAILER_MAGIC
-        data = bytes(self.buf)
+        data, self.buf = self.buf, bytearray()
         return blob_id(data), data
 
 
