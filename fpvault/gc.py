@@ -119,32 +119,38 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
             f"{len(missing)} blobs that snapshots need are not in the index; prune stopped "
             "without deleting anything. Run 'fpvault repair index', then 'fpvault verify'.")
 
-    by_pack: dict[bytes, list[BlobEntry]] = {}
+    # Blob ids per pack; entries are rebuilt from the compact index when needed, so a
+    # million-blob index is not held twice while packs are read and written.
+    by_pack: dict[bytes, list[bytes]] = {}
     for pack_id, entry in index.blobs.values():
-        by_pack.setdefault(pack_id, []).append(entry)
+        by_pack.setdefault(pack_id, []).append(entry.id)
     files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")}
     sizes = {name: backend.size(name) for name in files.values()}
     stats.packs_before = len(files)
     stats.bytes_before = sum(sizes.values())
 
-    keep: dict[bytes, list[BlobEntry]] = {}
+    keep: list[bytes] = []
     repack: list[bytes] = []
     delete: list[str] = []
-    for pack_id, entries in by_pack.items():
+    for pack_id, blobs in by_pack.items():
         name = packs.pack_name(pack_id)
         if name not in sizes:
             raise RepositoryDamaged(f"Pack {pack_id.hex()[:16]} is in the index but missing; prune "
                                     "stopped without deleting anything. Run 'fpvault verify'.")
-        live_bytes = sum(e.length for e in entries if e.id in live)
-        total = sum(e.length for e in entries)
+        live_bytes = total = 0
+        for blob in blobs:
+            length = index.blobs[blob][1].length
+            total += length
+            if blob in live:
+                live_bytes += length
         if live_bytes == 0:
             delete.append(name)
-            stats.blobs_removed += len(entries)
+            stats.blobs_removed += len(blobs)
         elif (total - live_bytes) / max(total, 1) >= threshold:
             repack.append(pack_id)
-            stats.blobs_removed += sum(1 for e in entries if e.id not in live)
+            stats.blobs_removed += sum(1 for blob in blobs if blob not in live)
         else:
-            keep[pack_id] = entries
+            keep.append(pack_id)
     indexed = {packs.pack_name(p) for p in by_pack}
     orphans = [name for name in files.values() if name not in indexed]
     stats.orphan_packs = len(orphans)
@@ -169,9 +175,10 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     copied: set[bytes] = set()
     for pack_id in repack:
         data = backend.get(packs.pack_name(pack_id))
-        for e in by_pack[pack_id]:
-            if e.id not in live or e.id in copied:
+        for blob in by_pack[pack_id]:
+            if blob not in live or blob in copied:
                 continue
+            e = index.blobs[blob][1]
             stored = data[e.offset:e.offset + e.length]
             vault.store.decode(e.id, e, stored)  # raises BlobDamaged: never copy damage
             builder.add(e.id, e.type, stored, e.raw_length, e.encoding, e.bases, e.generation)
@@ -184,7 +191,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
 
     # 3 and 4: one index for what stays, then drop the old ones.
     old_index_files = list(index.files)
-    entries = [(p, e) for p, e in keep.items()] + new_packs
+    entries = [(p, [index.blobs[b][1] for b in by_pack[p]]) for p in keep] + new_packs
     if entries:
         name, blob = encode_index(entries, vault.codec)
         if name not in old_index_files:
