@@ -4,6 +4,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from conftest import run
 from test_delta import script, snap
 
@@ -64,11 +66,13 @@ def test_a_large_stream_gets_a_dictionary_that_pays(tmp_path, monkeypatch):
         vault.store.stats.bytes_added, plain.store.stats.bytes_added)
 
 
-def test_the_dictionary_is_carried_to_the_next_version(tmp_path):
+@pytest.mark.parametrize("password", [None, "correct horse"])
+def test_the_dictionary_is_carried_to_the_next_version(tmp_path, password):
+    """Also encrypted: the dictionary is a sealed blob with a keyed id like any other."""
     rnd = random.Random(2)
     rows = app_rows(rnd, 0, 60000)
     v1 = "".join(rows).encode()
-    vault = Vault.create(str(tmp_path / "r"))
+    vault = Vault.create(str(tmp_path / "r"), password=password)
     s1, _ = vault.write_stream([v1])
     vault.store.flush()
     for i in rnd.sample(range(len(rows)), 600):        # 1% updated, scattered
@@ -84,8 +88,12 @@ def test_the_dictionary_is_carried_to_the_next_version(tmp_path):
     # Changed chunks became deltas; the appended ones, new, use the dictionary.
     assert after[packs.DATA, packs.DELTA] > 10
     assert after[packs.DATA, packs.ZDICT] > before[packs.DATA, packs.ZDICT]
-    fresh = Vault.open(str(tmp_path / "r"))
+    fresh = Vault.open(str(tmp_path / "r"), password=lambda: password)
     assert fresh.read_bytes(s1) == v1 and fresh.read_bytes(s2) == v2
+    if password:   # nothing of the dictionary's content is readable in the packs
+        dictionary = fresh.store.get(bytes.fromhex(s1.dictionary))
+        sample = dictionary[-64:]
+        assert all(sample not in p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file())
 
 
 def test_no_dictionary_where_it_cannot_pay(tmp_path):
