@@ -319,12 +319,13 @@ def tree_bytes(path: str | os.PathLike) -> int:
 
 
 def pin_fpvault() -> tuple[str, str]:
-    """Freeze the fpvault sources under measurement; return (dir for PYTHONPATH, version).
+    """Freeze the fpvault sources under measurement; return (their dir, version).
 
     The package may be edited while a benchmark runs (an editable install
     imports the working tree afresh in every subprocess), so the scripts copy
-    ``fpvault/`` once, at the start, and run everything against that copy:
-    ``sys.path`` for the in-process API, ``PYTHONPATH`` for the CLI."""
+    ``fpvault/`` once, at the start, and run everything against that copy: the
+    copy goes first on ``PYTHONPATH`` here, for the CLI in subprocesses; a script
+    that uses the API in-process puts the returned dir first on ``sys.path``."""
     src = tempfile.mkdtemp(prefix="fpvault-bench-src-")
     shutil.copytree(ROOT / "fpvault", os.path.join(src, "fpvault"),
                     ignore=shutil.ignore_patterns("__pycache__"))
@@ -338,6 +339,7 @@ def pin_fpvault() -> tuple[str, str]:
     dirty = subprocess.run([*git, "status", "--porcelain", "--", "fpvault"], capture_output=True,
                            text=True).stdout.strip()
     version = f"fpvault at {head}" + (" with uncommitted changes to fpvault/" if dirty else "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
     return src, f"{version} (sources {digest.hexdigest()})"
 
 

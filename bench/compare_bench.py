@@ -60,8 +60,7 @@ def main() -> None:
     ensure_tools()
     started = time.monotonic()
     # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
-    src, version = pin_fpvault()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    _, version = pin_fpvault()
     fv = fpvault_bin()
     with Cluster() as cluster, tempfile.TemporaryDirectory(prefix="fpvault-bench-") as tmp:
         env = cluster.env()

@@ -61,8 +61,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.monotonic()
     # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
-    src, version = pin_fpvault()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    _, version = pin_fpvault()
     from moto.server import ThreadedMotoServer
     import boto3
 

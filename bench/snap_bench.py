@@ -68,8 +68,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t_all = time.perf_counter()
-    src, version = pin_fpvault()
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    _, version = pin_fpvault()
     work = tempfile.mkdtemp(prefix="fpvault-bench-")
     pg = Cluster(keep=args.keep)
     try:

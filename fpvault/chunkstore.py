@@ -128,6 +128,8 @@ class BlobMap:
     access, which costs a microsecond."""
 
     _RECORD = struct.Struct("<IBQIIBH")
+    _SIZE = _RECORD.size
+    _unpack = _RECORD.unpack_from
 
     def __init__(self) -> None:
         self._records: dict[bytes, bytes] = {}
@@ -144,27 +146,23 @@ class BlobMap:
             number, e.type, e.offset, e.length, e.raw_length, e.encoding,
             e.generation) + b"".join(e.bases)
 
-    _SIZE = _RECORD.size
-    _unpack = _RECORD.unpack_from
+    def _bases(self, record: bytes) -> list[bytes]:
+        size = self._SIZE
+        if len(record) == size:        # the usual cases first: no base, or one
+            return []
+        if len(record) == size + 32:
+            return [record[size:]]
+        return [record[i:i + 32] for i in range(size, len(record), 32)]
 
     def _entry(self, blob: bytes, record: bytes) -> tuple[bytes, BlobEntry]:
         number, type_, offset, length, raw_length, encoding, generation = self._unpack(record)
-        size = self._SIZE
-        if len(record) == size:
-            bases = []
-        elif len(record) == size + 32:
-            bases = [record[size:]]
-        else:
-            bases = [record[i:i + 32] for i in range(size, len(record), 32)]
         return self._packs[number], BlobEntry(blob, type_, offset, length, raw_length, encoding,
-                                              bases, generation)
+                                              self._bases(record), generation)
 
     def bases(self, blob: bytes) -> list[bytes] | None:
         """The blob's bases (without building its entry); None if it is not indexed."""
         record = self._records.get(blob)
-        if record is None:
-            return None
-        return [record[i:i + 32] for i in range(self._RECORD.size, len(record), 32)]
+        return None if record is None else self._bases(record)
 
     def __getitem__(self, blob: bytes) -> tuple[bytes, BlobEntry]:
         return self._entry(blob, self._records[blob])
@@ -525,46 +523,45 @@ class ChunkStore:
                 if b is None or b in seen or self._cache.get(b) is not None:
                     continue
                 seen.add(b)
-                entry = self.index.blobs.get(b)
-                if entry is None:
+                bases = self.index.blobs.bases(b)
+                if bases is None:
                     continue
                 need.append(b)
-                todo.extend(entry[1].bases)
+                todo.extend(bases)
         if not need:
             return
-        need.sort(key=lambda b: (self.index.blobs[b][0], self.index.blobs[b][1].offset))
+        def where(b: bytes) -> tuple[bytes, int]:
+            pack_id, e = self.index.blobs[b]
+            return pack_id, e.offset
+
+        need.sort(key=where)
         for got in pool.map(self._read_stored, self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN)):
             with self._lock:
-                for blob, stored in got:
+                for blob, _, stored in got:
                     if blob not in self._prefetched:
                         self._prefetched[blob] = stored
                         self._prefetched_bytes += len(stored)
                 while self._prefetched_bytes > PREFETCH_BYTES:
                     self._prefetched_bytes -= len(self._prefetched.popitem(last=False)[1])
 
-    def _read_stored(self, run: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """The stored (still encoded) bytes of a run of blobs, in one ranged read."""
-        entries = [self.index.blobs[blob] for blob in run]
-        start = entries[0][1].offset
-        end = max(e.offset + e.length for _, e in entries)
-        data = self.backend.get(packs.pack_name(entries[0][0]), start, end - start)
-        return [(blob, data[e.offset - start:e.offset - start + e.length])
-                for blob, (_, e) in zip(run, entries)]
-
-    def get_run(self, blobs: list[bytes]) -> list[bytes]:
-        """Blobs stored one after another in one pack, read with a single ranged read."""
+    def _read_stored(self, run: list[bytes]) -> list[tuple[bytes, BlobEntry, bytes]]:
+        """(id, entry, stored bytes) of blobs stored one after another in one pack, read
+        with a single ranged read; the bytes are still encoded."""
         entries = []
-        for blob in blobs:
+        for blob in run:
             try:
                 entries.append(self.index.blobs[blob])
             except KeyError:
                 raise BlobDamaged(blob, "it is not in the index") from None
-        pack_id = entries[0][0]
         start = entries[0][1].offset
         end = max(e.offset + e.length for _, e in entries)
-        data = self.backend.get(packs.pack_name(pack_id), start, end - start)
-        return [self.decode(blob, e, data[e.offset - start:e.offset - start + e.length])
-                for blob, (_, e) in zip(blobs, entries)]
+        data = self.backend.get(packs.pack_name(entries[0][0]), start, end - start)
+        return [(blob, e, data[e.offset - start:e.offset - start + e.length])
+                for blob, (_, e) in zip(run, entries)]
+
+    def get_run(self, blobs: list[bytes]) -> list[bytes]:
+        """Blobs stored one after another in one pack, read with a single ranged read."""
+        return [self.decode(blob, e, stored) for blob, e, stored in self._read_stored(blobs)]
 
     def runs(self, blobs: list[bytes], max_gap: int, max_span: int) -> list[list[bytes]]:
         """Split ``blobs`` (in stream order) into runs that ``get_run`` can read at once:

@@ -59,3 +59,12 @@ class RestoreFailed(FpvaultError):
 
 class ToolError(FpvaultError):
     """pg_dump or pg_restore is missing, too old, or failed."""
+
+
+class Stopped(Exception):
+    """A parallel task gave up because another one failed; that one's error is reported."""
+
+
+def first_cause(errors: list[BaseException]) -> BaseException:
+    """Of the errors parallel tasks ended with, the one to report: not a ``Stopped``."""
+    return next((e for e in errors if not isinstance(e, Stopped)), errors[0])

@@ -34,7 +34,8 @@ import psycopg
 from psycopg import sql
 
 from . import pgsource, pgtools
-from .errors import DatabaseError, RepositoryDamaged, RestoreFailed, UsageError
+from .errors import (DatabaseError, RepositoryDamaged, RestoreFailed, Stopped, UsageError,
+                     first_cause)
 from .manifest import LargeObject, SequenceState, Snapshot, Stream, TableEntry
 from .vault import Vault
 
@@ -377,7 +378,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     # Work items: ("load", table) or ("build", entry).  A table's builds go to the front
     # of the queue when its data is in; builds on no restored table wait for all loads.
     queue: deque = deque(("load", t) for t in sorted(plan.tables, key=lambda t: -t.data.bytes))
-    waiting = {"loads": len(plan.tables)}
+    loads_left = len(plan.tables)
     ready = threading.Condition()
 
     def next_item():
@@ -385,16 +386,17 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
             while not stop.is_set():
                 if queue:
                     return queue.popleft()
-                if waiting["loads"] == 0:
+                if loads_left == 0:
                     return None
                 ready.wait()
             return None
 
     def loaded(table: TableEntry) -> None:
+        nonlocal loads_left
         with ready:
-            waiting["loads"] -= 1
+            loads_left -= 1
             queue.extendleft(("build", e) for e in reversed(builds.pop(table.qname, [])))
-            if waiting["loads"] == 0:
+            if loads_left == 0:
                 queue.extend(("build", e) for e in builds.pop(None, []))
             ready.notify_all()
 
@@ -416,7 +418,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                             with cur.copy(copy_in_statement(what)) as copy:
                                 for chunk in table_chunks(vault, plan, what):
                                     if stop.is_set():
-                                        raise RestoreFailed("stopped")
+                                        raise Stopped()
                                     copy.write(chunk)
                         except psycopg.Error as exc:
                             exc.add_note(what.qname)
@@ -459,8 +461,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                 wait(futures)
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
-                raise next((e for e in errors if not (isinstance(e, RestoreFailed)
-                                                      and str(e) == "stopped")), errors[0])
+                raise first_cause(errors)
             cur.execute("BEGIN")
             for seq in plan.sequences:
                 state["step"] = f"sequence {seq.qname}"

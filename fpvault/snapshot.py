@@ -34,7 +34,7 @@ import psycopg
 import zstandard
 
 from . import pgsource, pgtools
-from .errors import DatabaseError, SnapshotFailed, ToolError
+from .errors import DatabaseError, SnapshotFailed, Stopped, ToolError, first_cause
 from .manifest import (LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, Stream,
                        TableEntry)
 from .vault import Vault, client_hostname, now_iso
@@ -220,10 +220,6 @@ def previous_snapshot(vault: Vault, database: str, port: str) -> Snapshot | None
     return best[-1] if best else None
 
 
-class _Stopped(Exception):
-    """A task gave up because another one failed (whose error is the one to report)."""
-
-
 class Spool:
     """A later key range of a split table, read by another connection while the first
     range is being stored.  Its COPY stream waits, zstd-compressed in a temporary file,
@@ -253,9 +249,9 @@ class Spool:
     def read(self, stop: threading.Event) -> Iterator[bytes]:
         while not self.done.wait(0.1):
             if stop.is_set():
-                raise _Stopped()
+                raise Stopped()
         if self.failed:
-            raise _Stopped()   # the spool's own task reports why
+            raise Stopped()   # the spool's own task reports why
         self._file.seek(0)
         yield from zstandard.ZstdDecompressor().read_to_iter(self._file, read_size=1 << 20,
                                                              write_size=pgsource.COPY_BATCH)
@@ -338,7 +334,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             wait(futures)
             errors = [f.exception() for f in futures if f.exception() is not None]
             if errors:
-                raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+                raise first_cause(errors)
     finally:
         for spool in spools:
             spool.close()

@@ -420,8 +420,7 @@ class StreamWriter:
         """Train the dictionary on the held chunks if that can pay; then store them."""
         held, self._held = self._held or [], None
         store = self.vault.store
-        new = [chunk for chunk, blob in held if blob not in store.index]
-        if len(new) >= DICT_MIN_CHUNKS:
+        if sum(blob not in store.index for _, blob in held) >= DICT_MIN_CHUNKS:
             self.dictionary = store.train_dictionary([chunk for chunk, _ in held])
             # A full sample decides for good; a short one is tried again as the stream grows.
             self.no_dictionary = not self.dictionary and self._held_bytes >= self._sample_bytes
@@ -444,9 +443,10 @@ class StreamWriter:
                 # after same-length updates, gains nothing from the second base, which
                 # would cost its id twice (pack trailer and index) and a third of the
                 # delta's compression time.
+                similar = [self._prev[at].id]
                 end = self._offset + self._drift + len(chunk)
-                similar = [self._prev[i].id for i in (at, at + 1)
-                           if i == at or (i < len(self._prev) and end > self._prev_starts[i])]
+                if at + 1 < len(self._prev) and end > self._prev_starts[at + 1]:
+                    similar.append(self._prev[at + 1].id)
                 if self._remote and at + 2 > self._read_ahead_to:
                     self.vault.store.prefetch_bases(
                         [ref.id for ref in self._prev[at:at + BASE_READ_AHEAD]],
