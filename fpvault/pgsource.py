@@ -17,7 +17,13 @@ backup wants.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+import re
 import select
+import subprocess
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -66,6 +72,16 @@ def safe_conninfo(conninfo: str) -> tuple[str, str | None]:
     return make_conninfo(**params), password
 
 
+def tool_conninfo(conninfo: str) -> tuple[str, dict[str, str]]:
+    """For pg_dump and psql: the conninfo without its password (it would show in
+    ``ps``), and an environment that carries the password instead."""
+    safe, password = safe_conninfo(conninfo)
+    env = dict(os.environ)
+    if password is not None:
+        env["PGPASSWORD"] = password
+    return safe, env
+
+
 def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
     params = conninfo_params(conninfo)
     try:
@@ -96,10 +112,19 @@ def describe(conninfo: str) -> str:
     return f"database {db!r}" + (f" on {where}" if where else "")
 
 
-def setup_session(conn: psycopg.Connection) -> None:
+def setup_session(conn: psycopg.Connection, encoding: str | None = None) -> None:
+    """pg_dump's session settings; with ``encoding``, COPY streams come in it (the
+    database's own encoding, which a restore declares), whatever PGCLIENTENCODING says."""
+    settings = {**SESSION_SETTINGS, **({"client_encoding": encoding} if encoding else {})}
     with conn.cursor() as cur:
-        for name, value in SESSION_SETTINGS.items():
+        for name, value in settings.items():
             cur.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+
+
+def database_encoding(conn: psycopg.Connection) -> str:
+    return conn.execute("SELECT pg_catalog.pg_encoding_to_char(encoding) FROM "
+                        "pg_catalog.pg_database WHERE datname = "
+                        "pg_catalog.current_database()").fetchone()[0]
 
 
 def begin_snapshot(conn: psycopg.Connection, snapshot: str | None = None) -> str:
@@ -289,6 +314,10 @@ def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[
         return [r[0] for r in cur.fetchall()]
 
 
+# Tables at least this large on disk are read by a psql process (``PsqlReader``), which
+# costs about 20 ms to start and connect: below this, libpq's per-row loop here is cheaper.
+PSQL_MIN_BYTES = 8 * 1024 * 1024
+
 # COPY sends one message per row; gathering rows into buffers of about this size
 # keeps the per-row work to one append, instead of a trip through the chunker,
 # the hasher and the progress bar for every row.
@@ -376,6 +405,126 @@ def copy_out(conn: psycopg.Connection, table: TableInfo,
                     rows.append(res.command_tuples or 0)
             if pgconn.status != pq.ConnStatus.OK:
                 raise psycopg.OperationalError(pgconn.get_error_message() or "connection lost")
+
+
+class PsqlUnavailable(Exception):
+    """psql could not be started or could not connect; read through libpq instead."""
+
+
+@dataclass
+class PsqlReader:
+    """Reads COPY streams through ``psql`` processes that join the exported snapshot.
+
+    libpq hands a COPY stream over one row at a time, and however tight the
+    Python loop around ``PQgetCopyData`` is, it costs about as much client CPU
+    as chunking, hashing and compressing the rows together (5 million narrow
+    rows: 3.4 s of CPU against 1.0 s for psql, docs/benchmarks.md).  psql runs
+    that loop in C, in a process of its own, so the rows are gathered on
+    another core and the snapshot reads a pipe in 1 MiB pieces.  Each table
+    gets its own psql (about 20 ms to start and connect), so only tables of at
+    least ``PSQL_MIN_BYTES`` go this way.
+
+    Each psql sets up its session as ``setup_session`` does, begins a
+    REPEATABLE READ, READ ONLY transaction on ``snapshot`` and takes its
+    ACCESS SHARE lock with NOWAIT, as a worker connection does.  Its errors
+    come back as the psycopg exceptions of their SQLSTATE."""
+
+    psql: str
+    conninfo: str            # without the password: that goes in the environment
+    env: dict[str, str]
+    snapshot: str
+    encoding: str
+    disabled: bool = False   # psql could not connect once: libpq from then on
+
+    def script(self, table: TableInfo, key_range: tuple[int | None, int | None] | None) -> bytes:
+        lines = ["\\set ON_ERROR_STOP on", "\\set VERBOSITY verbose"]
+        lines += [sql.SQL("SET {} = {}").format(sql.Identifier(k), sql.Literal(v)).as_string(None)
+                  for k, v in {**SESSION_SETTINGS, "client_encoding": self.encoding}.items()]
+        lines += ["BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+                  sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
+                      sql.Literal(self.snapshot)).as_string(None),
+                  f"LOCK TABLE {table.qname} IN ACCESS SHARE MODE NOWAIT",
+                  table.copy_statement(key_range).as_string(None),
+                  "COMMIT"]
+        return "".join(line + ("\n" if line.startswith("\\") else ";\n")
+                       for line in lines).encode()
+
+    def copy_out(self, table: TableInfo, key_range: tuple[int | None, int | None] | None = None,
+                 rows: list[int] | None = None) -> Iterator[bytearray]:
+        """As ``copy_out``; raises PsqlUnavailable, before yielding anything, if psql
+        cannot be run or cannot connect."""
+        try:
+            proc = subprocess.Popen(
+                [self.psql, "-X", "-q", "-w", "-d", self.conninfo, "-f", "-"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=self.env, bufsize=0)
+        except OSError as exc:
+            raise PsqlUnavailable(str(exc)) from exc
+        try:
+            with contextlib.suppress(OSError, AttributeError):
+                # Larger pipe: psql writes 4 KiB at a time, we read 1 MiB at a time.
+                fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, COPY_BATCH)
+            # A stderr that fills up would stall psql: drain it on the side.
+            errors: list[bytes] = []
+            drain = threading.Thread(target=lambda: errors.append(proc.stderr.read()),
+                                     daemon=True)
+            drain.start()
+            proc.stdin.write(self.script(table, key_range))
+            proc.stdin.close()
+            newlines = 0
+            got_any = False
+            out = proc.stdout
+            while True:
+                buf = bytearray(COPY_BATCH)
+                view = memoryview(buf)
+                n = 0
+                while n < COPY_BATCH:
+                    k = out.readinto(view[n:])
+                    if not k:
+                        break
+                    n += k
+                view.release()
+                if n == 0:
+                    break
+                del buf[n:]
+                newlines += buf.count(b"\n")
+                got_any = True
+                yield buf
+                if n < COPY_BATCH:
+                    break
+            code = proc.wait()
+            drain.join()
+            if code != 0:
+                text = b"".join(errors).decode("utf-8", "replace")
+                if code == 2 and not got_any and text.lstrip().startswith("psql: error: "):
+                    raise PsqlUnavailable(text.strip())   # it never connected
+                raise _psql_error(code, text)
+            if rows is not None:
+                rows.append(newlines)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for f in (proc.stdin, proc.stdout, proc.stderr):
+                with contextlib.suppress(OSError):
+                    f.close()
+
+
+def _psql_error(code: int, text: str) -> psycopg.Error:
+    """The psycopg exception for what psql printed (VERBOSITY verbose gives the SQLSTATE)."""
+    m = re.search(r"(?:ERROR|FATAL):\s+([0-9A-Z]{5}):\s+(.*)", text)
+    if m:
+        try:
+            cls = psycopg.errors.lookup(m.group(1))
+        except KeyError:
+            cls = psycopg.DatabaseError
+        return cls(m.group(2).strip())
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [line for line in lines if "error: " in line]
+    msg = ((said or lines)[0].split("error: ", 1)[-1] if lines
+           else f"psql exited with status {code}")
+    # psql exits 2 when the connection to the server went bad.
+    return (psycopg.OperationalError if code == 2 else psycopg.DatabaseError)(msg)
 
 
 def sequence_state(conn: psycopg.Connection, qname: str) -> tuple[int, bool]:

@@ -113,6 +113,18 @@ def find_tool(name: str, min_major: int, why: str) -> Tool:
                     "FPVAULT_PG_BINDIR at their bin directory.")
 
 
+def find_psql(pg_dump: Tool) -> Tool | None:
+    """The psql beside ``pg_dump`` (any psql reads COPY; this one is known to fit), else
+    the first one found; None without one (snap then reads every table through libpq)."""
+    beside = _probe(os.path.join(os.path.dirname(pg_dump.path), "psql"))
+    if beside is not None:
+        return beside
+    try:
+        return find_tool("psql", 0, "")
+    except ToolError:
+        return None
+
+
 def run_tool(tool: Tool, args: list[str], env: dict[str, str] | None = None,
              what: str = "") -> bytes:
     """Run a tool; return its stdout or raise ToolError with its stderr."""

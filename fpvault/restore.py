@@ -275,15 +275,16 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
         _check_target(conn, plan, where)
         with conn.cursor() as cur:
             cur.execute("BEGIN")
-            cur.execute(sql.SQL("SET client_encoding = {}").format(
-                sql.Literal(plan.snapshot.source.encoding)))
+            _set_encoding(cur, plan)
             if plan.options.data_only:
                 cur.execute("SET LOCAL session_replication_role = replica")
             if plan.pre_data:
                 step = "the pre-data schema"
                 say("schema (pre-data)")
                 cur.execute(plan.pre_data)
-                # The archive's SQL empties search_path; our COPY names are qualified anyway.
+                # The archive's SQL empties search_path (our COPY names are qualified) and
+                # sets the client encoding it was dumped in: the data's is the database's.
+                _set_encoding(cur, plan)
             for table in plan.tables:
                 step = f"the data of {table.qname}"
                 say(table.qname)
@@ -318,9 +319,14 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
 
 
 def _session(cur: psycopg.Cursor, plan: Plan) -> None:
-    cur.execute(sql.SQL("SET client_encoding = {}").format(sql.Literal(plan.snapshot.source.encoding)))
+    _set_encoding(cur, plan)
     if plan.options.data_only:
         cur.execute("SET session_replication_role = replica")
+
+
+def _set_encoding(cur: psycopg.Cursor, plan: Plan) -> None:
+    """COPY data is in the source database's encoding."""
+    cur.execute(sql.SQL("SET client_encoding = {}").format(sql.Literal(plan.snapshot.source.encoding)))
 
 
 # Post-data entries that -j builds over several connections at once, as pg_restore -j
@@ -407,9 +413,9 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
         conn = pgsource.connect(conninfo, "to restore into")
         try:
             with conn.cursor() as cur:
-                _session(cur, plan)
                 if preamble:
                     cur.execute(preamble)
+                _session(cur, plan)
                 while item is not None:
                     kind, what = item
                     cur.execute("BEGIN")
@@ -557,7 +563,7 @@ def to_script(vault: Vault, plan: Plan, out: BinaryIO) -> None:
         w(b"SET LOCAL session_replication_role = replica;\n")
     if plan.pre_data:
         w(plan.pre_data)
-        w(b"\n")
+        w(f"\nSET client_encoding = '{snap.source.encoding}';\n".encode())
     for table in plan.tables:
         w(copy_in_statement(table).as_string(None).encode() + b";\n")
         last = b"\n"

@@ -112,23 +112,27 @@ def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Fi
 
 def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters: Filters,
           jobs: int, progress: Progress, started: float) -> SnapResult:
-    pgsource.setup_session(leader)
+    encoding = pgsource.database_encoding(leader)
+    pgsource.setup_session(leader, encoding)
     server_num = leader.info.server_version
     server_major = server_num // 10000
     pg_dump = pgtools.find_tool("pg_dump", server_major, f"for a PostgreSQL {server_major} server")
     pg_restore = pgtools.find_tool("pg_restore", pg_dump.major, "to read pg_dump's archive")
     snapshot_name = pgsource.begin_snapshot(leader)
+    safe, env = pgsource.tool_conninfo(conninfo)
+    psql = pgtools.find_psql(pg_dump)
+    reader = (pgsource.PsqlReader(psql.path, safe, env, snapshot_name, encoding)
+              if psql is not None else None)
 
     with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
         archive_path = os.path.join(tmp, "schema.dump")
-        safe, password = pgsource.safe_conninfo(conninfo)
-        env = dict(os.environ)
-        if password is not None:
-            env["PGPASSWORD"] = password
         try:
             pgtools.run_tool(pg_dump, [
                 "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
                 f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
+                # The archive's SET client_encoding must be the one the data is read in
+                # (PGCLIENTENCODING would otherwise choose it).
+                f"--encoding={encoding}",
                 *filters.pg_dump_args(), f"--dbname={safe}"], env=env, what="dumping the schema")
         except ToolError as exc:
             text = str(exc)
@@ -170,8 +174,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     prev_los = {lo.oid: lo.data for lo in prev.large_objects} if prev else {}
 
     progress.start(len(tables), sum(t.size for t in tables))
-    entries = _copy_tables(vault, leader, conninfo, snapshot_name, tables, jobs, progress,
-                           prev_tables)
+    entries = _copy_tables(vault, leader, conninfo, snapshot_name, encoding, reader, tables,
+                           jobs, progress, prev_tables)
 
     sequences = []
     for oid in seq_oids:
@@ -189,9 +193,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     params = pgsource.conninfo_params(conninfo)
     info = leader.info
     with leader.cursor() as cur:
-        cur.execute("SELECT current_user, pg_catalog.pg_encoding_to_char(encoding) "
-                    "FROM pg_catalog.pg_database WHERE datname = current_database()")
-        user, encoding = cur.fetchone()
+        cur.execute("SELECT current_user")
+        user = cur.fetchone()[0]
     source = Source(host=info.host if not info.host.startswith("/") else params.get("host", "local"),
                     port=str(info.port), database=info.dbname, user=user,
                     server_version=_version_text(server_num), server_version_num=server_num,
@@ -234,10 +237,11 @@ class Spool:
         self.rows: list[int] = []
         self._file = tempfile.TemporaryFile(prefix="fpvault-spool-")
 
-    def fill(self, conn: psycopg.Connection, progress: Progress) -> None:
+    def fill(self, conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
+             progress: Progress) -> None:
         try:
             with zstandard.ZstdCompressor(level=1).stream_writer(self._file, closefd=False) as out:
-                for buf in pgsource.copy_out(conn, self.table, self.key_range, self.rows):
+                for buf in copy_out(conn, reader, self.table, self.key_range, self.rows):
                     progress.advance(len(buf))
                     out.write(buf)
         except BaseException:
@@ -260,13 +264,33 @@ class Spool:
         self._file.close()
 
 
+def copy_out(conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
+             table: pgsource.TableInfo, key_range: tuple[int | None, int | None] | None,
+             rows: list[int]) -> Iterator[bytearray]:
+    """A table's COPY stream (or a key range of it): through a psql process if the
+    table is large and psql can connect, else through ``conn``."""
+    if reader is not None and not reader.disabled and table.size >= pgsource.PSQL_MIN_BYTES:
+        stream = reader.copy_out(table, key_range, rows)
+        try:
+            first = next(stream, None)
+        except pgsource.PsqlUnavailable:
+            reader.disabled = True   # and read it here instead
+        else:
+            if first is not None:
+                yield first
+            yield from stream
+            return
+    yield from pgsource.copy_out(conn, table, key_range, rows)
+
+
 def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
+                 encoding: str, reader: pgsource.PsqlReader | None,
                  tables: list[pgsource.TableInfo], jobs: int, progress: Progress,
                  previous: dict[tuple[str, str], Stream]) -> list[TableEntry]:
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
     if jobs == 1 or not todo:
-        return [_copy_table(vault, leader, t, progress, previous) for t in todo]
+        return [_copy_table(vault, leader, reader, t, progress, previous) for t in todo]
 
     # A table larger than its share of the work is read in key ranges by several
     # connections at once.  Their spools go first in the queue: every spool is being
@@ -304,20 +328,18 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
                 try:
                     pgsource.lock_tables(conn, [table], nowait=True)
                 except psycopg.errors.LockNotAvailable as exc:
-                    raise SnapshotFailed(f"Another session is waiting for an exclusive lock on "
-                                         f"{table.qname}; take the snapshot again when that DDL "
-                                         "is done.") from exc
+                    raise lock_conflict(table) from exc
             if isinstance(task, Spool):
-                task.fill(conn, progress)
+                task.fill(conn, reader, progress)
                 continue
-            entry = _copy_table(vault, conn, table, progress, previous, *task[1:], stop)
+            entry = _copy_table(vault, conn, reader, table, progress, previous, *task[1:], stop)
             with lock:
                 results.append(entry)
 
     def worker() -> None:
         conn = pgsource.connect(conninfo, "for a parallel worker")
         try:
-            pgsource.setup_session(conn)
+            pgsource.setup_session(conn, encoding)
             pgsource.begin_snapshot(conn, snapshot_name)
             work(conn, False)
             conn.execute("COMMIT")
@@ -341,8 +363,16 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     return results
 
 
-def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInfo,
-                progress: Progress, previous: dict[tuple[str, str], Stream],
+def lock_conflict(table: pgsource.TableInfo) -> SnapshotFailed:
+    """A reader that joins the snapshot takes its lock with NOWAIT: waiting behind a
+    queued exclusive lock, which waits for the leader's lock, would never end."""
+    return SnapshotFailed(f"Another session is waiting for an exclusive lock on {table.qname}; "
+                          "take the snapshot again when that DDL is done. No snapshot was written.")
+
+
+def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
+                table: pgsource.TableInfo, progress: Progress,
+                previous: dict[tuple[str, str], Stream],
                 spools: list[Spool] = (), first_range: tuple | None = None,
                 stop: threading.Event | None = None) -> TableEntry:
     """Read and store one table; when it is split, its first key range from ``conn``
@@ -350,7 +380,7 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
     rows: list[int] = []
 
     def counted():
-        for buf in pgsource.copy_out(conn, table, first_range, rows):
+        for buf in copy_out(conn, reader, table, first_range, rows):
             progress.advance(len(buf))
             yield buf
         for spool in spools:
@@ -362,6 +392,8 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, table: pgsource.TableInf
                                        count_rows=False)
     except psycopg.Error as exc:
         exc.add_note(f"while reading {table.qname}")
+        if isinstance(exc, psycopg.errors.LockNotAvailable):   # an OperationalError too
+            raise lock_conflict(table) from exc
         if isinstance(exc, (psycopg.OperationalError, psycopg.errors.InsufficientPrivilege)):
             raise
         raise SnapshotFailed(f"Reading {table.qname} failed: {pgsource.pg_message(exc)}. "

@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from fpvault import pgsource
 from fpvault.cli import main
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -154,6 +155,14 @@ def pg():
         subprocess.run([*prefix, os.path.join(bindir, "pg_ctl"), "-D", data, "-m", "immediate",
                         "stop"], capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _both_copy_readers(monkeypatch):
+    """Snap reads large tables through psql and small ones through libpq (see
+    fpvault.pgsource.PsqlReader).  Tables in the tests are small: move the line so
+    that the suite goes through both readers (tables over 64 KiB on disk: psql)."""
+    monkeypatch.setattr(pgsource, "PSQL_MIN_BYTES", 64 * 1024)
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import json
 import psycopg
 
 from conftest import run
-from fpvault import pgsource, snapshot
+from fpvault import snapshot
 from fpvault.vault import Vault
 
 
@@ -18,15 +18,15 @@ def snap(pg, repo, db, *args):
 def spy_on_copy(monkeypatch, fail_range=False):
     """Record (table, key range) of every COPY; optionally fail the later ranges."""
     seen = []
-    real = pgsource.copy_out
+    real = snapshot.copy_out
 
-    def copy_out(conn, table, key_range=None, rows=None):
+    def copy_out(conn, reader, table, key_range, rows):
         seen.append((table.name, key_range))
         if fail_range and key_range is not None and key_range[0] is not None:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real(conn, table, key_range, rows)
+        return real(conn, reader, table, key_range, rows)
 
-    monkeypatch.setattr(pgsource, "copy_out", copy_out)
+    monkeypatch.setattr(snapshot, "copy_out", copy_out)
     return seen
 
 
