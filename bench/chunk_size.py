@@ -74,24 +74,26 @@ def metadata(path: str) -> dict[str, int]:
     for snap in vault.snapshots():
         for stream in (snap.schema.archive, snap.schema.pre_data, snap.schema.post_data):
             schema_ids.update(ref.id for ref in vault.store.get_list(bytes.fromhex(stream.list)))
-    data = lists = schema = dicts = chunks = 0
+    data = lists = schema = chunks = 0
     in_packs: dict[bytes, int] = {}
+    counted: set[tuple[bytes, int]] = set()   # a frame's chunks share their stored bytes
     for pack_id, e in index.blobs.values():
+        if e.type == packs.DATA and e.id not in schema_ids:
+            chunks += 1
+        if (pack_id, e.offset) in counted:
+            continue
+        counted.add((pack_id, e.offset))
         in_packs[pack_id] = in_packs.get(pack_id, 0) + e.length
         if e.type == packs.LIST:
             lists += e.length
-        elif e.type == packs.DICT:
-            dicts += e.length
         elif e.id in schema_ids or e.type != packs.DATA:
             schema += e.length
         else:
             data += e.length
-            chunks += 1
     pack_files = sum(os.path.getsize(os.path.join(path, packs.pack_name(p))) for p in in_packs)
     return {
         "data": data,                                   # table data chunks (and deltas)
         "schema": schema,                               # pg_dump archive and DDL text
-        "dicts": dicts,                                 # trained zstd dictionaries
         "lists": lists,                                 # chunk lists
         "pack_overhead": pack_files - sum(in_packs.values()),   # magic + trailers
         "index": tree_bytes(os.path.join(path, "index")),
@@ -331,7 +333,7 @@ def run(pg: Cluster, work: str, sizes: list[int], args) -> str:
             f"{s['seconds']:.2f} s | {s['read']:.2f} s |")
     out += ["",
             "Metadata is everything in the repository after snapshot 1 that is not a stored "
-            "chunk, trained dictionary or schema blob, measured exactly: chunk-list blobs (36 "
+            "chunk or schema blob, measured exactly: chunk-list blobs (36 "
             "bytes per chunk per "
             "table, stored compressed), pack headers and trailers (which repeat the index "
             "entries), the `index/` files and the snapshot manifest. \"Chunks rewritten\" counts "
@@ -343,13 +345,12 @@ def run(pg: Cluster, work: str, sizes: list[int], args) -> str:
             "stream of snapshot 2 through the store, in-process (restore's share of the work "
             "without PostgreSQL).",
             "",
-            "| avg chunk | table data stored | dictionaries | schema | chunk lists "
+            "| avg chunk | table data stored | schema | chunk lists "
             "| pack headers+trailers | index files | manifest |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---:|---:|---:|---:|---:|---:|"]
     for avg in sizes:
         f = first[avg]
-        out.append(f"| {size_name(avg)} | {human(f['data'])} | {human(f['dicts'])} | "
-                   f"{human(f['schema'])} | "
+        out.append(f"| {size_name(avg)} | {human(f['data'])} | {human(f['schema'])} | "
                    f"{human(f['lists'])} | {human(f['pack_overhead'])} | {human(f['index'])} | "
                    f"{human(f['manifests'])} |")
     out.append(f"\nCOPY text in total: {human(total_copy)}. For reference, zstd level {level} "

@@ -1,8 +1,9 @@
 """The chunk store: put and get blobs by the hash of their content.
 
 ``put`` hashes a blob, skips it when the repository (or this session) already
-has it, compresses it, checks that the compressed bytes decode back to the
-same content, and adds it to the open pack.  ``flush`` writes the open pack
+has it, compresses it (as a delta against its previous version, or together
+with the stream's next new chunks in a *frame*), checks that the compressed
+bytes decode back to the same content, and adds it to the open pack.  ``flush`` writes the open pack
 and an *index* file naming every blob added since the last flush: the index
 is what makes blobs findable, so a blob is only part of the repository once
 the index file that names it exists.  ``get`` reads a blob back and re-hashes
@@ -56,17 +57,31 @@ MAX_PENDING_UPLOADS = 2
 # Delta bases read ahead on a remote backend (``prefetch_bases``): their stored bytes
 # wait here until decoded, at most this much.
 PREFETCH_BYTES = 32 * 1024 * 1024
-# Trained dictionaries (packs.DICT, one per large table): at most this size (zstd's
-# default; on the sample's largest tables 110 KiB beat 64 KiB by 4-5%), and kept only if
-# the sample it was trained on, compressed with it, shrinks by more than the
-# dictionary's own stored size plus this share.
-DICT_MAX_SIZE = 110 * 1024
-DICT_MIN_GAIN = 0.03
-# Compression and decompression contexts loaded with a dictionary, per thread.
-DICT_CONTEXTS = 8
+# New chunks of a stream that are not stored as deltas are compressed together, in
+# zstd frames of about this much plaintext: 64 KiB chunks compressed one by one stored
+# the bench database's first snapshot 30% larger than 4 MiB frames (docs/benchmarks.md,
+# "frames"), and a restore or diff decodes a frame once for all its chunks.
+FRAME_TARGET = 4 * 1024 * 1024
+# What a frame may decode to at most (a damaged frame header cannot ask for more).
+FRAME_MAX = 64 * 1024 * 1024
 # Decoded blobs kept for reuse: delta bases are shared by neighbouring chunks and by
 # successive versions, so a small cache saves most re-reads when restoring a table.
 CACHE_BYTES = 32 * 1024 * 1024
+# Decoded frames kept for their other blobs: a reader going through a stream decodes
+# each frame once; with -j, several streams are read at once.
+FRAME_CACHE_BYTES = 48 * 1024 * 1024
+
+
+class Frame:
+    """New blobs of one stream waiting to be compressed together (``ChunkStore.put``)."""
+
+    def __init__(self) -> None:
+        self.members: list[tuple[bytes, int, bytes]] = []   # (id, type, plaintext)
+        self.size = 0
+
+    def add(self, blob: bytes, type: int, data: bytes) -> None:
+        self.members.append((blob, type, data))
+        self.size += len(data)
 
 
 class BlobCache:
@@ -127,7 +142,7 @@ class BlobMap:
     generation, then the bases' ids) about half that.  Entries are rebuilt on
     access, which costs a microsecond."""
 
-    _RECORD = struct.Struct("<IBQIIBH")
+    _RECORD = struct.Struct("<IBQIIBHI")
     _SIZE = _RECORD.size
     _unpack = _RECORD.unpack_from
 
@@ -144,7 +159,7 @@ class BlobMap:
             self._packs.append(pack_id)
         self._records[blob] = self._RECORD.pack(
             number, e.type, e.offset, e.length, e.raw_length, e.encoding,
-            e.generation) + b"".join(e.bases)
+            e.generation, e.start) + b"".join(e.bases)
 
     def _bases(self, record: bytes) -> list[bytes]:
         size = self._SIZE
@@ -155,9 +170,10 @@ class BlobMap:
         return [record[i:i + 32] for i in range(size, len(record), 32)]
 
     def _entry(self, blob: bytes, record: bytes) -> tuple[bytes, BlobEntry]:
-        number, type_, offset, length, raw_length, encoding, generation = self._unpack(record)
+        number, type_, offset, length, raw_length, encoding, generation, start = \
+            self._unpack(record)
         return self._packs[number], BlobEntry(blob, type_, offset, length, raw_length, encoding,
-                                              self._bases(record), generation)
+                                              self._bases(record), generation, start)
 
     def bases(self, blob: bytes) -> list[bytes] | None:
         """The blob's bases (without building its entry); None if it is not indexed."""
@@ -259,12 +275,13 @@ class ChunkStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._pending: set[bytes] = set()     # added this session, maybe not yet indexed
-        self._trained: dict[bytes, bytes] = {}  # dictionaries added this session: id -> bytes
-        self._prefetched: OrderedDict[bytes, bytes] = OrderedDict()  # id -> stored bytes
+        # (pack id, offset) -> stored bytes read ahead (a frame's blobs share theirs)
+        self._prefetched: OrderedDict[tuple[bytes, int], bytes] = OrderedDict()
         self._prefetched_bytes = 0
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
         self._cache = BlobCache(CACHE_BYTES)
+        self._frames = BlobCache(FRAME_CACHE_BYTES)   # (pack id, offset) -> frame plaintext
         self._uploader: ThreadPoolExecutor | None = None
         self._uploads: list[Future] = []
         self._upload_slots = threading.BoundedSemaphore(MAX_PENDING_UPLOADS)
@@ -286,15 +303,16 @@ class ChunkStore:
     # -- writing
 
     def put(self, data: bytes, type: int = packs.DATA, similar: list[bytes] | None = None,
-            blob: bytes | None = None, dictionary: bytes | None = None) -> bytes:
+            blob: bytes | None = None, frame: "Frame | None" = None) -> bytes:
         """Store ``data`` unless it is already stored; return its id.
 
         ``similar``: ids of stored blobs likely to resemble ``data`` (the chunk at
         the same place in the previous snapshot first, then the one after it).
         When given, the blob may be stored as a delta against them.  ``blob``:
-        the id, if the caller already hashed ``data``.  ``dictionary``: a trained
-        dictionary (from ``train_dictionary``) to compress it with when it is not
-        stored as a delta.
+        the id, if the caller already hashed ``data``.  ``frame``: the caller's
+        open frame; a blob not stored as a delta joins it, and is stored when
+        the frame is (``write_frame``), compressed together with its neighbours.
+        Until then it is pending: ``put`` of the same content returns at once.
         """
         blob = blob or self.codec.blob_id(data)
         with self._lock:
@@ -303,98 +321,95 @@ class ChunkStore:
             self._pending.add(blob)
         try:
             delta = self._delta(data, similar) if similar else None
-            if delta is not None and len(delta[0]) <= len(data) * DELTA_CLEARLY_WORTH:
-                stored, bases, generation = delta   # no need to compress it on its own too
+            if delta is not None and len(delta[0]) > len(data) * DELTA_CLEARLY_WORTH:
+                # Worth it only if clearly smaller than the blob compressed on its own.
+                if len(delta[0]) > len(self._cctx().compress(data)) * DELTA_WORTH:
+                    delta = None
+            if delta is None and frame is not None:
+                frame.add(blob, type, data)
+                if frame.size >= FRAME_TARGET:
+                    self.write_frame(frame)
+                return blob
+            if delta is not None:
+                stored, bases, generation = delta
                 encoding = packs.DELTA
             else:
-                if dictionary is not None:
-                    stored = self._dict_contexts(dictionary)[0].compress(data)
-                    encoding, bases, generation = packs.ZDICT, [dictionary], 0
-                else:
-                    stored = self._cctx().compress(data)
-                    encoding, bases, generation = packs.ZSTD, [], 0
-                if delta is not None and len(delta[0]) <= len(stored) * DELTA_WORTH:
-                    stored, bases, generation = delta
-                    encoding = packs.DELTA
-            if encoding in (packs.ZSTD, packs.ZDICT) and len(stored) >= len(data):
-                stored, encoding, bases = bytes(data), packs.RAW, []
+                stored = self._cctx().compress(data)
+                encoding, bases, generation = packs.ZSTD, [], 0
+                if len(stored) >= len(data):
+                    stored, encoding = bytes(data), packs.RAW
             stored = self.codec.seal(stored)
-            if encoding != packs.RAW or self.codec.encrypted:
-                entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
-                self.decode(blob, entry, stored)  # raises unless it decodes to exactly data
+            entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
+            self._check_encoded([entry], stored, data)
         except BaseException:
             with self._lock:
                 self._pending.discard(blob)
             raise
-        with self._lock:
-            self._builder.add(blob, type, stored, len(data), encoding, bases, generation)
-            self.stats.blobs_added += 1
-            self.stats.raw_bytes_added += len(data)
-            if encoding == packs.DELTA:
-                self.stats.deltas_added += 1
-            if len(self._builder) >= packs.PACK_TARGET_SIZE:
-                self._write_pack()
+        self._add_stored(stored, [entry])
         return blob
 
-    def train_dictionary(self, samples: list[bytes]) -> bytes | None:
-        """Train a zstd dictionary on ``samples`` (the first chunks of a stream) and
-        store it, if it pays; return its id, or None.
+    def write_frame(self, frame: "Frame") -> None:
+        """Compress the frame's blobs as one zstd frame and add it to the pack (a frame
+        of one blob is stored as that blob alone); the frame is empty afterwards.
 
-        Each chunk is compressed on its own, so what recurs across a table (JSON
-        keys, repeated names, common values) is paid for again in every chunk;
-        a dictionary trained on the table's first chunks carries it instead.  On
-        the sample's largest tables it cut their stored size by 14-15%.  Fixed
-        fastCOVER parameters (k=256, d=8, accel=10) train in about 20 ms on 2 MiB;
-        zstd's parameter search took 2-4 s for 2% more.  Whether it pays is
-        judged on every fourth sample, compressed both ways.
-        """
-        size = min(DICT_MAX_SIZE, sum(map(len, samples)) // 16)
-        if len(samples) < 8 or size < 4096:
-            return None
+        Chunks compressed one by one lose what recurs across a table; a frame of
+        ``FRAME_TARGET`` bytes keeps most of it (docs/benchmarks.md, "frames"),
+        while each chunk keeps its own id for dedup and deltas."""
+        members, frame.members, frame.size = frame.members, [], 0
+        if not members:
+            return
         try:
-            trained = zstandard.train_dictionary(size, samples, k=256, d=8, accel=10,
-                                                 level=self.level, threads=1)
-            zdict = zstandard.ZstdCompressionDict(trained.as_bytes(),
-                                                  dict_type=zstandard.DICT_TYPE_FULLDICT)
-            zdict.precompute_compress(level=self.level)
-        except zstandard.ZstdError:
-            return None  # too little or too uniform data to train on
-        raw = trained.as_bytes()
-        with_dict = zstandard.ZstdCompressor(level=self.level, dict_data=zdict)
-        judged = samples[::4]
-        plain = sum(len(self._cctx().compress(s)) for s in judged)
-        cost = (sum(len(with_dict.compress(s)) for s in judged)
-                + len(self._cctx().compress(raw)) * len(judged) / len(samples))
-        if cost > plain * (1 - DICT_MIN_GAIN):
-            return None
-        dictionary = self.codec.blob_id(raw)
+            if len(members) == 1:
+                blob, type, data = members[0]
+                stored = self._cctx().compress(data)
+                encoding = packs.ZSTD if len(stored) < len(data) else packs.RAW
+                stored = self.codec.seal(stored if encoding == packs.ZSTD else bytes(data))
+                entries = [BlobEntry(blob, type, 0, len(stored), len(data), encoding)]
+                self._check_encoded(entries, stored, data)
+                self._add_stored(stored, entries)
+                return
+            plain = b"".join(data for _, _, data in members)
+            stored = self._cctx().compress(plain)
+            if len(stored) >= len(plain):   # incompressible: each as is
+                for blob, type, data in members:
+                    raw = self.codec.seal(bytes(data))
+                    entries = [BlobEntry(blob, type, 0, len(raw), len(data), packs.RAW)]
+                    self._check_encoded(entries, raw, data)
+                    self._add_stored(raw, entries)
+                return
+            stored = self.codec.seal(stored)
+            entries, start = [], 0
+            for blob, type, data in members:
+                entries.append(BlobEntry(blob, type, 0, len(stored), len(data), packs.FRAME,
+                                         start=start))
+                start += len(data)
+            self._check_encoded(entries, stored, plain)
+        except BaseException:
+            with self._lock:
+                self._pending.difference_update(blob for blob, _, _ in members)
+            raise
+        self._add_stored(stored, entries)
+
+    def _check_encoded(self, entries: list[BlobEntry], stored: bytes, plain: bytes) -> None:
+        """Raise unless ``stored`` decodes to exactly ``plain`` (the blob, or the frame's
+        blobs back to back): a compressor or codec fault must not reach the pack."""
+        if entries[0].encoding == packs.RAW and not self.codec.encrypted:
+            return
+        decoded = self._open(entries[0], stored)
+        if decoded != plain:
+            raise BlobDamaged(entries[0].id, "it did not decode to what was written; "
+                                             "nothing was stored")
+
+    def _add_stored(self, stored: bytes, entries: list[BlobEntry]) -> None:
         with self._lock:
-            self._trained[dictionary] = raw
-        return self.put(raw, packs.DICT, blob=dictionary)
-
-    def _dict_contexts(self, dictionary: bytes) -> tuple[zstandard.ZstdCompressor,
-                                                         zstandard.ZstdDecompressor]:
-        """This thread's compressor and decompressor loaded with a trained dictionary."""
-        contexts = getattr(self._local, "dicts", None)
-        if contexts is None:
-            contexts = self._local.dicts = OrderedDict()
-        found = contexts.get(dictionary)
-        if found is not None:
-            contexts.move_to_end(dictionary)
-            return found
-        raw = self._trained.get(dictionary)
-        if raw is None:
-            raw = self.get(dictionary)
-        try:
-            zdict = zstandard.ZstdCompressionDict(raw, dict_type=zstandard.DICT_TYPE_FULLDICT)
-            zdict.precompute_compress(level=self.level)
-        except zstandard.ZstdError as exc:
-            raise BlobDamaged(dictionary, f"it is not a zstd dictionary ({exc})") from exc
-        found = contexts[dictionary] = (zstandard.ZstdCompressor(level=self.level, dict_data=zdict),
-                                        zstandard.ZstdDecompressor(dict_data=zdict))
-        if len(contexts) > DICT_CONTEXTS:
-            contexts.popitem(last=False)
-        return found
+            self._builder.add_stored(stored, entries)
+            for e in entries:
+                self.stats.blobs_added += 1
+                self.stats.raw_bytes_added += e.raw_length
+                if e.encoding == packs.DELTA:
+                    self.stats.deltas_added += 1
+            if len(self._builder) >= packs.PACK_TARGET_SIZE:
+                self._write_pack()
 
     def _delta(self, data: bytes, similar: list[bytes]) -> tuple[bytes, list[bytes], int] | None:
         """(stored, bases, generation) of ``data`` as a delta, if that pays.
@@ -496,13 +511,17 @@ class ChunkStore:
             pack_id, e = self.index.blobs[blob]
         except KeyError:
             raise BlobDamaged(blob, "it is not in the index") from None
+        if e.encoding == packs.FRAME:
+            frame = self._frames.get((pack_id, e.offset))
+            if frame is not None:
+                return self._check(blob, e, frame[e.start:e.start + e.raw_length])
         with self._lock:
-            stored = self._prefetched.pop(blob, None)
+            stored = self._prefetched.pop((pack_id, e.offset), None)
             if stored is not None:
                 self._prefetched_bytes -= len(stored)
         if stored is None:
             stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
-        return self.decode(blob, e, stored)
+        return self.decode(blob, e, stored, pack_id)
 
     def prefetch_bases(self, likely: list[bytes], pool: Executor) -> None:
         """Read ahead what storing deltas against ``likely`` (the next chunks of a
@@ -530,6 +549,7 @@ class ChunkStore:
                 todo.extend(bases)
         if not need:
             return
+
         def where(b: bytes) -> tuple[bytes, int]:
             pack_id, e = self.index.blobs[b]
             return pack_id, e.offset
@@ -537,36 +557,47 @@ class ChunkStore:
         need.sort(key=where)
         for got in pool.map(self._read_stored, self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN)):
             with self._lock:
-                for blob, _, stored in got:
-                    if blob not in self._prefetched:
-                        self._prefetched[blob] = stored
+                for _, pack_id, e, stored in got:
+                    key = (pack_id, e.offset)
+                    if key not in self._prefetched and self._frames.get(key) is None:
+                        self._prefetched[key] = stored
                         self._prefetched_bytes += len(stored)
                 while self._prefetched_bytes > PREFETCH_BYTES:
                     self._prefetched_bytes -= len(self._prefetched.popitem(last=False)[1])
 
-    def _read_stored(self, run: list[bytes]) -> list[tuple[bytes, BlobEntry, bytes]]:
-        """(id, entry, stored bytes) of blobs stored one after another in one pack, read
-        with a single ranged read; the bytes are still encoded."""
+    def _read_stored(self, run: list[bytes]) -> list[tuple[bytes, bytes, BlobEntry, bytes]]:
+        """(id, pack id, entry, stored bytes) of blobs stored one after another in one
+        pack, read with a single ranged read; the bytes are still encoded, and the
+        blobs of one frame share theirs."""
         entries = []
         for blob in run:
             try:
                 entries.append(self.index.blobs[blob])
             except KeyError:
                 raise BlobDamaged(blob, "it is not in the index") from None
+        pack_id = entries[0][0]
         start = entries[0][1].offset
         end = max(e.offset + e.length for _, e in entries)
-        data = self.backend.get(packs.pack_name(entries[0][0]), start, end - start)
-        return [(blob, e, data[e.offset - start:e.offset - start + e.length])
-                for blob, (_, e) in zip(run, entries)]
+        data = self.backend.get(packs.pack_name(pack_id), start, end - start)
+        pieces: dict[tuple[int, int], bytes] = {}
+        out = []
+        for blob, (_, e) in zip(run, entries):
+            piece = pieces.get((e.offset, e.length))
+            if piece is None:
+                piece = data[e.offset - start:e.offset - start + e.length]
+                pieces[e.offset, e.length] = piece
+            out.append((blob, pack_id, e, piece))
+        return out
 
     def get_run(self, blobs: list[bytes]) -> list[bytes]:
         """Blobs stored one after another in one pack, read with a single ranged read."""
-        return [self.decode(blob, e, stored) for blob, e, stored in self._read_stored(blobs)]
+        return [self.decode(blob, e, stored, pack_id)
+                for blob, pack_id, e, stored in self._read_stored(blobs)]
 
     def runs(self, blobs: list[bytes], max_gap: int, max_span: int) -> list[list[bytes]]:
         """Split ``blobs`` (in stream order) into runs that ``get_run`` can read at once:
-        same pack, each after the previous, with gaps, stored span and plaintext
-        size bounded."""
+        same pack, each after the previous (or in the same frame), with gaps, stored
+        span and plaintext size bounded."""
         out: list[list[bytes]] = []
         prev = None   # (pack, last entry, run start offset, plaintext bytes in the run)
         for blob in blobs:
@@ -574,12 +605,14 @@ class ChunkStore:
             if found is not None and prev is not None and out:
                 pack_id, e = found
                 ppack, pe, start, raw = prev
-                if (pack_id == ppack and pe.offset + pe.length <= e.offset
-                        <= pe.offset + pe.length + max_gap
+                same_frame = (e.encoding == packs.FRAME and e.offset == pe.offset
+                              and e.length == pe.length)
+                if pack_id == ppack and (same_frame or (
+                        pe.offset + pe.length <= e.offset <= pe.offset + pe.length + max_gap
                         and e.offset + e.length - start <= max_span
-                        and raw + e.raw_length <= max_span):
+                        and raw + e.raw_length <= max_span)):
                     out[-1].append(blob)
-                    prev = (pack_id, e, start, raw + e.raw_length)
+                    prev = (pack_id, e, start, raw + (0 if same_frame else e.raw_length))
                     continue
             out.append([blob])
             prev = (found[0], found[1], found[1].offset, found[1].raw_length) if found else None
@@ -591,49 +624,86 @@ class ChunkStore:
         self._cache.put(blob, data)
         return data
 
-    def decode(self, blob: bytes, e: BlobEntry, stored: bytes) -> bytes:
+    def decode(self, blob: bytes, e: BlobEntry, stored: bytes,
+               pack_id: bytes | None = None) -> bytes:
+        """The plaintext of a blob from its stored bytes, checked against its hash.
+        With ``pack_id``, a frame's plaintext is kept for its other blobs."""
+        if e.encoding == packs.FRAME:
+            key = (pack_id, e.offset)
+            frame = self._frames.get(key) if pack_id is not None else None
+            if frame is None:
+                frame = self._open(e, stored)
+                if pack_id is not None:
+                    self._frames.put(key, frame)
+            return self._check(blob, e, frame[e.start:e.start + e.raw_length])
+        return self._check(blob, e, self._open(e, stored))
+
+    def decode_stored(self, entries: list[BlobEntry], stored: bytes
+                      ) -> Iterator[tuple[BlobEntry, BlobDamaged | None]]:
+        """Check every blob of one stored range (a frame's blobs, or a single blob)
+        against its hash, decoding ``stored`` itself, never a cached copy: what verify
+        and prune read from a pack is what they judge."""
+        if entries[0].encoding != packs.FRAME:
+            for e in entries:
+                try:
+                    self._check(e.id, e, self._open(e, stored))
+                    yield e, None
+                except BlobDamaged as exc:
+                    yield e, exc
+            return
+        try:
+            frame = self._open(entries[0], stored)
+        except BlobDamaged as exc:
+            for e in entries:
+                yield e, BlobDamaged(e.id, f"its frame is damaged: {exc.why}")
+            return
+        for e in entries:
+            try:
+                self._check(e.id, e, frame[e.start:e.start + e.raw_length])
+                yield e, None
+            except BlobDamaged as exc:
+                yield e, exc
+
+    def _check(self, blob: bytes, e: BlobEntry, data: bytes) -> bytes:
+        if len(data) != e.raw_length or self.codec.blob_id(data) != blob:
+            raise BlobDamaged(blob, "its content does not match its hash")
+        return data
+
+    def _open(self, e: BlobEntry, stored: bytes) -> bytes:
+        """Decrypt and decompress stored bytes (a frame's: the whole frame), unchecked."""
+        blob = e.id
         if self.codec.encrypted:
             try:
                 stored = self.codec.open(stored, f"blob {blob.hex()[:16]}")
             except RepositoryDamaged:
-                raise BlobDamaged(blob, "it failed authentication (damaged or tampered with)") from None
+                raise BlobDamaged(blob, "it failed authentication (damaged or tampered "
+                                        "with)") from None
         if e.encoding == packs.RAW:
-            data = stored
-        elif e.encoding == packs.ZSTD:
+            return stored
+        if e.encoding in (packs.ZSTD, packs.FRAME):
+            limit = e.raw_length if e.encoding == packs.ZSTD else FRAME_MAX
             try:
-                data = self._dctx().decompress(stored, max_output_size=e.raw_length)
+                data = self._dctx().decompress(stored, max_output_size=limit)
             except zstandard.ZstdError as exc:
                 raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
-        elif e.encoding == packs.DELTA:
+            if e.encoding == packs.FRAME and e.start + e.raw_length > len(data):
+                raise BlobDamaged(blob, "its frame is shorter than its entry says")
+            return data
+        if e.encoding == packs.DELTA:
             try:
                 dictionary = b"".join(self._base(b) for b in e.bases)
             except BlobDamaged as exc:
                 raise BlobDamaged(blob, f"it is stored as a delta against blob "
-                                        f"{exc.blob.hex()[:16]}, which is damaged: {exc.why}") from exc
+                                        f"{exc.blob.hex()[:16]}, which is damaged: "
+                                        f"{exc.why}") from exc
             ddict = zstandard.ZstdCompressionDict(dictionary,
                                                   dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             try:
-                data = zstandard.ZstdDecompressor(dict_data=ddict).decompress(
+                return zstandard.ZstdDecompressor(dict_data=ddict).decompress(
                     stored, max_output_size=e.raw_length)
             except zstandard.ZstdError as exc:
                 raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
-        elif e.encoding == packs.ZDICT:
-            if len(e.bases) != 1:
-                raise BlobDamaged(blob, "its entry names no single dictionary")
-            try:
-                dctx = self._dict_contexts(e.bases[0])[1]
-            except BlobDamaged as exc:
-                raise BlobDamaged(blob, f"it is compressed with dictionary blob "
-                                        f"{exc.blob.hex()[:16]}, which is damaged: {exc.why}") from exc
-            try:
-                data = dctx.decompress(stored, max_output_size=e.raw_length)
-            except zstandard.ZstdError as exc:
-                raise BlobDamaged(blob, f"it does not decompress ({exc})") from exc
-        else:
-            raise BlobDamaged(blob, f"unknown encoding {e.encoding} (written by a newer fpvault?)")
-        if len(data) != e.raw_length or self.codec.blob_id(data) != blob:
-            raise BlobDamaged(blob, "its content does not match its hash")
-        return data
+        raise BlobDamaged(blob, f"unknown encoding {e.encoding} (written by a newer fpvault?)")
 
     def get_many(self, blobs: Iterable[bytes]) -> Iterator[bytes]:
         """Blobs in order; on a remote backend, adjacent ones share one ranged read."""

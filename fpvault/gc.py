@@ -54,8 +54,6 @@ def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
     seen_lists: set[bytes] = set()
     for snap in snapshots:
         for what, stream in snapshot_streams(snap):
-            if stream.dictionary:  # carried to the stream's next version: keep it
-                live.add(bytes.fromhex(stream.dictionary))
             list_id = bytes.fromhex(stream.list)
             if list_id in seen_lists:
                 continue
@@ -124,6 +122,9 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     by_pack: dict[bytes, list[bytes]] = {}
     for pack_id, entry in index.blobs.values():
         by_pack.setdefault(pack_id, []).append(entry.id)
+    # A frame's blobs share their stored bytes: the frame is kept (whole, with all its
+    # blobs) while any of them is live, and counted once.
+    ranges: dict[bytes, dict[tuple[int, int], list[bytes]]] = {}
     files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")}
     sizes = {name: backend.size(name) for name in files.values()}
     stats.packs_before = len(files)
@@ -137,18 +138,23 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
         if name not in sizes:
             raise RepositoryDamaged(f"Pack {pack_id.hex()[:16]} is in the index but missing; prune "
                                     "stopped without deleting anything. Run 'fpvault verify'.")
-        live_bytes = total = 0
+        stored: dict[tuple[int, int], list[bytes]] = {}
         for blob in blobs:
-            length = index.blobs[blob][1].length
+            e = index.blobs[blob][1]
+            stored.setdefault((e.offset, e.length), []).append(blob)
+        live_bytes = total = 0
+        for (_, length), members in stored.items():
             total += length
-            if blob in live:
+            if any(blob in live for blob in members):
                 live_bytes += length
         if live_bytes == 0:
             delete.append(name)
             stats.blobs_removed += len(blobs)
         elif (total - live_bytes) / max(total, 1) >= threshold:
             repack.append(pack_id)
-            stats.blobs_removed += sum(1 for blob in blobs if blob not in live)
+            ranges[pack_id] = stored
+            stats.blobs_removed += sum(len(members) for members in stored.values()
+                                       if not any(blob in live for blob in members))
         else:
             keep.append(pack_id)
     indexed = {packs.pack_name(p) for p in by_pack}
@@ -175,19 +181,22 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     copied: set[bytes] = set()
     for pack_id in repack:
         data = backend.get(packs.pack_name(pack_id))
-        for blob in by_pack[pack_id]:
-            if blob not in live or blob in copied:
+        for (offset, length), members in ranges[pack_id].items():
+            if not any(blob in live for blob in members) or members[0] in copied:
                 continue
-            e = index.blobs[blob][1]
-            stored = data[e.offset:e.offset + e.length]
-            vault.store.decode(e.id, e, stored)  # raises BlobDamaged: never copy damage
-            builder.add(e.id, e.type, stored, e.raw_length, e.encoding, e.bases, e.generation)
-            copied.add(e.id)
+            stored = data[offset:offset + length]
+            entries = [index.blobs[blob][1] for blob in members]
+            for _, exc in vault.store.decode_stored(entries, stored):
+                if exc is not None:
+                    raise exc   # never copy damage
+            builder.add_stored(stored, entries)
+            copied.update(members)
             if len(builder) >= packs.PACK_TARGET_SIZE:
                 write_builder()
     if builder.entries:
         write_builder()
     stats.packs_written = len(new_packs)
+    ranges.clear()
 
     # 3 and 4: one index for what stays, then drop the old ones.
     old_index_files = list(index.files)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import msgspec
 
-FORMAT_VERSION = 1
+# 2: blobs may be stored in frames (encoding 4, entries with a ninth field).  Format 1
+# repositories are read as they are, and upgraded when a snapshot first writes to one.
+FORMAT_VERSION = 2
 
 
 class Stream(msgspec.Struct, kw_only=True):
@@ -28,10 +30,6 @@ class Stream(msgspec.Struct, kw_only=True):
     bytes: int            # plaintext length
     hash: str             # hex BLAKE3 of the whole stream
     chunks: int = 0       # number of chunks
-    dictionary: str = ""  # hex id of the trained zstd dictionary (a DICT blob) its chunks
-                          # may be compressed with, carried to its next version; "" if none
-    no_dictionary: bool = False  # a dictionary was tried on a full sample and did not pay:
-                                 # its next versions do not try again
 
 
 class TableEntry(msgspec.Struct, kw_only=True):
@@ -121,7 +119,7 @@ class ChunkerParams(msgspec.Struct, kw_only=True):
 
 
 class Config(msgspec.Struct, kw_only=True):
-    """The ``config`` object: fixed at init."""
+    """The ``config`` object: fixed at init, but for ``version`` (see Vault.upgrade)."""
 
     version: int = FORMAT_VERSION
     id: str

@@ -34,14 +34,15 @@ PACK_TARGET_SIZE = 32 * 1024 * 1024
 # Blob types.
 DATA = 0   # a chunk of a table's COPY stream or of a large object
 LIST = 1   # a chunk list: the ids and sizes of a stream's chunks
-META = 2   # schema text, the pg_dump archive
-DICT = 3   # a zstd dictionary trained on the first chunks of a table's stream
+META = 2   # schema text, the pg_dump archive (unused: schema streams are DATA)
 
 # Encodings of a blob's bytes in a pack.
 RAW = 0    # stored as is (zstd did not make it smaller)
 ZSTD = 1   # a zstd frame
 DELTA = 2  # a zstd frame compressed with the plaintext of ``bases`` (concatenated) as dictionary
-ZDICT = 3  # a zstd frame compressed with the trained dictionary (a DICT blob) ``bases[0]``
+# 3 was a trained-dictionary encoding in development builds; never written by a release.
+FRAME = 4  # ``raw_length`` bytes at ``start`` in the plaintext of a zstd frame that holds
+           # several blobs back to back; every blob of the frame has the same offset/length
 
 
 class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
@@ -54,9 +55,9 @@ class BlobEntry(msgspec.Struct, array_like=True, frozen=True):
     raw_length: int   # plaintext bytes
     encoding: int
     bases: list[bytes] = []   # DELTA: the blobs whose plaintext is the dictionary, primary
-                              # first; ZDICT: the dictionary blob
-    generation: int = 0       # DELTA: position in its chain of versions (0: stored whole,
-                              # or with a trained dictionary)
+                              # first
+    generation: int = 0       # DELTA: position in its chain of versions (0: stored whole)
+    start: int = 0            # FRAME: where the blob starts in the frame's plaintext
 
 
 _trailer_encoder = msgspec.msgpack.Encoder()
@@ -83,6 +84,14 @@ class PackBuilder:
             bases: list[bytes] | None = None, generation: int = 0) -> None:
         self.entries.append(BlobEntry(id, type, len(self.buf), len(stored), raw_length, encoding,
                                       bases or [], generation))
+        self.buf += stored
+
+    def add_stored(self, stored: bytes, entries: list[BlobEntry]) -> None:
+        """Stored bytes shared by ``entries`` (the blobs of one frame, or one blob),
+        placed at the end of the pack; the entries' offset and length are set here."""
+        offset = len(self.buf)
+        self.entries += [msgspec.structs.replace(e, offset=offset, length=len(stored))
+                         for e in entries]
         self.buf += stored
 
     def __len__(self) -> int:
@@ -134,3 +143,12 @@ def decode_trailer(trailer: bytes, body_end: int, codec=None) -> list[BlobEntry]
         if e.offset < len(MAGIC) or e.offset + e.length > body_end:
             raise PackFormatError("blob outside the pack body")
     return entries
+
+
+def stored_ranges(entries: list[BlobEntry]) -> dict[tuple[int, int], list[BlobEntry]]:
+    """Entries grouped by the stored bytes they share: (offset, length) -> entries.
+    A frame's blobs share one range; every other blob has its own."""
+    ranges: dict[tuple[int, int], list[BlobEntry]] = {}
+    for e in entries:
+        ranges.setdefault((e.offset, e.length), []).append(e)
+    return ranges

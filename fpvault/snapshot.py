@@ -164,6 +164,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         raise SnapshotFailed(f"{', '.join(rewritten[:5])} was truncated or rewritten while the "
                              "snapshot began; take the snapshot again.")
 
+    vault.upgrade()
     store = vault.store
     prev = previous_snapshot(vault, leader.info.dbname, str(leader.info.port))
     schema = SchemaBlobs(

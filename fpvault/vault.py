@@ -27,7 +27,7 @@ import zstandard
 from . import crypto, packs
 from .backend import Backend, CachingBackend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
-from .chunkstore import REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef, ChunkStore, Index
+from .chunkstore import REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef, ChunkStore, Frame, Index
 from .crypto import Plain
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
@@ -43,11 +43,6 @@ MIN_PREFIX = 4
 # Memory: READ_AHEAD runs of at most REMOTE_RUN_SPAN (chunkstore.py).
 READ_AHEAD = 8
 READ_THREADS = 4
-# A stream's first chunks, held back to train its zstd dictionary on: this many average
-# chunks (2 MiB at the default 64 KiB; 4 MiB trained a dictionary no better, in twice
-# the time); at least DICT_MIN_CHUNKS of them new, or no dictionary is trained.
-DICT_SAMPLE_CHUNKS = 32
-DICT_MIN_CHUNKS = 16
 # Snap on a remote backend: the delta bases of this many chunks of a stream's previous
 # version are read ahead at once, when a changed chunk first needs them.
 BASE_READ_AHEAD = 64
@@ -165,6 +160,14 @@ class Vault:
             codec, _ = crypto.open_keys(backend, password())
         return cls(backend, config, codec)
 
+    def upgrade(self) -> None:
+        """Before a snapshot writes: a repository of an older format version is marked
+        with this one (a whole-object put of ``config``), so that an older fpvault
+        refuses what it could not read, such as frames, instead of misreading it."""
+        if self.config.version < FORMAT_VERSION:
+            self.config.version = FORMAT_VERSION
+            self.backend.put(CONFIG, json_encoder.encode(self.config))
+
     @property
     def index(self) -> Index:
         if self._index is None:
@@ -193,20 +196,17 @@ class Vault:
                      previous: Stream | None = None, count_rows: bool = True
                      ) -> tuple[Stream, int]:
         """Chunk, store and list a stream; return it and its newline count (0 unless
-        ``count_rows``: a table's snapshot takes the row count from the server).
+        ``count_rows``).
 
         ``previous``: the same stream in an earlier snapshot, whose chunks new
         chunks may be stored as deltas against."""
-        prev_refs, dictionary, no_dictionary = None, None, False
+        prev_refs = None
         if previous is not None:
-            no_dictionary = previous.no_dictionary
             try:
                 prev_refs = self.store.get_list(bytes.fromhex(previous.list))
             except RepositoryDamaged:
                 prev_refs = None  # no deltas against damage
-            if previous.dictionary and bytes.fromhex(previous.dictionary) in self.store.index:
-                dictionary = bytes.fromhex(previous.dictionary)
-        writer = StreamWriter(self, prev_refs, dictionary, no_dictionary, count_rows)
+        writer = StreamWriter(self, prev_refs, count_rows)
         for buf in buffers:
             writer.write(buf)
         return writer.close()
@@ -361,25 +361,15 @@ class StreamWriter:
     seen at the last chunk both streams share, so rows inserted or deleted
     earlier in the table do not throw the alignment off.
 
-    Chunks not stored as deltas are compressed with ``dictionary``, a zstd
-    dictionary trained on the stream's first chunks.  Without one (a new
-    table, or one too small for a full sample before), unless ``no_dictionary``
-    (one was tried on a full sample and did not pay), the first
-    ``DICT_SAMPLE_CHUNKS`` chunks are held back, a dictionary is trained on
-    them if enough of them are new, and then they are stored.
+    New chunks not stored as deltas go into the stream's open frame, and are
+    compressed together when it is full (``ChunkStore.write_frame``).
     """
 
     def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
-                 dictionary: bytes | None = None, no_dictionary: bool = False,
                  count_rows: bool = True):
         self.vault = vault
         self.count_rows = count_rows
-        self.dictionary = dictionary
-        self.no_dictionary = no_dictionary and not dictionary
-        self._held: list[tuple[bytes, bytes]] | None = (
-            None if dictionary or self.no_dictionary else [])
-        self._held_bytes = 0
-        self._sample_bytes = DICT_SAMPLE_CHUNKS * vault.config.chunker.avg_size
+        self.frame = Frame()
         self._remote = bool(previous) and getattr(vault.backend, "parallel_reads", False)
         self._read_ahead_to = 0   # bases of previous chunks before this one are read ahead
         self.chunker = vault.chunker()
@@ -407,25 +397,7 @@ class StreamWriter:
     def _put(self, chunk: bytes) -> None:
         if self.count_rows:
             self.newlines += chunk.count(b"\n")
-        blob = self.vault.codec.blob_id(chunk)
-        if self._held is None:
-            self._store(chunk, blob)
-            return
-        self._held.append((chunk, blob))
-        self._held_bytes += len(chunk)
-        if self._held_bytes >= self._sample_bytes:
-            self._train()
-
-    def _train(self) -> None:
-        """Train the dictionary on the held chunks if that can pay; then store them."""
-        held, self._held = self._held or [], None
-        store = self.vault.store
-        if sum(blob not in store.index for _, blob in held) >= DICT_MIN_CHUNKS:
-            self.dictionary = store.train_dictionary([chunk for chunk, _ in held])
-            # A full sample decides for good; a short one is tried again as the stream grows.
-            self.no_dictionary = not self.dictionary and self._held_bytes >= self._sample_bytes
-        for chunk, blob in held:
-            self._store(chunk, blob)
+        self._store(chunk, self.vault.codec.blob_id(chunk))
 
     def _store(self, chunk: bytes, blob: bytes) -> None:
         similar = None
@@ -452,21 +424,17 @@ class StreamWriter:
                         [ref.id for ref in self._prev[at:at + BASE_READ_AHEAD]],
                         self.vault.read_pool())
                     self._read_ahead_to = at + BASE_READ_AHEAD
-        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob,
-                             dictionary=self.dictionary)
+        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob, frame=self.frame)
         self.chunks.append(ChunkRef(blob, len(chunk), not chunk.endswith(b"\n")))
         self._offset += len(chunk)
 
     def close(self) -> tuple[Stream, int]:
         for chunk in self.chunker.finish():
             self._put(chunk)
-        if self._held is not None:
-            self._train()
+        self.vault.store.write_frame(self.frame)
         list_id = self.vault.store.put_list(self.chunks)
         stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),
-                        chunks=len(self.chunks),
-                        dictionary=self.dictionary.hex() if self.dictionary else "",
-                        no_dictionary=self.no_dictionary)
+                        chunks=len(self.chunks))
         return stream, self.newlines
 
 

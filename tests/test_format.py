@@ -54,3 +54,20 @@ def test_frozen_repository_restores(pg, frozen):
         assert pg.query(target, 'SELECT count(*) FROM "Mixed Case"') == [(3,)]
         assert pg.query(target, "SELECT convert_from(lo_get(424242), 'UTF8')") == [
             ("frozen large object",)]
+
+
+def test_a_snapshot_into_a_format_1_repository_upgrades_it(pg, db, frozen):
+    """New snapshots may store frames, which fpvault 0.1.0 cannot read: the config
+    says format 2 from then on (0.1.0 refuses it instead of misreading it), and
+    everything already there reads as before."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+    r = run("snap", "-r", frozen, "-d", pg.dsn(db), "--json")
+    assert r.code == 0, r.err
+    new = json.loads(r.out)["id"]
+    assert json.loads(Path(frozen, "config").read_text())["version"] == 2
+    assert run("verify", "-r", frozen, "--read-data").code == 0
+    for sid in (OLD, NEW, new):
+        target = pg.createdb()
+        assert run("restore", sid, "-r", frozen, "--to", pg.dsn(target)).code == 0, sid
+    assert pg.query(target, "SELECT count(*) FROM t") == [(5000,)]
