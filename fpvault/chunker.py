@@ -51,25 +51,54 @@ class Chunker:
         self._pos = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
-        self._buf += data
+        self.push(data)
         out = []
         # Only cut where the result cannot depend on bytes not yet seen.
-        while len(self._buf) - self._pos >= self.max_size + self.row_slack:
-            out.append(self._cut(final=False))
-        if self._pos > 4 * self.max_size:
-            del self._buf[:self._pos]
-            self._pos = 0
+        while self.ready():
+            out.append(self.cut(final=False))
+        self.compact()
         return out
 
     def finish(self) -> list[bytes]:
         out = []
-        while self._pos < len(self._buf):
-            out.append(self._cut(final=True))
+        while self.pending():
+            out.append(self.cut(final=True))
         self._buf = bytearray()
         self._pos = 0
         return out
 
-    def _cut(self, final: bool) -> bytes:
+    # -- the steps of feed(), for a caller that can sometimes tell where the next
+    # chunk ends without cutting (StreamWriter, from the stream's previous version)
+
+    def push(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def pending(self) -> int:
+        """Bytes pushed and not yet cut or skipped."""
+        return len(self._buf) - self._pos
+
+    def ready(self) -> bool:
+        """Whether the next cut can be made without the bytes still to come."""
+        return self.pending() >= self.max_size + self.row_slack
+
+    def view(self, n: int) -> memoryview:
+        """The next ``n`` pending bytes, without copying; release it before compact()."""
+        return memoryview(self._buf)[self._pos:self._pos + n]
+
+    def count(self, byte: bytes, n: int) -> int:
+        return self._buf.count(byte, self._pos, self._pos + n)
+
+    def skip(self, n: int) -> None:
+        """Consume the next ``n`` bytes as one chunk the caller already knows: right
+        only if cutting here would have given exactly those bytes."""
+        self._pos += n
+
+    def compact(self) -> None:
+        if self._pos > 4 * self.max_size:
+            del self._buf[:self._pos]
+            self._pos = 0
+
+    def cut(self, final: bool) -> bytes:
         buf, pos = self._buf, self._pos
         window = memoryview(buf)[pos:pos + self.max_size]
         try:

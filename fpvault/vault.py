@@ -363,6 +363,17 @@ class StreamWriter:
 
     New chunks not stored as deltas go into the stream's open frame, and are
     compressed together when it is full (``ChunkStore.write_frame``).
+
+    *Matching ahead.*  Where the stream is aligned with its previous version
+    (the next chunk would start where an old chunk starts), the bytes the old
+    chunk would span are hashed before anything is cut: if they are that
+    chunk, the chunker would have cut exactly there (a cut depends only on the
+    bytes from the chunk's start to the end of the row it falls in), so the
+    chunk is taken as it is, without running FastCDC over it or copying it.
+    An unchanged table costs one BLAKE3 pass for its chunks and one for the
+    stream's hash.  After a miss, chunks are cut until one is found in the
+    previous version again (dedup realigns the two), so a table that changed
+    everywhere pays for one failed guess, not one per chunk.
     """
 
     def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
@@ -387,12 +398,67 @@ class StreamWriter:
             self._prev_where.setdefault(ref.id, i)
             pos += ref.size
         self._drift = 0
+        self._prev_total = pos
+        self._guess = bool(self._prev)   # aligned with the previous version: match ahead
 
     def write(self, buf: bytes | memoryview) -> None:
         self.hasher.update(buf)
         self.size += len(buf)
-        for chunk in self.chunker.feed(buf):
-            self._put(chunk)
+        self.chunker.push(buf)
+        self._drain(final=False)
+        self.chunker.compact()
+
+    def _drain(self, final: bool) -> None:
+        chunker = self.chunker
+        while chunker.pending():
+            if self._guess:
+                known = self._known_next(final)
+                if known is not None:
+                    if known < 0:
+                        return   # the old chunk reaches past what has arrived: wait
+                    continue
+            if not final and not chunker.ready():
+                return
+            self._put(chunker.cut(final))
+
+    def _known_next(self, final: bool) -> int | None:
+        """Take the next chunk if it is the old chunk starting at the same place: its
+        size; -1 to wait for more bytes; None (and stop guessing) if it is not."""
+        pos = self._offset + self._drift
+        at = bisect.bisect_left(self._prev_starts, pos)
+        chunker = self.chunker
+        if at == len(self._prev) or self._prev_starts[at] != pos:
+            self._guess = False
+            return None
+        ref = self._prev[at]
+        # A chunk cut inside a long row ended where the bytes after it decided, and
+        # the old stream's last chunk where the stream ended: the first is never
+        # taken whole, the second only if this stream ends there too.
+        last = pos + ref.size == self._prev_total
+        if ref.cut_in_row or (final and last and chunker.pending() != ref.size):
+            self._guess = False
+            return None
+        if last and not final and chunker.ready() and chunker.pending() > ref.size:
+            self._guess = False   # this stream goes on past the old one's end: cut
+            return None
+        if chunker.pending() < ref.size or (last and not final):
+            if final:
+                self._guess = False
+                return None
+            return -1   # bounded: a chunk, or the lookahead a cut needs anyway
+        with chunker.view(ref.size) as view:
+            blob = self.vault.codec.blob_id(view)
+            if blob != ref.id:
+                self._guess = False
+                return None
+            if ref.id not in self.vault.store.index:   # lost from the repository: store it again
+                self.vault.store.put(bytes(view), packs.DATA, blob=blob, frame=self.frame)
+        if self.count_rows:
+            self.newlines += chunker.count(b"\n", ref.size)
+        chunker.skip(ref.size)
+        self.chunks.append(ChunkRef(blob, ref.size, False))
+        self._offset += ref.size
+        return ref.size
 
     def _put(self, chunk: bytes) -> None:
         if self.count_rows:
@@ -405,6 +471,7 @@ class StreamWriter:
             same = self._prev_where.get(blob)
             if same is not None:
                 self._drift = self._prev_starts[same] - self._offset
+                self._guess = True   # aligned again
             else:
                 at = bisect.bisect_right(self._prev_starts, self._offset + self._drift) - 1
                 at = min(max(at, 0), len(self._prev) - 1)
@@ -429,8 +496,8 @@ class StreamWriter:
         self._offset += len(chunk)
 
     def close(self) -> tuple[Stream, int]:
-        for chunk in self.chunker.finish():
-            self._put(chunk)
+        self._drain(final=True)
+        self.chunker.finish()
         self.vault.store.write_frame(self.frame)
         list_id = self.vault.store.put_list(self.chunks)
         stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),

@@ -7,7 +7,10 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from blake3 import blake3
+
 from conftest import run
+from fpvault.chunker import Chunker, chunk_all
 from fpvault import packs
 from fpvault.chunkstore import Index
 from fpvault.manifest import ChunkerParams
@@ -136,3 +139,66 @@ def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     target = pg.createdb()
     assert run("restore", "latest", "-r", repo, "--to", pg.dsn(target)).code == 0
     assert pg.query(target, "SELECT sum(bal), count(*) FROM acc") == [(1000, 100000)]
+
+
+@given(seed=st.integers(0, 2**32 - 1),
+       edits=st.lists(st.tuples(st.sampled_from(["update", "grow", "insert", "delete", "long",
+                                                 "append", "truncate"]),
+                                st.floats(0, 1)), max_size=6),
+       pieces=st.integers(1, 9000))
+@settings(max_examples=60, deadline=None)
+def test_matching_ahead_cuts_exactly_as_the_chunker(tmp_path_factory, seed, edits, pieces):
+    """A stream written against its previous version (chunks taken whole where the
+    old ones match) is cut exactly as the chunker alone cuts it."""
+    rnd = random.Random(seed)
+    rows = [f"{i}\t{rnd.randbytes(rnd.randint(5, 40)).hex()}\n".encode() for i in range(1500)]
+    old = b"".join(rows)
+    for kind, where in edits:
+        i = int(where * (len(rows) - 1))
+        if kind == "update":      # same length
+            rows[i] = rows[i][:-2] + b"z\n"
+        elif kind == "grow":
+            rows[i] = rows[i][:-1] + b"grown\n"
+        elif kind == "insert":
+            rows.insert(i, b"new\trow\n" * rnd.randint(1, 30))
+        elif kind == "delete":
+            del rows[i:i + rnd.randint(1, 50)]
+        elif kind == "append":
+            rows += [f"{j}\tappended\n".encode() for j in range(rnd.randint(1, 3000))]
+        elif kind == "truncate":
+            del rows[i + 1:]
+        else:                     # a row longer than the slack: cut inside it
+            rows[i] = rnd.randbytes(3000).replace(b"\n", b"-") + b"\n"
+    new = b"".join(rows)
+    vault = Vault.create(str(tmp_path_factory.mktemp("d") / "r"), chunker=SMALL)
+    first, _ = vault.write_stream([old])
+    vault.store.flush()
+    second, rows_seen = vault.write_stream(
+        [new[i:i + pieces] for i in range(0, len(new), pieces)], first)
+    vault.store.flush()
+    expect = chunk_all(new, avg_size=SMALL.avg_size, min_size=SMALL.min_size,
+                       max_size=SMALL.max_size)
+    refs = vault.store.get_list(bytes.fromhex(second.list))
+    assert [r.size for r in refs] == [len(c) for c in expect]
+    assert [r.id for r in refs] == [vault.codec.blob_id(c) for c in expect]
+    assert rows_seen == new.count(b"\n")
+    assert vault.read_bytes(second) == new
+    assert second.hash == blake3(new).hexdigest()
+
+
+def test_an_unchanged_stream_is_matched_not_cut(tmp_path, monkeypatch):
+    rnd = random.Random(5)
+    rows = [f"{i}\t{rnd.randbytes(20).hex()}\n".encode() for i in range(20000)]
+    vault = Vault.create(str(tmp_path / "r"), chunker=SMALL)
+    first, _ = vault.write_stream([b"".join(rows)])
+    vault.store.flush()
+    cuts = []
+    real_cut = Chunker.cut
+    monkeypatch.setattr(Chunker, "cut", lambda self, final: cuts.append(1) or real_cut(self, final))
+    same, _ = vault.write_stream([b"".join(rows)], first)
+    assert same.list == first.list and cuts == []
+    rows[10000] = b"10000\tchanged\n"          # one row, in the middle
+    changed, _ = vault.write_stream([b"".join(rows)], first)
+    assert 1 <= len(cuts) <= 4 < changed.chunks
+    vault.store.flush()
+    assert vault.read_bytes(changed) == b"".join(rows)
