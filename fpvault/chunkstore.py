@@ -24,6 +24,7 @@ import struct
 import threading
 from collections import OrderedDict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -64,6 +65,11 @@ PREFETCH_BYTES = 32 * 1024 * 1024
 FRAME_TARGET = 4 * 1024 * 1024
 # What a frame may decode to at most (a damaged frame header cannot ask for more).
 FRAME_MAX = 64 * 1024 * 1024
+# Frames are compressed by these threads, off the thread that reads and chunks the
+# stream (zstd releases the GIL); at most FRAMES_IN_FLIGHT wait or run at once, which
+# bounds their memory (each holds its plaintext and its compressed bytes).
+FRAME_WORKERS = 2
+FRAMES_IN_FLIGHT = 4
 # Decoded blobs kept for reuse: delta bases are shared by neighbouring chunks and by
 # successive versions, so a small cache saves most re-reads when restoring a table.
 CACHE_BYTES = 32 * 1024 * 1024
@@ -285,6 +291,9 @@ class ChunkStore:
         self._uploader: ThreadPoolExecutor | None = None
         self._uploads: list[Future] = []
         self._upload_slots = threading.BoundedSemaphore(MAX_PENDING_UPLOADS)
+        self._compressor: ThreadPoolExecutor | None = None
+        self._frame_jobs: list[Future] = []
+        self._frame_slots = threading.BoundedSemaphore(FRAMES_IN_FLIGHT)
 
     # -- codecs, one per thread (zstd contexts are not thread-safe)
 
@@ -349,8 +358,9 @@ class ChunkStore:
         return blob
 
     def write_frame(self, frame: "Frame") -> None:
-        """Compress the frame's blobs as one zstd frame and add it to the pack (a frame
-        of one blob is stored as that blob alone); the frame is empty afterwards.
+        """Hand the frame's blobs to a compressor thread, to be stored as one zstd
+        frame (a frame of one blob as that blob alone); the frame is empty afterwards.
+        ``flush`` waits for them, and raises what went wrong.
 
         Chunks compressed one by one lose what recurs across a table; a frame of
         ``FRAME_TARGET`` bytes keeps most of it (docs/benchmarks.md, "frames"),
@@ -358,6 +368,37 @@ class ChunkStore:
         members, frame.members, frame.size = frame.members, [], 0
         if not members:
             return
+        self._check_frame_jobs()
+        self._frame_slots.acquire()
+        try:
+            with self._lock:
+                if self._compressor is None:
+                    self._compressor = ThreadPoolExecutor(max_workers=FRAME_WORKERS,
+                                                          thread_name_prefix="fpvault-frame")
+                self._frame_jobs.append(self._compressor.submit(self._store_frame, members))
+        except BaseException:
+            self._frame_slots.release()
+            with self._lock:
+                self._pending.difference_update(blob for blob, _, _ in members)
+            raise
+
+    def _check_frame_jobs(self, wait_all: bool = False) -> None:
+        """Forget the frame jobs that are done; raise the first one's error, if any."""
+        with self._lock:
+            jobs = self._frame_jobs
+            self._frame_jobs = [] if wait_all else [f for f in jobs if not f.done()]
+            done = jobs if wait_all else [f for f in jobs if f.done()]
+        futures_wait(done)   # all of them, even after one failed
+        for f in done:
+            f.result()
+
+    def _store_frame(self, members: list[tuple[bytes, int, bytes]]) -> None:
+        try:
+            self._encode_frame(members)
+        finally:
+            self._frame_slots.release()
+
+    def _encode_frame(self, members: list[tuple[bytes, int, bytes]]) -> None:
         try:
             if len(members) == 1:
                 blob, type, data = members[0]
@@ -483,6 +524,7 @@ class ChunkStore:
 
         The index file is written only once every pack it names is stored: an
         upload that failed fails the flush, and no index names its pack."""
+        self._check_frame_jobs(wait_all=True)
         with self._lock:
             if self._builder.entries:
                 self._write_pack()
