@@ -235,31 +235,40 @@ class TermProgress(snapshot_mod.Progress):
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Connections reading tables in parallel (all in one snapshot); a table "
                    "larger than its share is read in key ranges by several of them.")
+@click.option("--reread", is_flag=True,
+              help="Read every table, even when the server's WAL shows that nothing was "
+                   "committed since the previous snapshot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @common_options
 @click.pass_obj
 def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclude_tables,
-         jobs: int, as_json: bool) -> None:
+         jobs: int, reread: bool, as_json: bool) -> None:
     """Take a snapshot of a database.
 
-    Creates the default repository on first use.  Text output ends with the
-    snapshot id on its own line (printed even with -q).
+    Creates the default repository on first use.  If the server has written no
+    WAL since the previous snapshot of the database began, its tables are taken
+    from that snapshot without reading them (sequences and the schema are read
+    as always).  Text output ends with the snapshot id on its own line (printed
+    even with -q).
     """
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
     filters = snapshot_mod.Filters(schemas, exclude_schemas, tables, exclude_tables)
     with ctx.lock(vault, exclusive=False, command="snap"):
         result = snapshot_mod.take(vault, conninfo, tags=tags, filters=filters, jobs=jobs,
-                                   progress=progress)
+                                   progress=progress, reread=reread)
     s = result.snapshot
     if as_json:
         emit_json({"id": result.id, "time": s.time, "tables": len(s.tables), "rows": s.rows,
                    "bytes_read": result.bytes_read, "bytes_added": result.bytes_added,
-                   "seconds": round(result.seconds, 3)})
+                   "tables_reused": s.tables_reused, "seconds": round(result.seconds, 3)})
         return
     info(ctx, f"snapshot of {s.source.database} (PostgreSQL {s.source.server_version}): "
               f"{len(s.tables)} tables, {s.rows} rows, {len(s.sequences)} sequences, "
               f"{len(s.large_objects)} large objects")
+    if s.tables_reused:
+        info(ctx, f"{s.tables_reused} tables taken from the previous snapshot unread: the "
+                  "server has committed nothing since it (--reread reads them)")
     info(ctx, f"read {human_bytes(result.bytes_read)}, added {human_bytes(result.bytes_added)} "
               f"in {result.seconds:.1f} s")
     click.echo(result.id)

@@ -78,6 +78,25 @@ class Source(msgspec.Struct, kw_only=True):
     pg_dump_version: str = ""
 
 
+class WalMark(msgspec.Struct, kw_only=True):
+    """Where the server's write-ahead log stood just before a snapshot was taken, and
+    which transactions the snapshot saw as running (not recorded on a standby).
+
+    A later snapshot sees the same rows if no transaction that holds an xid ended
+    in between.  Every commit or abort of one writes a WAL record (whatever tables
+    it changed, unlogged ones too), so if the WAL insert position, read once the
+    later snapshot is taken, is still ``lsn``, none ended after ``lsn``; and one
+    that wrote its commit record before ``lsn`` but was still running for this
+    snapshot would, once ended, show in the later snapshot's ``xids``.  So equal
+    ``lsn`` and equal ``xids`` mean equal tables (snapshot.py, "Unchanged")."""
+
+    system: str          # pg_control_system().system_identifier
+    timeline: int
+    lsn: str             # pg_current_wal_insert_lsn(), read before the snapshot was taken
+    database_oid: int
+    xids: str            # txid_current_snapshot() of the snapshot: xmin:xmax:running
+
+
 class SchemaBlobs(msgspec.Struct, kw_only=True):
     """The schema: pg_dump's custom archive (pre-data + post-data), and its text."""
 
@@ -102,6 +121,8 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     large_objects: list[LargeObject] = []
     seconds: float = 0.0
     bytes_added: int = 0
+    wal: WalMark | None = None
+    tables_reused: int = 0   # tables taken from the previous snapshot, unread (see WalMark)
 
     @property
     def rows(self) -> int:

@@ -127,6 +127,43 @@ def database_encoding(conn: psycopg.Connection) -> str:
                         "pg_catalog.current_database()").fetchone()[0]
 
 
+@dataclass(frozen=True)
+class WalPosition:
+    system: str
+    timeline: int
+    lsn: str
+    database_oid: int
+
+
+def wal_position(conn: psycopg.Connection) -> WalPosition | None:
+    """Where this server's WAL insert position is now; None on a standby, or where
+    the server does not say (outside a transaction: an error here aborts nothing)."""
+    try:
+        row = conn.execute("""
+            SELECT pg_catalog.pg_is_in_recovery(),
+                   (SELECT system_identifier::text FROM pg_catalog.pg_control_system()),
+                   CASE WHEN NOT pg_catalog.pg_is_in_recovery()
+                        THEN pg_catalog.pg_current_wal_insert_lsn()::text END,
+                   (SELECT oid::bigint FROM pg_catalog.pg_database
+                     WHERE datname = pg_catalog.current_database())""").fetchone()
+    except psycopg.Error:
+        return None
+    in_recovery, system, lsn, db_oid = row
+    if in_recovery or not system or not lsn:
+        return None
+    # The timeline is the first 8 hex digits of the WAL segment's name.
+    segment = conn.execute("SELECT pg_catalog.pg_walfile_name(%s::pg_lsn)", (lsn,)).fetchone()[0]
+    return WalPosition(system, int(segment[:8], 16), lsn, int(db_oid))
+
+
+def wal_in_snapshot(conn: psycopg.Connection) -> tuple[str, str]:
+    """Inside the snapshot's transaction (just begun, on a primary): the WAL insert
+    position now, and the transactions the snapshot sees as running (xmin:xmax:xips)."""
+    lsn, xids = conn.execute("SELECT pg_catalog.pg_current_wal_insert_lsn()::text, "
+                             "pg_catalog.txid_current_snapshot()::text").fetchone()
+    return lsn, xids
+
+
 def begin_snapshot(conn: psycopg.Connection, snapshot: str | None = None) -> str:
     """Start the repeatable-read transaction; export or join a snapshot."""
     with conn.cursor() as cur:

@@ -135,7 +135,9 @@ def pg():
         pytest.fail(f"initdb failed: {init.stderr}")
     opts = (f"-p {port} -k {tmp} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c full_page_writes=off -c synchronous_commit=off -c max_connections=60 "
-            "-c shared_buffers=128MB")
+            # No autovacuum: its commits would make tests of unchanged databases
+            # (snap reads nothing when nothing was committed) depend on timing.
+            "-c shared_buffers=128MB -c autovacuum=off")
     start = subprocess.run([*prefix, os.path.join(bindir, "pg_ctl"), "-D", data, "-o", opts,
                             "-l", os.path.join(tmp, "log"), "-w", "-t", "60", "start"],
                            capture_output=True, text=True)

@@ -154,6 +154,7 @@ def test_matching_ahead_cuts_exactly_as_the_chunker(tmp_path_factory, seed, edit
     rows = [f"{i}\t{rnd.randbytes(rnd.randint(5, 40)).hex()}\n".encode() for i in range(1500)]
     old = b"".join(rows)
     for kind, where in edits:
+        rows = rows or [b"0\tonly\n"]
         i = int(where * (len(rows) - 1))
         if kind == "update":      # same length
             rows[i] = rows[i][:-2] + b"z\n"

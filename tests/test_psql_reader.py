@@ -60,7 +60,7 @@ def test_psql_and_libpq_read_the_same_stream(pg, db, repo, monkeypatch):
     monkeypatch.setattr(pgsource, "PSQL_MIN_BYTES", 0)
     # A client encoding in the environment must not change what is stored.
     monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
-    through_psql = snap(repo, pg.dsn(db))
+    through_psql = snap(repo, pg.dsn(db), "--reread")
     assert sorted(used) == ["small", "tricky"]
     assert streams(repo, through_libpq["id"]) == streams(repo, through_psql["id"])
     assert through_psql["bytes_added"] < 16 * 1024   # same chunks: only a manifest
@@ -105,7 +105,7 @@ def test_without_a_working_psql_tables_are_read_through_libpq(pg, db, repo, monk
     assert doc["rows"] == 20002
     monkeypatch.undo()
     monkeypatch.setattr(pgsource, "PSQL_MIN_BYTES", 0)
-    assert streams(repo, doc["id"]) == streams(repo, snap(repo, pg.dsn(db))["id"])
+    assert streams(repo, doc["id"]) == streams(repo, snap(repo, pg.dsn(db), "--reread")["id"])
 
 
 def test_psql_failing_after_it_started_fails_the_snapshot(pg, db, repo, monkeypatch, tmp_path):
@@ -117,7 +117,7 @@ def test_psql_failing_after_it_started_fails_the_snapshot(pg, db, repo, monkeypa
                                "echo 'psql:<stdin>:9: ERROR:  XX001: invalid page in block 7 "
                                "of relation base/5/16384' >&2; exit 3\n")
     monkeypatch.setattr(pgtools, "find_psql", lambda pg_dump: tool)
-    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--reread")
     assert r.code == 1, r.err
     assert "invalid page in block 7" in r.err and "No snapshot was written" in r.err
     assert [s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)] == [first["id"]]

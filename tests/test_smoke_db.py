@@ -11,7 +11,8 @@ def test_snap_list_show_restore(pg, db, repo):
     r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
     assert r.code == 0, r.err
     doc = json.loads(r.out)
-    assert set(doc) == {"id", "time", "tables", "rows", "bytes_read", "bytes_added", "seconds"}
+    assert set(doc) == {"id", "time", "tables", "rows", "bytes_read", "bytes_added",
+                        "tables_reused", "seconds"}
     assert doc["tables"] == 1 and doc["rows"] == 1000
     r = run("list", "-r", repo, "--json")
     assert [s["id"] for s in json.loads(r.out)] == [doc["id"]]

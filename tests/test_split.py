@@ -40,7 +40,7 @@ def test_a_split_table_stores_the_same_stream(pg, db, repo, monkeypatch):
     whole = snap(pg, repo, db, "-j", "1")
     monkeypatch.setattr(snapshot, "SPLIT_MIN_BYTES", 0)
     seen = spy_on_copy(monkeypatch)
-    split = snap(pg, repo, db, "-j", "3")
+    split = snap(pg, repo, db, "-j", "3", "--reread")
 
     ranges = sorted((r for name, r in seen if name == "big"),
                     key=lambda r: -1 if r[0] is None else r[0])   # spools start first
@@ -68,7 +68,7 @@ def test_a_failed_range_fails_the_snapshot(pg, db, repo, monkeypatch):
     first = snap(pg, repo, db)
     monkeypatch.setattr(snapshot, "SPLIT_MIN_BYTES", 0)
     spy_on_copy(monkeypatch, fail_range=True)
-    r = run("snap", "-r", repo, "-d", pg.dsn(db), "-j", "2")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "-j", "2", "--reread")
     assert r.code == 5, (r.code, r.err)
     assert "server closed the connection" in r.err and "No snapshot was written" in r.err
     listed = json.loads(run("list", "-r", repo, "--json").out)

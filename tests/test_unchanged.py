@@ -1,0 +1,179 @@
+"""A snapshot of a database on which nothing was committed since the last one reads
+no table: the WAL insert position proves nothing changed (fpvault.manifest.WalMark)."""
+
+import json
+
+from conftest import run
+from fpvault import snapshot
+from fpvault.vault import Vault
+
+SCHEMA = ("CREATE TABLE a (id int PRIMARY KEY, v text); "
+          "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 3000) g; "
+          "CREATE TABLE b (v text); INSERT INTO b VALUES ('x'), ('x'), (NULL); "
+          "CREATE UNLOGGED TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1); "
+          "CREATE SEQUENCE s; SELECT nextval('s'); SELECT nextval('s'); "
+          "SELECT lo_from_bytea(4242, 'large object');")
+
+
+def snap(pg, repo, db, *args):
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", *args)
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def reads(monkeypatch):
+    """The tables snap reads."""
+    seen = []
+    real = snapshot.copy_out
+
+    def spy(conn, reader, table, key_range, rows):
+        seen.append(table.name)
+        return real(conn, reader, table, key_range, rows)
+
+    monkeypatch.setattr(snapshot, "copy_out", spy)
+    return seen
+
+
+def manifest(repo, sid):
+    return Vault.open(repo).resolve(sid)[1]
+
+
+def quiet_pair(pg, repo, db, monkeypatch):
+    """Two snapshots with nothing committed in between, and the tables the second
+    read.  (On a server of FPVAULT_TEST_DSN autovacuum may commit meanwhile: then
+    the marks differ, and the pair is taken again.)"""
+    for _ in range(10):
+        first = snap(pg, repo, db)
+        seen = reads(monkeypatch)
+        second = snap(pg, repo, db)
+        monkeypatch.undo()
+        marks = [manifest(repo, d["id"]).wal for d in (first, second)]
+        assert marks[0] is not None
+        if marks[0].lsn == marks[1].lsn:
+            return first, second, seen
+    raise AssertionError("the server's WAL never stood still between two snapshots")
+
+
+def test_nothing_committed_nothing_read(pg, db, repo, monkeypatch):
+    pg.execute(db, SCHEMA)
+    first, second, seen = quiet_pair(pg, repo, db, monkeypatch)
+    assert seen == [] and second["tables_reused"] == 3 and second["bytes_read"] == 0
+    assert second["bytes_added"] < 16 * 1024
+    one, two = manifest(repo, first["id"]), manifest(repo, second["id"])
+    assert [(t.qname, t.data, t.rows) for t in one.tables] == \
+        [(t.qname, t.data, t.rows) for t in two.tables]
+    assert one.large_objects == two.large_objects
+
+    # Restorable and verified like any other.
+    assert run("verify", "-r", repo, "--read-data").code == 0
+    target = pg.createdb()
+    assert run("restore", second["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    for q in ("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM a",
+              "SELECT count(*) FROM b", "SELECT last_value FROM s",
+              "SELECT convert_from(lo_get(4242), 'UTF8')"):
+        assert pg.query(target, q) == pg.query(db, q), q
+
+    # --reread reads everything anyway (and stores nothing new).
+    seen = reads(monkeypatch)
+    third = snap(pg, repo, db, "--reread")
+    assert sorted(seen) == ["a", "b", "u"] and third["tables_reused"] == 0
+    assert [t.data.list for t in manifest(repo, third["id"]).tables] == \
+        [t.data.list for t in two.tables]
+
+
+def test_any_commit_anywhere_makes_snap_read_again(pg, db, repo, monkeypatch):
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    seen = reads(monkeypatch)
+    # An unlogged table writes no WAL for its rows, but its commit is logged.
+    pg.execute(db, "INSERT INTO u VALUES (2)")
+    doc = snap(pg, repo, db)
+    assert doc["tables_reused"] == 0 and sorted(seen) == ["a", "b", "u"]
+    target = pg.createdb()
+    assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    assert pg.query(target, "SELECT count(*) FROM u") == [(2,)]
+    # A commit in another database of the cluster: read again (and find it unchanged).
+    seen.clear()
+    other = pg.createdb()
+    pg.execute(other, "CREATE TABLE elsewhere (x int); INSERT INTO elsewhere VALUES (1)")
+    doc = snap(pg, repo, db)
+    assert doc["tables_reused"] == 0 and len(seen) == 3 and doc["bytes_added"] < 16 * 1024
+
+
+def test_a_sequence_moved_without_wal_is_still_read(pg, db, repo):
+    pg.execute(db, SCHEMA)
+    first = snap(pg, repo, db)
+    pg.execute(db, "SELECT nextval('s')")   # the 3rd value: logged ahead with the 1st
+    doc = snap(pg, repo, db)
+    # Nothing logged (unless a checkpoint came between): the tables are taken unread.
+    quiet = manifest(repo, doc["id"]).wal.lsn == manifest(repo, first["id"]).wal.lsn
+    assert doc["tables_reused"] == (3 if quiet else 0)
+    (seq,) = manifest(repo, doc["id"]).sequences
+    assert (seq.last_value, seq.is_called) == (3, True)
+
+
+def test_a_transaction_running_across_the_snapshots(pg, db, repo, monkeypatch):
+    """Still running: both snapshots leave it out, so the tables are taken unread.
+    Ended (committed or rolled back) in between: read again."""
+    pg.execute(db, SCHEMA)
+    seen = reads(monkeypatch)
+    for end in ("COMMIT", "ROLLBACK"):
+        with pg.connect(db) as conn:
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO a VALUES (-1, 'not yet')")   # holds an xid
+            snap(pg, repo, db)
+            seen.clear()
+            doc = quiet_snap(pg, repo, db)
+            assert doc["tables_reused"] == 3 and doc["bytes_read"] == 0
+            conn.execute(end)
+        seen.clear()
+        doc = snap(pg, repo, db)
+        assert doc["tables_reused"] == 0 and sorted(seen) == ["a", "b", "u"]
+        target = pg.createdb()
+        assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+        assert pg.query(target, "SELECT count(*) FROM a WHERE id = -1") == \
+            [(1 if end == "COMMIT" else 0,)]
+        pg.execute(db, "DELETE FROM a WHERE id = -1")
+
+
+def quiet_snap(pg, repo, db, *args):
+    """A snapshot taken with nothing committed since the latest one (a checkpoint may
+    write WAL meanwhile: then take another)."""
+    for _ in range(10):
+        before = manifest(repo, "latest").wal
+        doc = snap(pg, repo, db, *args)
+        if manifest(repo, doc["id"]).wal.lsn == before.lsn:
+            return doc
+    raise AssertionError("the server's WAL never stood still between two snapshots")
+
+
+def test_other_filters_or_lost_chunks_are_not_reused(pg, db, repo, tmp_path):
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    assert quiet_snap(pg, repo, db, "-t", "a")["tables_reused"] == 0   # filters differ
+    assert quiet_snap(pg, repo, db, "-t", "a")["tables_reused"] == 1
+    # The packs are lost and the index rebuilt without them: nothing can be taken
+    # from the old snapshots, so everything is read and stored again.
+    vault = Vault.open(repo)
+    for name in list(vault.backend.list("data/")):
+        vault.backend.delete(name)
+    assert run("repair", "index", "-r", repo).code == 0
+    doc = snap(pg, repo, db, "-t", "a")
+    assert doc["tables_reused"] == 0 and doc["bytes_read"] > 0
+    target = pg.createdb()
+    assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    assert pg.query(target, "SELECT count(*) FROM a") == [(3000,)]
+
+
+def test_another_role_is_not_given_what_it_was_never_shown(pg, db, repo):
+    """A role that row level security would refuse gets the refusal, even when the
+    tables are exactly what a superuser's snapshot a moment ago read."""
+    pg.execute(db, "CREATE TABLE r (id int PRIMARY KEY, owner text); "
+                   "INSERT INTO r SELECT g, 'u' || g FROM generate_series(1, 50) g; "
+                   "ALTER TABLE r ENABLE ROW LEVEL SECURITY; ALTER TABLE r FORCE ROW LEVEL SECURITY; "
+                   "CREATE POLICY p ON r USING (owner = current_user); "
+                   "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_rls2') "
+                   "THEN CREATE ROLE fpv_rls2 LOGIN; END IF; END $$; GRANT SELECT ON r TO fpv_rls2")
+    snap(pg, repo, db)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_rls2"))
+    assert r.code != 0 and "row-level security" in r.err
