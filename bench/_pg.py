@@ -174,6 +174,40 @@ class Cluster:
     def version(self) -> str:
         return self.query("postgres", "SHOW server_version")[0][0]
 
+    def server_cpu(self) -> float:
+        """CPU seconds (user+sys) the server has used so far: the postmaster, its live
+        backends and those that have exited (Linux /proc; 0.0 elsewhere)."""
+        try:
+            pm = int(Path(self.data, "postmaster.pid").read_text().split()[0])
+            tick = os.sysconf("SC_CLK_TCK")
+            fields = Path(f"/proc/{pm}/stat").read_text().rsplit(")", 1)[1].split()
+            total = sum(int(x) for x in fields[11:15])   # utime stime cutime cstime
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    rest = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(rest[1]) == pm:   # a backend: its own time (not yet in cutime)
+                    total += int(rest[11]) + int(rest[12])
+            return total / tick
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def server_cpu_settled(self) -> float:
+        """``server_cpu`` once the backends of a client that just exited have been reaped
+        (a backend outlives its client by a moment, and its time is counted only then)."""
+        last, same = self.server_cpu(), 0
+        for _ in range(60):
+            time.sleep(0.05)
+            now = self.server_cpu()
+            same = same + 1 if now == last else 0
+            if same >= 4:
+                break
+            last = now
+        return last
+
     def env(self) -> dict[str, str]:
         """For client tools run as subprocesses: these binaries, this server."""
         env = dict(os.environ)
@@ -281,6 +315,7 @@ class Run:
     max_rss_kib: int | None = None
     cpu_seconds: float | None = None   # user + system of the process (and its children)
     stdout: str = ""
+    server_cpu: float | None = None    # the PostgreSQL server's, over the same time
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None, rss: bool = True) -> Run:

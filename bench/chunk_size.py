@@ -109,12 +109,16 @@ def added_by_part(path: str, before: set[bytes]) -> dict[str, int]:
     _, snap = vault.resolve("latest")
     out = {"pgbench": 0, "factory_pulse": 0}
     seen = set()
+    stored = set()   # (pack, offset): a frame's chunks share their stored bytes
     for t in snap.tables:
         part = "pgbench" if t.schema == "public" else "factory_pulse"
         for ref in vault.store.get_list(bytes.fromhex(t.data.list)):
             if ref.id not in before and ref.id not in seen:
                 seen.add(ref.id)
-                out[part] += vault.index.blobs[ref.id][1].length
+                pack_id, e = vault.index.blobs[ref.id]
+                if (pack_id, e.offset) not in stored:
+                    stored.add((pack_id, e.offset))
+                    out[part] += e.length
     return out
 
 

@@ -4,16 +4,21 @@ Builds one database with ``pgbench -i -s SCALE`` and the factory_pulse sample
 (shared/datasets), in a throwaway cluster, then measures in the same run
 (medians of ``--runs``; each run has its own fresh repository):
 
-- snapshot 1 into a fresh repository: wall time, client CPU, peak RSS, and the
-  repository's size afterwards, against ``pg_dump -Fc`` (time, size); and
-  with ``-j 2`` into another fresh repository (time, RSS);
-- snapshot 2 of the unchanged database: wall time and bytes added;
+- snapshot 1 into a fresh repository: wall time, client and server CPU, peak
+  RSS, and the repository's size afterwards, against ``pg_dump -Fc`` (time,
+  size); and with ``-j 2`` into another fresh repository;
+- snapshot 2 of the unchanged database, against a ``pg_dump -Fc`` timed in the
+  same loop: with nothing committed since snapshot 1 (snap takes the tables
+  unread), and after a commit in another database of the cluster (the WAL has
+  moved, so every table is read and hashed; ``-j 1`` and ``-j 2``);
 - the churn of ``_pg.CHURN`` (1% of rows updated, scattered, in the largest
   table of each part; 1000 rows appended), then snapshot 3: bytes added, also
   as a share of snapshot 1's; against a new full dump each time;
 - ``fpvault restore --to`` of the latest snapshot into an empty database
   against ``pg_restore -d`` of the last dump, then both with ``-j 2``, then
-  ``restore -o FILE`` against ``pg_restore -f FILE``.
+  ``restore -o FILE`` against ``pg_restore -f FILE``;
+- peak RSS of snapshot 1 at a second size (``--small-scale``), to show that
+  memory does not grow with the database.
 
 It prints a markdown table and writes it into docs/benchmarks.md between
 ``<!-- snap_bench:start -->`` and ``<!-- snap_bench:end -->``.
@@ -63,6 +68,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs per measure; medians (default 3)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="fpvault snap -j (default 1, as pg_dump -Fc)")
+    ap.add_argument("--small-scale", type=int, default=10,
+                    help="pgbench scale of the second database for peak RSS (default 10)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster (and work dir) running")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     args = ap.parse_args()
@@ -125,36 +132,64 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         os.unlink(dump)
 
     repos = [os.path.join(work, f"repo{i}") for i in range(args.runs)]
+    repos_j2 = [os.path.join(work, f"repo-j2-{i}") for i in range(args.runs)]
     dumps = [os.path.join(work, f"dump{i}.fc") for i in range(args.runs)]
+
+    def measured(cmd: list[str]) -> Run:
+        cpu = pg.server_cpu_settled()
+        r = timed(cmd, env)
+        r.server_cpu = pg.server_cpu_settled() - cpu
+        return r
+
+    def snap_cmd(repo: str, *extra: str) -> list[str]:
+        return [fp, "-q", "-r", repo, "snap", "-d", dsn, *extra, "--json"]
+
     dump1, dump1_size, snap1, stored1, snap1_j2 = [], [], [], [], []
     for i in range(args.runs):
-        log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshot 1")
-        dump1.append(timed([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn], env))
+        log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshot 1, snapshot 1 with -j 2")
+        dump1.append(measured([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn]))
         dump1_size.append(os.path.getsize(dumps[i]))
-        snap1.append(timed([fp, "-q", "-r", repos[i], "snap", "-d", dsn, *jobs, "--json"], env))
+        snap1.append(measured(snap_cmd(repos[i], *jobs)))
         stored1.append(tree_bytes(repos[i]))
-        log(f"run {i + 1}/{args.runs}: snapshot 1 with -j 2")
-        repo_j2 = os.path.join(work, f"repo-j2-{i}")
-        snap1_j2.append(timed([fp, "-q", "-r", repo_j2, "snap", "-d", dsn, "-j", "2", "--json"],
-                              env))
-        shutil.rmtree(repo_j2)
+        snap1_j2.append(measured(snap_cmd(repos_j2[i], "-j", "2")))
 
-    snap2, added2 = [], []
+    # Snapshot 2: nothing changed.  First with nothing committed since the snapshot
+    # before (snap reads no table), then after a commit elsewhere in the cluster (it
+    # must read them all).  Each run starts from a snapshot of its own, taken after the
+    # previous run's commits.
+    def commit_elsewhere() -> None:
+        pg.execute("postgres", "CREATE TABLE IF NOT EXISTS bench_elsewhere (n int)",
+                   "INSERT INTO bench_elsewhere VALUES (1)")
+
+    dump2, snap2, added2, snap2m, added2m, snap2m_j2, reused2 = [], [], [], [], [], [], []
     for i in range(args.runs):
-        log(f"run {i + 1}/{args.runs}: snapshot 2 (unchanged)")
+        log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshots 2 (unchanged)")
+        if i:
+            timed(snap_cmd(repos[i], *jobs), env)   # after run i-1's commits: reads all
+        dump2.append(measured([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn]))
         before = tree_bytes(repos[i])
-        snap2.append(timed([fp, "-q", "-r", repos[i], "snap", "-d", dsn, *jobs, "--json"], env))
+        snap2.append(measured(snap_cmd(repos[i], *jobs)))
         added2.append(tree_bytes(repos[i]) - before)
+        reused2.append(json.loads(snap2[-1].stdout)["tables_reused"])
+        log(f"  reused {reused2[-1]}")
+        commit_elsewhere()
+        before = tree_bytes(repos[i])
+        snap2m.append(measured(snap_cmd(repos[i], *jobs)))
+        added2m.append(tree_bytes(repos[i]) - before)
+        commit_elsewhere()
+        snap2m_j2.append(measured(snap_cmd(repos_j2[i], "-j", "2")))
+    for repo in repos_j2:
+        shutil.rmtree(repo)
 
     log("churn")
     touched = churn(pg, DB)
     dump3, dump3_size, snap3, added3, repo3 = [], [], [], [], []
     for i in range(args.runs):
         log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshot 3 (after churn)")
-        dump3.append(timed([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn], env))
+        dump3.append(measured([pg_dump, "-Fc", "-f", dumps[i], "-d", dsn]))
         dump3_size.append(os.path.getsize(dumps[i]))
         before = tree_bytes(repos[i])
-        snap3.append(timed([fp, "-q", "-r", repos[i], "snap", "-d", dsn, *jobs, "--json"], env))
+        snap3.append(measured(snap_cmd(repos[i], *jobs)))
         repo3.append(tree_bytes(repos[i]))
         added3.append(repo3[-1] - before)
     deltas3 = [json.loads(r.stdout) for r in snap3]
@@ -194,6 +229,13 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
             rest[label][1].append(restore("pg_restore", lambda a, i=i: [
                 pg_restore, *a, dumps[i]], pg_args))
 
+    # Peak RSS at a second size: the same snapshot of a smaller database.
+    log(f"peak RSS at scale {args.small_scale}")
+    build_bench_db(pg, "bench_small", args.small_scale)
+    small = [timed([fp, "-q", "-r", os.path.join(work, f"small{j}"), "snap", "-d",
+                    pg.dsn("bench_small"), *extra, "--json"], env) for j, extra in
+             enumerate((jobs, ["-j", "2"]))]
+
     # -- the report
     s1, d1 = med(stored1), med(dump1_size)
     a3, d3 = med(added3), med(dump3_size)
@@ -201,29 +243,43 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
     rss_pg = med([r.max_rss_kib for r in dump1]) * 1024
     cpu_fp = med([r.cpu_seconds for r in snap1])
     cpu_pg = med([r.cpu_seconds for r in dump1])
+    def wall(label: str, ours: list[Run], theirs: list[Run], mark: str = "") -> tuple:
+        return (f"{label}: wall time", secs(ours), secs(theirs) + mark,
+                ratio(med([r.seconds for r in ours]), med([r.seconds for r in theirs])))
+
+    def cpu(label: str, ours: list[Run], theirs: list[Run], mark: str = "") -> tuple:
+        a, b = med([r.cpu_seconds for r in ours]), med([r.cpu_seconds for r in theirs])
+        sa, sb = med([r.server_cpu for r in ours]), med([r.server_cpu for r in theirs])
+        return (f"{label}: CPU, client + server (user+sys)", f"{a:.2f} + {sa:.2f} s",
+                f"{b:.2f} + {sb:.2f} s{mark}", ratio(a + sa, b + sb))
+
+    def rss(label: str, ours: list[Run]) -> tuple:
+        mine = med([r.max_rss_kib for r in ours]) * 1024
+        return (f"{label}: client peak RSS", human(mine), human(rss_pg), ratio(mine, rss_pg))
+
     rows = [
-        ("snapshot 1 (fresh repository): wall time", secs(snap1), secs(dump1),
-         ratio(med([r.seconds for r in snap1]), med([r.seconds for r in dump1]))),
-        ("snapshot 1: client CPU (user+sys)", f"{cpu_fp:.2f} s", f"{cpu_pg:.2f} s",
-         ratio(cpu_fp, cpu_pg)),
-        ("snapshot 1: client peak RSS", human(rss_fp), human(rss_pg), ratio(rss_fp, rss_pg)),
-        ("snapshot 1 with -j 2 (a table larger than its share is read in two key ranges): "
-         "wall time", secs(snap1_j2), secs(dump1),
-         ratio(med([r.seconds for r in snap1_j2]), med([r.seconds for r in dump1]))),
-        ("snapshot 1 with -j 2: client peak RSS",
-         human(med([r.max_rss_kib for r in snap1_j2]) * 1024), human(rss_pg),
-         ratio(med([r.max_rss_kib for r in snap1_j2]) * 1024, rss_pg)),
+        wall("snapshot 1 (fresh repository)", snap1, dump1),
+        cpu("snapshot 1", snap1, dump1),
+        rss("snapshot 1", snap1),
+        wall("snapshot 1 with -j 2 (a table larger than its share is read in two key ranges)",
+             snap1_j2, dump1),
+        cpu("snapshot 1 with -j 2", snap1_j2, dump1),
+        rss("snapshot 1 with -j 2", snap1_j2),
         ("snapshot 1: stored bytes", human(s1), human(d1), ratio(s1, d1)),
-        ("snapshot 2 (unchanged): wall time", secs(snap2), secs(dump1) + " ¹",
-         ratio(med([r.seconds for r in snap2]), med([r.seconds for r in dump1]))),
-        ("snapshot 2: client CPU (user+sys)", f"{med([r.cpu_seconds for r in snap2]):.2f} s",
-         f"{cpu_pg:.2f} s ¹", ratio(med([r.cpu_seconds for r in snap2]), cpu_pg)),
-        ("snapshot 2: bytes added", human(med(added2)), human(d1) + " ¹", ratio(med(added2), d1)),
-        ("snapshot 3 (after churn): wall time", secs(snap3), secs(dump3),
-         ratio(med([r.seconds for r in snap3]), med([r.seconds for r in dump3]))),
-        ("snapshot 3: client CPU (user+sys)", f"{med([r.cpu_seconds for r in snap3]):.2f} s",
-         f"{med([r.cpu_seconds for r in dump3]):.2f} s",
-         ratio(med([r.cpu_seconds for r in snap3]), med([r.cpu_seconds for r in dump3]))),
+        wall(f"snapshot 2, unchanged, nothing committed since snapshot 1 (tables taken unread: "
+             f"{med(reused2):.0f} of {json.loads(snap1[0].stdout)['tables']})",
+             snap2, dump2, " ¹"),
+        ("snapshot 2, nothing committed: bytes added", human(med(added2)), human(d1) + " ¹",
+         ratio(med(added2), d1)),
+        wall("snapshot 2, unchanged, after a commit in another database (every table read "
+             "and hashed)", snap2m, dump2, " ¹"),
+        cpu("snapshot 2 after a commit elsewhere", snap2m, dump2, " ¹"),
+        ("snapshot 2 after a commit elsewhere: bytes added", human(med(added2m)),
+         human(d1) + " ¹", ratio(med(added2m), d1)),
+        wall("snapshot 2 after a commit elsewhere, with -j 2", snap2m_j2, dump2, " ¹"),
+        cpu("snapshot 2 after a commit elsewhere, with -j 2", snap2m_j2, dump2, " ¹"),
+        wall("snapshot 3 (after churn)", snap3, dump3),
+        cpu("snapshot 3", snap3, dump3),
         ("snapshot 3: bytes added", human(a3), human(d3), ratio(a3, d3)),
         ("snapshot 3 added / snapshot 1 stored", f"{100 * a3 / s1:.1f}%", f"{100 * d3 / d1:.1f}%",
          "—"),
@@ -262,8 +318,13 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
             "|---|---:|---:|---:|"]
     out += [f"| {m} | {a} | {b} | {c} |" for m, a, b, c in rows]
     out += ["",
-            "¹ pg_dump has no incremental mode: the baseline for snapshot 2 is the same full "
-            "dump as for snapshot 1 (the same measurements).",
+            "¹ pg_dump has no incremental mode: the baseline for snapshot 2 is a full dump of "
+            "the same (unchanged) database, timed in the same loop as the snapshots 2.",
+            "",
+            f"Peak RSS at a second size (`pgbench -i -s {args.small_scale}` plus factory_pulse): "
+            f"snapshot 1 {human(small[0].max_rss_kib * 1024)} (`-j {args.jobs}`), "
+            f"{human(small[1].max_rss_kib * 1024)} (`-j 2`); at scale {args.scale}: "
+            f"{human(rss_fp)} and {human(med([r.max_rss_kib for r in snap1_j2]) * 1024)}.",
             "",
             f"Churn before snapshot 3: {CHURN_TEXT}; rows touched: "
             f"{', '.join(f'{c:,}' for c in touched)}. fpvault stored "
@@ -274,7 +335,9 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
             "(not single-transaction) of the latest `-Fc` dump, each into a new empty database, "
             "without and with `-j 2` on both sides; row counts and sums are checked after each. "
             "`restore -o FILE` against `pg_restore -f FILE` writes the SQL script. Peak RSS and "
-            "CPU are of the client process tree (`/usr/bin/time -v`), not the server's."]
+            "CPU are of the client process tree (`/usr/bin/time -v`: fpvault with its psql "
+            "and pg_dump children); server CPU is the PostgreSQL server's over the same "
+            "time (its backends' user+sys, from /proc)."]
     return "\n".join(out) + "\n"
 
 

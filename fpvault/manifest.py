@@ -78,21 +78,21 @@ class Source(msgspec.Struct, kw_only=True):
     pg_dump_version: str = ""
 
 
-class WalMark(msgspec.Struct, kw_only=True):
-    """Where the server's write-ahead log stood just before a snapshot was taken, and
-    which transactions the snapshot saw as running (not recorded on a standby).
+class XactMark(msgspec.Struct, kw_only=True):
+    """Which transactions a snapshot saw as running, on which server (not recorded
+    on a standby).
 
-    A later snapshot sees the same rows if no transaction that holds an xid ended
-    in between.  Every commit or abort of one writes a WAL record (whatever tables
-    it changed, unlogged ones too), so if the WAL insert position, read once the
-    later snapshot is taken, is still ``lsn``, none ended after ``lsn``; and one
-    that wrote its commit record before ``lsn`` but was still running for this
-    snapshot would, once ended, show in the later snapshot's ``xids``.  So equal
-    ``lsn`` and equal ``xids`` mean equal tables (snapshot.py, "Unchanged")."""
+    Every row change is made by a transaction that holds an xid, and is seen by a
+    snapshot once that transaction has ended.  A transaction that ends moves
+    the snapshot's ``xmax`` (one past the newest ended xid) or leaves its list of
+    running xids.  So a later snapshot of the same running server (same system,
+    timeline and start: a restart may empty unlogged tables without any
+    transaction) with the same ``xids`` sees the same rows: no transaction ended
+    in between (snapshot.py, "Unchanged")."""
 
     system: str          # pg_control_system().system_identifier
     timeline: int
-    lsn: str             # pg_current_wal_insert_lsn(), read before the snapshot was taken
+    started: str         # pg_postmaster_start_time()
     database_oid: int
     xids: str            # txid_current_snapshot() of the snapshot: xmin:xmax:running
 
@@ -121,8 +121,8 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     large_objects: list[LargeObject] = []
     seconds: float = 0.0
     bytes_added: int = 0
-    wal: WalMark | None = None
-    tables_reused: int = 0   # tables taken from the previous snapshot, unread (see WalMark)
+    xact: XactMark | None = None
+    tables_reused: int = 0   # tables taken from the previous snapshot, unread (see XactMark)
 
     @property
     def rows(self) -> int:

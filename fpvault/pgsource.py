@@ -128,40 +128,38 @@ def database_encoding(conn: psycopg.Connection) -> str:
 
 
 @dataclass(frozen=True)
-class WalPosition:
+class ServerIdentity:
     system: str
     timeline: int
-    lsn: str
+    started: str
     database_oid: int
 
 
-def wal_position(conn: psycopg.Connection) -> WalPosition | None:
-    """Where this server's WAL insert position is now; None on a standby, or where
-    the server does not say (outside a transaction: an error here aborts nothing)."""
+def server_identity(conn: psycopg.Connection) -> ServerIdentity | None:
+    """Which server, timeline and postmaster start this is; None on a standby, or if
+    the server does not say (call it outside a transaction: an error here aborts
+    nothing)."""
     try:
         row = conn.execute("""
             SELECT pg_catalog.pg_is_in_recovery(),
                    (SELECT system_identifier::text FROM pg_catalog.pg_control_system()),
-                   CASE WHEN NOT pg_catalog.pg_is_in_recovery()
-                        THEN pg_catalog.pg_current_wal_insert_lsn()::text END,
+                   pg_catalog.pg_postmaster_start_time()::text,
                    (SELECT oid::bigint FROM pg_catalog.pg_database
                      WHERE datname = pg_catalog.current_database())""").fetchone()
+        in_recovery, system, started, db_oid = row
+        if in_recovery or not system:
+            return None
+        # The timeline is the first 8 hex digits of the current WAL segment's name.
+        segment = conn.execute("SELECT pg_catalog.pg_walfile_name("
+                               "pg_catalog.pg_current_wal_lsn())").fetchone()[0]
     except psycopg.Error:
         return None
-    in_recovery, system, lsn, db_oid = row
-    if in_recovery or not system or not lsn:
-        return None
-    # The timeline is the first 8 hex digits of the WAL segment's name.
-    segment = conn.execute("SELECT pg_catalog.pg_walfile_name(%s::pg_lsn)", (lsn,)).fetchone()[0]
-    return WalPosition(system, int(segment[:8], 16), lsn, int(db_oid))
+    return ServerIdentity(system, int(segment[:8], 16), started, int(db_oid))
 
 
-def wal_in_snapshot(conn: psycopg.Connection) -> tuple[str, str]:
-    """Inside the snapshot's transaction (just begun, on a primary): the WAL insert
-    position now, and the transactions the snapshot sees as running (xmin:xmax:xips)."""
-    lsn, xids = conn.execute("SELECT pg_catalog.pg_current_wal_insert_lsn()::text, "
-                             "pg_catalog.txid_current_snapshot()::text").fetchone()
-    return lsn, xids
+def snapshot_xids(conn: psycopg.Connection) -> str:
+    """In the snapshot's transaction: the transactions it sees running (xmin:xmax:xips)."""
+    return conn.execute("SELECT pg_catalog.txid_current_snapshot()::text").fetchone()[0]
 
 
 def begin_snapshot(conn: psycopg.Connection, snapshot: str | None = None) -> str:

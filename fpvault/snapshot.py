@@ -15,13 +15,11 @@
    reaches them, so its stream is the same as if one connection had read it.
 5. Sequence states and large objects are read by the leader.
 
-*Unchanged.*  When the previous snapshot of the database recorded a WAL mark
-(manifest.WalMark: the WAL insert position just before it was taken, and the
-transactions it saw running), and once this snapshot is taken the insert
-position is still that mark and the same transactions are running, no
-transaction has ended since: its tables are taken from the previous snapshot
-without reading them, if the catalog says the same of them and their chunks
-are all in the index.
+*Unchanged.*  When this snapshot sees the same transactions running as the
+previous snapshot of the database did, on the same running server
+(manifest.XactMark), no transaction has ended since, so no row has changed:
+the tables are taken from the previous snapshot without reading them, if the
+catalog says the same of them and their chunks are all in the index.
 Sequences are always read (nextval logs only every 32nd value); the schema
 is always dumped.  ``--reread`` reads everything anyway.
 6. The chunk store is flushed (packs, then index), and the manifest written
@@ -47,7 +45,7 @@ from . import pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, Stopped, ToolError, first_cause
 from .errors import RepositoryDamaged
 from .manifest import (LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, Stream,
-                       TableEntry, WalMark)
+                       TableEntry, XactMark)
 from .vault import Vault, client_hostname, now_iso
 
 PG_CLASS = 1259
@@ -130,11 +128,11 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     server_major = server_num // 10000
     pg_dump = pgtools.find_tool("pg_dump", server_major, f"for a PostgreSQL {server_major} server")
     pg_restore = pgtools.find_tool("pg_restore", pg_dump.major, "to read pg_dump's archive")
-    wal_before = pgsource.wal_position(leader)
+    server = pgsource.server_identity(leader)
     snapshot_name = pgsource.begin_snapshot(leader)
-    wal_now, xids = pgsource.wal_in_snapshot(leader) if wal_before else (None, None)
-    mark = (WalMark(system=wal_before.system, timeline=wal_before.timeline, lsn=wal_before.lsn,
-                    database_oid=wal_before.database_oid, xids=xids) if wal_before else None)
+    mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
+                     database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
+            if server else None)
     safe, env = pgsource.tool_conninfo(conninfo)
     psql = pgtools.find_psql(pg_dump)
     reader = (pgsource.PsqlReader(psql.path, safe, env, snapshot_name, encoding)
@@ -192,7 +190,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
     # reading, and only a catalog change, which ends a transaction, changes it.
-    unchanged = (not reread and _nothing_ended_since(prev, mark, wal_now)
+    unchanged = (not reread and prev is not None and mark is not None and prev.xact == mark
                  and prev.filters == filters.as_dict() and prev.source.user == user)
     reuse = _reusable_tables(vault, prev, tables) if unchanged else {}
 
@@ -229,7 +227,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     snap = Snapshot(time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
                     source=source, filters=filters.as_dict(), schema=schema,
                     tables=sorted(entries, key=lambda e: (e.schema, e.name)),
-                    sequences=sequences, large_objects=large_objects, wal=mark,
+                    sequences=sequences, large_objects=large_objects, xact=mark,
                     tables_reused=len(reuse))
     bytes_read = sum(e.data.bytes for e in entries if e.oid not in reuse) + lo_read
     snap.seconds = round(time.monotonic() - started, 3)
@@ -242,18 +240,6 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
 
 def _version_text(num: int) -> str:
     return f"{num // 10000}.{num % 10000}" if num >= 100000 else str(num)
-
-
-def _nothing_ended_since(prev: Snapshot | None, mark: WalMark | None,
-                         lsn_now: str | None) -> bool:
-    """Whether no transaction has ended since ``prev`` was taken (WalMark): ``prev``
-    recorded a mark on this same server, database and timeline, the insert position
-    read after this snapshot was taken is still the one read before ``prev`` was,
-    and this snapshot sees the same transactions running as ``prev`` did."""
-    w = prev.wal if prev is not None else None
-    return (w is not None and mark is not None and lsn_now == w.lsn and mark.xids == w.xids
-            and (w.system, w.timeline, w.database_oid)
-            == (mark.system, mark.timeline, mark.database_oid))
 
 
 def _all_stored(vault: Vault, stream: Stream) -> bool:
