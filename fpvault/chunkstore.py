@@ -26,7 +26,7 @@ from collections import OrderedDict
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import msgspec
 import zstandard
@@ -550,21 +550,45 @@ class ChunkStore:
         cached = self._cache.get(blob)
         if cached is not None:
             return cached
+        pack_id, e = self._locate(blob)
+        return self._checked(blob, e, lambda: self._plaintext(pack_id, e))
+
+    def _locate(self, blob: bytes) -> tuple[bytes, BlobEntry]:
         try:
-            pack_id, e = self.index.blobs[blob]
+            return self.index.blobs[blob]
         except KeyError:
             raise BlobDamaged(blob, "it is not in the index") from None
-        if e.encoding == packs.FRAME:
-            frame = self._frames.get((pack_id, e.offset))
-            if frame is not None:
-                return self._check(blob, e, frame[e.start:e.start + e.raw_length])
+
+    def _stored(self, pack_id: bytes, e: BlobEntry) -> bytes:
+        """A blob's stored bytes (a frame's blobs: the frame's), read ahead or now."""
         with self._lock:
             stored = self._prefetched.pop((pack_id, e.offset), None)
             if stored is not None:
                 self._prefetched_bytes -= len(stored)
         if stored is None:
             stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
-        return self.decode(blob, e, stored, pack_id)
+        return stored
+
+    def _plaintext(self, pack_id: bytes, e: BlobEntry, stored: bytes | None = None) -> bytes:
+        """A blob's plaintext, not yet checked; a frame is decoded once, for all its
+        blobs, and kept in the frame cache."""
+        if e.encoding != packs.FRAME:
+            return self._open(e, self._stored(pack_id, e) if stored is None else stored)
+        frame = self._frames.get((pack_id, e.offset))
+        if frame is None:
+            frame = self._open(e, self._stored(pack_id, e) if stored is None else stored)
+            self._frames.put((pack_id, e.offset), frame)
+        return frame[e.start:e.start + e.raw_length]
+
+    def _checked(self, blob: bytes, e: BlobEntry, plaintext: Callable[[], bytes]) -> bytes:
+        """``plaintext()`` checked against the blob's hash; a delta that fails it names a
+        damaged base if it has one."""
+        try:
+            return self._check(blob, e, plaintext())
+        except BlobDamaged:
+            if e.encoding == packs.DELTA:
+                self._blame_bases(blob, e)
+            raise
 
     def prefetch_bases(self, likely: list[bytes], pool: Executor) -> None:
         """Read ahead what storing deltas against ``likely`` (the next chunks of a
@@ -671,35 +695,15 @@ class ChunkStore:
     def _base_to_decode(self, blob: bytes) -> bytes:
         """A delta base's plaintext to decode a delta with, not checked against its hash
         (the decoded delta is: a wrong base cannot give the right bytes, and
-        ``decode`` then finds which base is to blame).  Restoring a churned table
+        ``_checked`` then finds which base is to blame).  Restoring a churned table
         reads every chunk's base; hashing each cost a fifth of the restore's CPU.
         Only checked data goes into the shared cache."""
-        checked = self._cache.get(blob)
-        if checked is not None:
-            return checked
-        data = self._unchecked.get(blob)
-        if data is not None:
-            return data
-        try:
-            pack_id, e = self.index.blobs[blob]
-        except KeyError:
-            raise BlobDamaged(blob, "it is not in the index") from None
-        if e.encoding == packs.FRAME:
-            frame = self._frames.get((pack_id, e.offset))
-            if frame is None:
-                frame = self._open(e, self.backend.get(packs.pack_name(pack_id), e.offset,
-                                                       e.length))
-                self._frames.put((pack_id, e.offset), frame)
-            data = frame[e.start:e.start + e.raw_length]
-        else:
-            with self._lock:
-                stored = self._prefetched.pop((pack_id, e.offset), None)
-                if stored is not None:
-                    self._prefetched_bytes -= len(stored)
-            if stored is None:
-                stored = self.backend.get(packs.pack_name(pack_id), e.offset, e.length)
-            data = self._open(e, stored)
-        self._unchecked.put(blob, data)
+        data = self._cache.get(blob)
+        if data is None:
+            data = self._unchecked.get(blob)
+        if data is None:
+            data = self._plaintext(*self._locate(blob))
+            self._unchecked.put(blob, data)
         return data
 
     def _blame_bases(self, blob: bytes, e: BlobEntry) -> None:
@@ -716,20 +720,13 @@ class ChunkStore:
                pack_id: bytes | None = None) -> bytes:
         """The plaintext of a blob from its stored bytes, checked against its hash.
         With ``pack_id``, a frame's plaintext is kept for its other blobs."""
-        if e.encoding == packs.FRAME:
-            key = (pack_id, e.offset)
-            frame = self._frames.get(key) if pack_id is not None else None
-            if frame is None:
-                frame = self._open(e, stored)
-                if pack_id is not None:
-                    self._frames.put(key, frame)
-            return self._check(blob, e, frame[e.start:e.start + e.raw_length])
-        try:
-            return self._check(blob, e, self._open(e, stored))
-        except BlobDamaged:
-            if e.encoding == packs.DELTA:
-                self._blame_bases(blob, e)
-            raise
+        if pack_id is None:
+            return self._checked(blob, e, lambda: self._slice(e, self._open(e, stored)))
+        return self._checked(blob, e, lambda: self._plaintext(pack_id, e, stored))
+
+    @staticmethod
+    def _slice(e: BlobEntry, opened: bytes) -> bytes:
+        return opened[e.start:e.start + e.raw_length] if e.encoding == packs.FRAME else opened
 
     def decode_stored(self, entries: list[BlobEntry], stored: bytes
                       ) -> Iterator[tuple[BlobEntry, BlobDamaged | None]]:
