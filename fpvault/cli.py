@@ -18,8 +18,6 @@ from typing import Any
 
 import click
 
-from . import restore as restore_mod
-from . import snapshot as snapshot_mod
 from .errors import FpvaultError
 from .manifest import Snapshot
 from .locks import Lock
@@ -182,8 +180,9 @@ def init(ctx: Ctx, encrypt: bool) -> None:
                    "repository, or at least restrict the bucket (docs/s3.md).", err=True)
 
 
-class TermProgress(snapshot_mod.Progress):
-    """A one-line progress bar on stderr, redrawn at most 10 times a second."""
+class TermProgress:
+    """A one-line progress bar on stderr, redrawn at most 10 times a second (a
+    snapshot.Progress)."""
 
     def __init__(self) -> None:
         self.tables = self.done = 0
@@ -253,6 +252,7 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     """
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
+    from . import snapshot as snapshot_mod
     filters = snapshot_mod.Filters(schemas, exclude_schemas, tables, exclude_tables)
     with ctx.lock(vault, exclusive=False, command="snap"):
         result = snapshot_mod.take(vault, conninfo, tags=tags, filters=filters, jobs=jobs,
@@ -382,6 +382,7 @@ def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
 def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data_only, tables,
              no_owner, no_privileges, jobs) -> None:
     sid, s = vault.resolve_at(at) if at else vault.resolve(snapshot)
+    from . import restore as restore_mod
     opts = restore_mod.Options(schema_only=schema_only, data_only=data_only, tables=tables,
                                no_owner=no_owner, no_privileges=no_privileges)
     plan = restore_mod.make_plan(vault, sid, s, opts)

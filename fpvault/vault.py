@@ -38,10 +38,13 @@ CONFIG = "config"
 SNAPSHOTS = "snapshots/"
 # Reading references by prefix: shorter prefixes collide too easily.
 MIN_PREFIX = 4
-# Remote reads: requests in flight per stream, and threads issuing them; a
-# ranged GET costs a round trip, so several are kept going (at most 8 x 512 KiB).
-# Memory: READ_AHEAD runs of at most REMOTE_RUN_SPAN (chunkstore.py).
+# Reading a stream: runs of chunks (a frame, or chunks stored next to each other) in
+# flight per stream, and the threads that read and decode them; a remote ranged GET
+# costs a round trip, so more are kept going there.  zstd and BLAKE3 release the GIL,
+# so on a local disk too the runs after the one being consumed decode on other cores.
+# Memory: that many runs of at most REMOTE_RUN_SPAN (chunkstore.py), each.
 READ_AHEAD = 8
+LOCAL_READ_AHEAD = 3
 READ_THREADS = 4
 # Snap on a remote backend: the delta bases of this many chunks of a stream's previous
 # version are read ahead at once, when a changed chunk first needs them.
@@ -214,24 +217,25 @@ class Vault:
     def read_stream(self, stream: Stream) -> Iterator[bytes]:
         """The stream's chunks in order, each checked against its hash.
 
-        On a remote backend, chunks are fetched (ranged GETs, one per run of
-        adjacent chunks) and decoded by several threads, ``READ_AHEAD`` runs
-        ahead of the reader."""
+        Chunks are read and decoded by several threads, a few runs of adjacent
+        chunks (one read each: on a remote backend, one ranged GET) ahead of
+        the reader."""
         refs = self.store.get_list(bytes.fromhex(stream.list))
-        if not getattr(self.backend, "parallel_reads", False) or len(refs) < 2:
+        if len(refs) < 2:
             for ref in refs:
                 yield self.store.get(ref.id)
             return
         readers = self.read_pool()
+        depth = READ_AHEAD if getattr(self.backend, "parallel_reads", False) else LOCAL_READ_AHEAD
         # Chunks stored next to each other in a pack (the usual case: a table's
-        # chunks are written in order) are fetched with one ranged GET.
+        # chunks are written in order) are read at once.
         runs = self.store.runs([ref.id for ref in refs], REMOTE_RUN_GAP, REMOTE_RUN_SPAN)
         ahead: deque[Future] = deque()
         todo = iter(runs)
         try:
             for run in todo:
                 ahead.append(readers.submit(self.store.get_run, run))
-                if len(ahead) >= READ_AHEAD:
+                if len(ahead) >= depth:
                     break
             while ahead:
                 chunks = ahead.popleft().result()
@@ -244,7 +248,7 @@ class Vault:
                 f.cancel()
 
     def read_pool(self) -> ThreadPoolExecutor:
-        """The threads that issue remote reads."""
+        """The threads that read and decode runs of chunks."""
         with self._readers_lock:
             if self._readers is None:
                 self._readers = ThreadPoolExecutor(max_workers=READ_THREADS,
