@@ -159,6 +159,7 @@ def delta_variants(path: str, level: int) -> tuple[int, dict[str, int], dict[str
     total = {"fpvault stored": 0, **{v: 0 for v in VARIANTS}}
     secs = {v: 0.0 for v in VARIANTS}
     seen: set[bytes] = set()
+    frames_counted: set[tuple[bytes, int]] = set()
 
     def encode(name: str, data: bytes, dictionary: bytes | None = None, **kw) -> int:
         if dictionary is not None:
@@ -179,7 +180,10 @@ def delta_variants(path: str, level: int) -> tuple[int, dict[str, int], dict[str
                 continue
             seen.add(ref.id)
             data = vault.store.get(ref.id)
-            total["fpvault stored"] += vault.index.blobs[ref.id][1].length
+            pack_id, e = vault.index.blobs[ref.id]
+            if (pack_id, e.offset) not in frames_counted:   # a frame's chunks share it
+                frames_counted.add((pack_id, e.offset))
+                total["fpvault stored"] += e.length
             whole = encode(VARIANTS[0], data, level=level)
             total[VARIANTS[0]] += whole
             if not old:

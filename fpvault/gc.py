@@ -11,7 +11,8 @@ point leaves something the next command can use:
 1. compute the live set; refuse if a live blob is not in the index (deleting
    "unindexed" packs then could delete live data: repair the index first);
 2. write packs holding the live blobs of packs that are mostly garbage
-   (*repacking*), copying each blob's stored bytes after checking its hash;
+   (*repacking*), copying each blob's stored bytes from a pack that matches its
+   hash and whose trailer says of the blob what the index says;
 3. write one new index file naming every blob of the packs that stay and of
    the new packs;
 4. delete the old index files (until this ends, old and new index files
@@ -181,15 +182,17 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     copied: set[bytes] = set()
     for pack_id in repack:
         data = backend.get(packs.pack_name(pack_id))
+        trailer = _intact_pack(vault, pack_id, data)
         for (offset, length), members in ranges[pack_id].items():
             if not any(blob in live for blob in members) or members[0] in copied:
                 continue
-            stored = data[offset:offset + length]
             entries = [index.blobs[blob][1] for blob in members]
-            for _, exc in vault.store.decode_stored(entries, stored):
-                if exc is not None:
-                    raise exc   # never copy damage
-            builder.add_stored(stored, entries)
+            if any(trailer.get(e.id) != e for e in entries):
+                raise RepositoryDamaged(
+                    f"Pack {pack_id.hex()[:16]} does not hold blob {entries[0].id.hex()[:16]} "
+                    "where the index says; prune stopped without deleting anything. Run "
+                    "'fpvault repair index', then 'fpvault verify'.")
+            builder.add_stored(data[offset:offset + length], entries)
             copied.update(members)
             if len(builder) >= packs.PACK_TARGET_SIZE:
                 write_builder()
@@ -220,6 +223,23 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     stats.seconds = time.monotonic() - started
     vault.reset_index(None)
     return stats
+
+
+def _intact_pack(vault: Vault, pack_id: bytes, data: bytes) -> dict[bytes, BlobEntry]:
+    """A pack read whole for repacking, proved to be exactly what was written (its
+    name is the hash of its bytes, and every blob was checked to decode when it was
+    stored), so its blobs are copied without decoding them: decoding a delta means
+    decoding its bases' frames, which made prune three times slower.  Returns its
+    trailer's entries."""
+    if packs.blob_id(data) != pack_id:
+        raise RepositoryDamaged(f"Pack {pack_id.hex()[:16]} does not match its hash; prune "
+                                "stopped without deleting anything. Run 'fpvault verify'.")
+    try:
+        return {e.id: e for e in packs.read_trailer(
+            data, vault.codec if vault.codec.encrypted else None)}
+    except packs.PackFormatError as exc:
+        raise RepositoryDamaged(f"Pack {pack_id.hex()[:16]}: {exc}; prune stopped without "
+                                "deleting anything. Run 'fpvault verify'.") from exc
 
 
 @dataclass

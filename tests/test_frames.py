@@ -153,6 +153,18 @@ def test_prune_keeps_a_frame_while_any_of_its_chunks_is_live(pg, db, tmp_path, s
     second = snap(repo, pg.dsn(db))
     before = frames_of(Vault.open(repo))
     assert run("forget", first["id"], "-r", repo).code == 0
+    # A pack to repack that does not match its hash: prune copies nothing, deletes nothing.
+    (pack_id, offset), members = next(iter(before.items()))
+    pack = tmp_path / "r" / packs.pack_name(pack_id)
+    original = pack.read_bytes()
+    damaged = bytearray(original)
+    damaged[offset + members[0].length // 2] ^= 0x01
+    pack.write_bytes(bytes(damaged))
+    files = sorted(p.name for p in (tmp_path / "r" / "data").rglob("*"))
+    r = run("prune", "-r", repo)
+    assert r.code == 3 and "does not match its hash" in r.err, r.err
+    assert sorted(p.name for p in (tmp_path / "r" / "data").rglob("*")) == files
+    pack.write_bytes(original)
     r = run("prune", "-r", repo, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["packs_deleted"] + json.loads(r.out)["packs_repacked"] >= 1
