@@ -385,6 +385,38 @@ def load_average() -> str:
         return "?"
 
 
+def cpu_counters() -> tuple[int, int]:
+    """(stolen, total) CPU time of the machine so far, in clock ticks (/proc/stat)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def stolen_since(start: tuple[int, int]) -> str:
+    """The share of CPU time a hypervisor took from this machine since ``start``:
+    on a virtual machine it is what makes wall times move between runs while CPU
+    times hold."""
+    stolen, total = cpu_counters()
+    if total <= start[1]:
+        return "?"
+    return f"{100 * (stolen - start[0]) / (total - start[1]):.0f}%"
+
+
+class Conditions:
+    """How loaded the machine was over a run, for a section's first line: the load
+    average at both ends, and the share of CPU time a hypervisor stole."""
+
+    def __init__(self) -> None:
+        self.load = load_average()
+        self.cpu = cpu_counters()
+
+    def text(self) -> str:
+        return (f"Load average (1/5/15 min) {self.load} at the start, {load_average()} at "
+                f"the end; CPU time stolen by the hypervisor: {stolen_since(self.cpu)}.")
+
+
 def fpvault_bin() -> str:
     """The fpvault console script of this interpreter's environment."""
     here = Path(sys.executable).parent / "fpvault"

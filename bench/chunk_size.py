@@ -39,7 +39,7 @@ import zstandard
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, copy_sizes, group_tables, human,  # noqa: E402
-                 load_average, machine, pin_fpvault, today, tree_bytes, write_section)
+                 Conditions, machine, pin_fpvault, today, tree_bytes, write_section)
 
 # Measure a frozen copy of the sources: the package may be edited meanwhile.
 SRC, VERSION = pin_fpvault()
@@ -266,7 +266,7 @@ def main() -> None:
 
 
 def run(pg: Cluster, work: str, sizes: list[int], args) -> str:
-    load_before = load_average()
+    conditions = Conditions()
     log(f"building the database: pgbench -i -s {args.scale} + factory_pulse")
     setup = build_bench_db(pg, DB, args.scale)
     copy = copy_sizes(pg, DB)
@@ -308,8 +308,7 @@ def run(pg: Cluster, work: str, sizes: list[int], args) -> str:
             second[avg]["variants"] = delta_variants(path, level)
 
     total_copy = sum(b for _, _, b in copy.values())
-    out = [f"Measured {today()} on {machine(pg)}; {VERSION}. Load average (1/5/15 min) "
-           f"{load_before} at the start, {load_average()} at the end.",
+    out = [f"Measured {today()} on {machine(pg)}; {VERSION}. {conditions.text()}",
            "",
            f"Database: `pgbench -i -s {args.scale}` ({human(copy['pgbench'][2])} of COPY text, "
            f"{copy['pgbench'][1]:,} rows) plus factory_pulse ({human(copy['factory_pulse'][2])}, "

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, fpvault_bin, human, machine,  # noqa: E402
+from _pg import (CHURN_TEXT, Cluster, Conditions, build_bench_db, churn, fpvault_bin, human, machine,  # noqa: E402
                  pin_fpvault, today, tree_bytes, write_section)
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     ensure_tools()
     started = time.monotonic()
+    conditions = Conditions()
     # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
     _, version = pin_fpvault()
     fv = fpvault_bin()
@@ -96,7 +97,8 @@ def main() -> None:
         lines = [
             f"Measured {today()} on {machine(cluster)}; {version}; restic "
             f"{subprocess.run(['restic', 'version'], capture_output=True, text=True).stdout.split()[1]}, "
-            f"borg {subprocess.run(['borg', '--version'], capture_output=True, text=True).stdout.split()[1]}.",
+            f"borg {subprocess.run(['borg', '--version'], capture_output=True, text=True).stdout.split()[1]}. "
+            f"{conditions.text()}",
             "",
             f"Database: `pgbench -i -s {args.scale}` plus factory_pulse; {args.snaps} snapshots with "
             f"the standard churn before each ({CHURN_TEXT}). One run; sizes are the repository directories' "

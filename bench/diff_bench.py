@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import Cluster, build_bench_db, churn, fpvault_bin, human, machine, timed, today, write_section  # noqa: E402
+from _pg import Cluster, Conditions, build_bench_db, churn, fpvault_bin, human, machine, timed, today, write_section  # noqa: E402
 
 from fpvault import diff as diff_mod  # noqa: E402
 from fpvault.vault import Vault  # noqa: E402
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     started = time.monotonic()
+    conditions = Conditions()
     fv = fpvault_bin()
     with Cluster(keep=args.keep) as cluster, tempfile.TemporaryDirectory(prefix="fpvault-bench-") as tmp:
         env = cluster.env()
@@ -89,7 +90,7 @@ def main() -> None:
 
         db_bytes = first["bytes_read"]
         lines = [
-            f"Measured {today()} on {machine(cluster)}.",
+            f"Measured {today()} on {machine(cluster)}. {conditions.text()}",
             "",
             f"Database: `pgbench -i -s {args.scale}` plus factory_pulse, {human(db_bytes)} of COPY text "
             f"in {len(a.tables)} tables. Snapshot 1 then the standard churn ({touched[0]:,} + "

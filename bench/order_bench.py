@@ -36,7 +36,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, human, load_average,  # noqa: E402
+from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, human, Conditions,  # noqa: E402
                  machine, pin_fpvault, today, tree_bytes, write_section)
 
 SRC, VERSION = pin_fpvault()
@@ -108,7 +108,7 @@ def main() -> None:
     started = time.perf_counter()
     work = tempfile.mkdtemp(prefix="fpvault-bench-order-")
     with Cluster() as pg:
-        load = load_average()
+        conditions = Conditions()
         log(f"building the database: pgbench -i -s {args.scale} + factory_pulse")
         build_bench_db(pg, DB, args.scale)
         infos = tables(pg)
@@ -137,8 +137,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
-    lines = [f"Measured {today()} on {mach}; {VERSION}. Load average {load} at the start, "
-             f"{load_average()} at the end.",
+    lines = [f"Measured {today()} on {mach}; {VERSION}. {conditions.text()}",
              "",
              f"Database: `pgbench -i -s {args.scale}` plus factory_pulse (PostgreSQL {version}). "
              f"Reads: every table through `psql -c 'COPY ... TO STDOUT'` to /dev/null, medians "

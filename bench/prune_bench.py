@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import Cluster, build_bench_db, churn, fpvault_bin, human, machine, timed, today, tree_bytes, write_section  # noqa: E402
+from _pg import Cluster, Conditions, build_bench_db, churn, fpvault_bin, human, machine, timed, today, tree_bytes, write_section  # noqa: E402
 
 from fpvault import gc  # noqa: E402
 from fpvault.vault import Vault  # noqa: E402
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=10, help="snapshots kept by forget --keep-last")
     args = ap.parse_args()
     started = time.monotonic()
+    conditions = Conditions()
     fv = fpvault_bin()
     with Cluster() as cluster, tempfile.TemporaryDirectory(prefix="fpvault-bench-") as tmp:
         env = cluster.env()
@@ -72,7 +73,7 @@ def main() -> None:
             rows.append((t, time.perf_counter() - t0, st, tree_bytes(copies[t])))
 
         lines = [
-            f"Measured {today()} on {machine(cluster)}.",
+            f"Measured {today()} on {machine(cluster)}. {conditions.text()}",
             "",
             f"Repository: {args.snaps} snapshots of `pgbench -i -s {args.scale}` plus factory_pulse, "
             f"with the standard churn before each; {human(stats_before['logical_bytes'])} of "

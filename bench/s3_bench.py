@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import (Cluster, build_bench_db, churn, fpvault_bin, free_port, human, machine,  # noqa: E402
+from _pg import (Cluster, Conditions, build_bench_db, churn, fpvault_bin, free_port, human, machine,  # noqa: E402
                  pin_fpvault, timed, today, write_section)
 
 from fpvault.crypto import Crypto, Plain, new_master  # noqa: E402
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
     started = time.monotonic()
+    conditions = Conditions()
     # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
     _, version = pin_fpvault()
     from moto.server import ThreadedMotoServer
@@ -110,7 +111,7 @@ def main() -> None:
                                              max((r.max_rss_kib or 0) for r in first) / 1024)
             rates = crypto_rates()
             lines = [
-                f"Measured {today()} on {machine(cluster)}; {version}.",
+                f"Measured {today()} on {machine(cluster)}; {version}. {conditions.text()}",
                 "",
                 f"Database: `pgbench -i -s {args.scale}` plus factory_pulse. S3 is moto's server "
                 "mode on 127.0.0.1 (a Python server: it shows fpvault's request pattern and client "

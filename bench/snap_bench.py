@@ -41,7 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _pg import (CHURN_TEXT, Cluster, Run, build_bench_db, churn, copy_sizes, fpvault_bin,  # noqa: E402
-                 human, load_average, machine, pin_fpvault, timed, today, tree_bytes,
+                 human, Conditions, machine, pin_fpvault, timed, today, tree_bytes,
                  write_section)
 
 DB = "bench"
@@ -100,7 +100,7 @@ def log(msg: str) -> None:
 
 
 def run(pg: Cluster, work: str, args, version: str) -> str:
-    load_before = load_average()
+    conditions = Conditions()
     env = pg.env()
     fp = fpvault_bin()
     # (from the work dir: ``python -c`` puts its cwd first on sys.path; the console script,
@@ -292,8 +292,7 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
                  (f"{label}: client CPU (user+sys)", f"{med([r.cpu_seconds for r in r_fp]):.2f} s",
                   f"{med([r.cpu_seconds for r in r_pg]):.2f} s",
                   ratio(med([r.cpu_seconds for r in r_fp]), med([r.cpu_seconds for r in r_pg])))]
-    out = [f"Measured {today()} on {machine(pg)}; {version}. Load average (1/5/15 min) "
-           f"{load_before} at the start, {load_average()} at the end.",
+    out = [f"Measured {today()} on {machine(pg)}; {version}. {conditions.text()}",
            "",
            f"Database: `pgbench -i -s {args.scale}` plus factory_pulse in one database "
            f"(built in {sum(setup.values()):.0f} s). Medians of {args.runs} runs (min–max in "
