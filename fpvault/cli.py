@@ -354,8 +354,8 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
               help="Use the latest snapshot taken at or before TIME (ISO 8601) instead of SNAPSHOT.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="With --to: load tables, then build their indexes and keys, over this many "
-                   "connections (faster; a failure then leaves a partial restore instead of "
-                   "rolling back).")
+                   "connections; a table larger than its share loads in parts at once "
+                   "(faster; a failure then leaves a partial restore instead of rolling back).")
 @common_options
 @click.pass_obj
 def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,

@@ -21,6 +21,7 @@ re-hashed as it is read; a damaged one stops the restore, naming the table.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING
 from . import pgtools
 from .errors import (DatabaseError, RepositoryDamaged, RestoreFailed, Stopped, UsageError,
                      first_cause)
+from .chunkstore import ChunkRef
 from .manifest import LargeObject, SequenceState, Snapshot, Stream, TableEntry
 from .vault import Vault
 
@@ -235,13 +237,63 @@ def _read(vault: Vault, stream: Stream, what: str, sid: str = "") -> bytes:
                                 f"{str(exc).rstrip('.')}.") from exc
 
 
-def table_chunks(vault: Vault, plan: Plan, table: TableEntry) -> Iterator[bytes]:
+def table_chunks(vault: Vault, plan: Plan, table: TableEntry,
+                 part: list[ChunkRef] | None = None) -> Iterator[bytes]:
+    """The table's COPY data; with ``part``, those of its chunks only (load_parts)."""
     try:
-        yield from vault.read_stream(table.data)
+        if part is None:
+            yield from vault.read_stream(table.data)
+            return
+        last = None
+        for chunk in vault.read_stream(table.data, part):
+            if last is not None:
+                yield last
+            last = chunk
+        if last is not None and part is not None and not last.endswith(b"\n"):
+            # load_parts cuts only after a chunk that ends a row; a chunk list that says
+            # so wrongly would make two COPYs of half a row each.
+            raise RestoreFailed(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: a part "
+                                "of its data loaded on its own does not end with a whole row, "
+                                "and was rolled back. The database holds a partial restore: "
+                                "drop it and restore with -j 1.")
+        if last is not None:
+            yield last
     except RepositoryDamaged as exc:
         raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: "
                                 f"{str(exc).rstrip('.')}. The restore was stopped; run 'fpvault "
                                 "verify' to see what else is affected.") from exc
+
+
+# With -j, a table larger than its share of the data (and than this) is loaded as
+# several parts at once, one COPY each, as snap reads it in key ranges: otherwise
+# the largest table's COPY and then its index builds are the whole restore's
+# critical path while the other connections wait (pgbench -s 50: 84% of the data
+# in one table; docs/benchmarks.md, snap_bench).
+LOAD_SPLIT_MIN_BYTES = 64 * 1024 * 1024
+
+
+def _chunk_list(vault: Vault, plan: Plan, table: TableEntry) -> list[ChunkRef]:
+    try:
+        return vault.store.get_list(bytes.fromhex(table.data.list))
+    except RepositoryDamaged as exc:
+        raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: "
+                                f"{str(exc).rstrip('.')}. Nothing was restored; run 'fpvault "
+                                "verify' to see what else is affected.") from exc
+
+
+def load_parts(refs: list[ChunkRef], parts: int) -> list[list[ChunkRef]]:
+    """``refs`` in up to ``parts`` consecutive runs of about equal size, each of whole
+    rows: a run ends only after a chunk that ends a row."""
+    total = sum(ref.size for ref in refs)
+    out: list[list[ChunkRef]] = [[]]
+    done = 0
+    for i, ref in enumerate(refs):
+        out[-1].append(ref)
+        done += ref.size
+        if (len(out) < parts and not ref.cut_in_row and i + 1 < len(refs)
+                and done >= total * len(out) / parts):
+            out.append([])
+    return out
 
 
 def lo_chunks(vault: Vault, plan: Plan, lo: LargeObject) -> Iterator[bytes]:
@@ -279,7 +331,9 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
 
     from . import pgsource
     say = progress or (lambda _msg: None)
-    if jobs > 1 and len(plan.tables) > 1 and before_commit is None and commit:
+    if (jobs > 1 and before_commit is None and commit
+            and (len(plan.tables) > 1
+                 or any(t.data.bytes >= LOAD_SPLIT_MIN_BYTES for t in plan.tables))):
         return _to_database_parallel(vault, plan, conninfo, jobs, say)
     conn = pgsource.connect(conninfo, "to restore into")
     where = pgsource.describe(conninfo)
@@ -397,9 +451,20 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     for entry in parallel:
         table = entry_table(entry)
         builds.setdefault(table if table in restored else None, []).append(entry)
-    # Work items: ("load", table) or ("build", entry).  A table's builds go to the front
-    # of the queue when its data is in; builds on no restored table wait for all loads.
-    queue: deque = deque(("load", t) for t in sorted(plan.tables, key=lambda t: -t.data.bytes))
+    # Work items: ("load", (table, part)) or ("build", entry), largest loads first.  A
+    # table's builds go to the front of the queue when all its parts are in; builds on
+    # no restored table wait for all loads.
+    loads: list[tuple[int, TableEntry, list[ChunkRef] | None]] = []
+    share = sum(t.data.bytes for t in plan.tables) / jobs
+    parts_left: dict[str, int] = {}
+    for t in plan.tables:
+        parts = (min(jobs, math.ceil(t.data.bytes / share))
+                 if share and t.data.bytes >= LOAD_SPLIT_MIN_BYTES else 1)
+        pieces = load_parts(_chunk_list(vault, plan, t), parts) if parts > 1 else [None]
+        loads += [(sum(r.size for r in p) if p else t.data.bytes, t, p) for p in pieces]
+        parts_left[t.qname] = len(pieces)
+    loads.sort(key=lambda item: -item[0])
+    queue: deque = deque(("load", (t, part)) for _, t, part in loads)
     loads_left = len(plan.tables)
     ready = threading.Condition()
 
@@ -416,6 +481,9 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     def loaded(table: TableEntry) -> None:
         nonlocal loads_left
         with ready:
+            parts_left[table.qname] -= 1
+            if parts_left[table.qname]:
+                return
             loads_left -= 1
             queue.extendleft(("build", e) for e in reversed(builds.pop(table.qname, [])))
             if loads_left == 0:
@@ -436,15 +504,16 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                     kind, what = item
                     cur.execute("BEGIN")
                     if kind == "load":
+                        table, part = what
                         try:
-                            with cur.copy(copy_in_statement(what)) as copy:
-                                for chunk in table_chunks(vault, plan, what):
+                            with cur.copy(copy_in_statement(table)) as copy:
+                                for chunk in table_chunks(vault, plan, table, part):
                                     if stop.is_set():
                                         raise Stopped()
                                     copy.write(chunk)
                         except psycopg.Error as exc:
-                            exc.add_note(what.qname)
-                            state["step"] = f"the data of {what.qname}"
+                            exc.add_note(table.qname)
+                            state["step"] = f"the data of {table.qname}"
                             raise
                     else:
                         try:
@@ -454,7 +523,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                             raise
                     cur.execute("COMMIT")
                     if kind == "load":
-                        loaded(what)
+                        loaded(what[0])
                     item = next_item()
         except BaseException:
             stop.set()

@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fpvault import pgsource
+from fpvault import pgsource, restore
 from fpvault.cli import main
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -165,6 +165,14 @@ def _both_copy_readers(monkeypatch):
     fpvault.pgsource.PsqlReader).  Tables in the tests are small: move the line so
     that the suite goes through both readers (tables over 64 KiB on disk: psql)."""
     monkeypatch.setattr(pgsource, "PSQL_MIN_BYTES", 64 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def _split_loads(monkeypatch):
+    """restore -j loads a table larger than its share of the data in parts at once,
+    from 64 MiB up (fpvault.restore.LOAD_SPLIT_MIN_BYTES): from 64 KiB in the tests,
+    so that every -j restore of the suite goes through split loads where they apply."""
+    monkeypatch.setattr(restore, "LOAD_SPLIT_MIN_BYTES", 64 * 1024)
 
 
 @pytest.fixture

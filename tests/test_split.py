@@ -1,11 +1,15 @@
-"""snap -j: a table larger than its share of the work is read in key ranges at once."""
+"""-j: a table larger than its share of the work is read in key ranges at once (snap)
+and loaded in parts at once (restore)."""
 
 import json
 
 import psycopg
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import run
-from fpvault import snapshot
+from fpvault import restore, snapshot
+from fpvault.chunkstore import ChunkRef
 from fpvault.vault import Vault
 
 
@@ -73,3 +77,87 @@ def test_a_failed_range_fails_the_snapshot(pg, db, repo, monkeypatch):
     assert "server closed the connection" in r.err and "No snapshot was written" in r.err
     listed = json.loads(run("list", "-r", repo, "--json").out)
     assert [s["id"] for s in listed] == [first["id"]]
+
+
+# -- restore -j: parts of one table loaded at once
+
+def spy_on_parts(monkeypatch):
+    """Record (table, part) of every COPY restore makes; LOAD_SPLIT_MIN_BYTES off."""
+    seen = []
+    real = restore.table_chunks
+
+    def table_chunks(vault, plan, table, part=None):
+        seen.append((table.name, part))
+        return real(vault, plan, table, part)
+
+    monkeypatch.setattr(restore, "table_chunks", table_chunks)
+    monkeypatch.setattr(restore, "LOAD_SPLIT_MIN_BYTES", 0)
+    return seen
+
+
+def digest(pg, db, table):
+    return pg.query(db, f"SELECT count(*), md5(string_agg(t::text, ',' ORDER BY id)) FROM {table} t")
+
+
+def test_restore_j_loads_a_large_table_in_parts(pg, db, repo, monkeypatch):
+    pg.execute(db, "CREATE TABLE big (id bigint PRIMARY KEY, v text); "
+                   "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 100000) g; "
+                   "CREATE INDEX big_v ON big (v); "
+                   "CREATE TABLE child (id int PRIMARY KEY, big_id bigint REFERENCES big); "
+                   "INSERT INTO child SELECT g, g * 7 FROM generate_series(1, 1000) g")
+    sid = snap(pg, repo, db)["id"]
+    seen = spy_on_parts(monkeypatch)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target), "-j", "3")
+    assert r.code == 0, r.err
+
+    (entry,) = [t for t in Vault.open(repo).resolve(sid)[1].tables if t.name == "big"]
+    refs = Vault.open(repo).store.get_list(bytes.fromhex(entry.data.list))
+    parts = sorted((part for name, part in seen if name == "big"), key=lambda p: refs.index(p[0]))
+    assert len(parts) == 3 and [r for part in parts for r in part] == refs  # all, once
+    for table in ("big", "child"):
+        assert digest(pg, target, table) == digest(pg, db, table), table
+    # The index and the key built once all parts were in; the foreign key holds.
+    assert pg.query(target, "SELECT indexname FROM pg_indexes WHERE tablename = 'big' "
+                            "ORDER BY 1") == [("big_pkey",), ("big_v",)]
+    assert pg.query(target, "SELECT count(*) FROM pg_constraint WHERE contype = 'f'") == [(1,)]
+
+    # One table on its own goes over several connections too.
+    seen.clear()
+    alone = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(alone), "-t", "big", "-j", "2")
+    assert r.code == 0, r.err
+    assert len([name for name, _ in seen]) == 2 and digest(pg, alone, "big") == digest(pg, db, "big")
+
+
+def test_restore_j_never_splits_a_row(pg, db, repo, monkeypatch):
+    # Rows of 600 KiB are longer than a chunk may grow to reach a row's end, so their
+    # chunks end inside rows; a part may only end where a row does.
+    pg.execute(db, "CREATE TABLE wide (id int PRIMARY KEY, v text); "
+                   "INSERT INTO wide SELECT g, repeat(md5(g::text), 19200) "
+                   "FROM generate_series(1, 12) g")
+    sid = snap(pg, repo, db)["id"]
+    (entry,) = Vault.open(repo).resolve(sid)[1].tables
+    refs = Vault.open(repo).store.get_list(bytes.fromhex(entry.data.list))
+    assert any(ref.cut_in_row for ref in refs)
+    seen = spy_on_parts(monkeypatch)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target), "-j", "4")
+    assert r.code == 0, r.err
+    assert len(seen) > 1 and all(not part[-1].cut_in_row for _, part in seen)
+    assert digest(pg, target, "wide") == digest(pg, db, "wide")
+
+
+@given(st.lists(st.tuples(st.integers(1, 1000), st.booleans()), max_size=60),
+       st.integers(1, 8))
+def test_load_parts_cuts_whole_rows_in_order(items, parts):
+    refs = [ChunkRef(i.to_bytes(32, "big"), size, cut) for i, (size, cut) in enumerate(items)]
+    out = restore.load_parts(refs, parts)
+    assert [r for part in out for r in part] == refs
+    assert 1 <= len(out) <= parts
+    assert all(part and not part[-1].cut_in_row for part in out[:-1])
+    if refs and not any(r.cut_in_row for r in refs) and len(refs) >= parts:
+        # Cut where the share is reached: no part but the last holds more than a
+        # share plus one chunk.
+        share = sum(r.size for r in refs) / parts
+        assert all(sum(r.size for r in part) <= share + part[-1].size for part in out[:-1])
