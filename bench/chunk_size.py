@@ -76,13 +76,15 @@ def metadata(path: str) -> dict[str, int]:
             schema_ids.update(ref.id for ref in vault.store.get_list(bytes.fromhex(stream.list)))
     data = lists = schema = chunks = 0
     in_packs: dict[bytes, int] = {}
-    counted: set[tuple[bytes, int]] = set()   # a frame's chunks share their stored bytes
+    # A frame's chunks share their stored bytes; an empty blob (0 bytes) shares its
+    # offset with the blob after it, so both count.
+    counted: set[tuple[bytes, int, int]] = set()
     for pack_id, e in index.blobs.values():
         if e.type == packs.DATA and e.id not in schema_ids:
             chunks += 1
-        if (pack_id, e.offset) in counted:
+        if (pack_id, e.offset, e.length) in counted:
             continue
-        counted.add((pack_id, e.offset))
+        counted.add((pack_id, e.offset, e.length))
         in_packs[pack_id] = in_packs.get(pack_id, 0) + e.length
         if e.type == packs.LIST:
             lists += e.length
