@@ -798,9 +798,11 @@ def keep_freed_buffers() -> None:
     A snapshot moves every byte through a few buffers of 1 to 32 MiB (the pipe
     reads, the chunker, frames, the pack); with glibc's defaults, 555 MiB of COPY
     text cost 130,000-200,000 page faults and 1.0-1.4 s of system time, and with
-    this 37,000 faults and 0.4 s less CPU, for 15 MiB more peak RSS
-    (docs/benchmarks.md).  Settings given in the environment (MALLOC_*_) win.
-    A process-wide choice, so the command line makes it, not the library."""
+    this 35,000-47,000 faults and 0.6-0.7 s less system time.  What each thread's
+    arena keeps is bounded by the trim threshold: at 256 MiB, snap -j 2 peaked at
+    182 MiB; at 64 MiB, 157-168 MiB (-j 1: 116-124 MiB), against 138 MiB with
+    glibc's defaults.  Settings given in the environment (MALLOC_*_) win.  A
+    process-wide choice, so the command line makes it, not the library."""
     if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
         return
     import ctypes
@@ -810,7 +812,7 @@ def keep_freed_buffers() -> None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 256 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
 
 
 def main(argv: list[str] | None = None) -> None:
