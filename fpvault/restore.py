@@ -435,10 +435,11 @@ def entry_table(entry: bytes) -> str | None:
 
 def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                           say: Callable[[str], None]) -> None:
-    """pre-data; then over ``jobs`` connections the tables, largest first, each
-    followed as soon as it is loaded by its indexes and key constraints (as
-    pg_restore -j schedules them); then sequences, large objects and the rest of
-    post-data on one connection.  Each step commits on its own."""
+    """pre-data; then over ``jobs`` connections the tables, largest first (a table
+    larger than its share in parts: ``load_parts``), each followed as soon as it
+    is loaded by its indexes and key constraints (as pg_restore -j schedules
+    them); then sequences, large objects and the rest of post-data on one
+    connection.  Each step commits on its own."""
     import psycopg
 
     from . import pgsource
