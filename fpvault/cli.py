@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -373,10 +374,30 @@ def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
         raise click.UsageError("Give a SNAPSHOT or --at TIME (one of them).")
     if jobs > 1 and to is None:
         raise click.UsageError("-j/--jobs goes with --to (a script is written in one stream).")
+    if output is not None and output != "-":
+        script_target(output)   # a bad path fails before anything is read
     vault = ctx.open()
     with ctx.lock(vault, exclusive=False, command="restore"):
         _restore(ctx, vault, snapshot, to, output, at, schema_only, data_only, tables, no_owner,
                  no_privileges, jobs)
+
+
+def script_target(output: str) -> bool:
+    """Whether ``-o`` names a regular file, or nothing yet: written beside it and renamed
+    into place when complete.  False for a pipe, a device or a socket, which are written
+    as they are; a directory or a missing directory is a usage error."""
+    try:
+        st = os.stat(output)
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(output))
+        if not os.path.isdir(parent):
+            raise click.UsageError(f"-o {output}: there is no directory {parent}.") from None
+        return True
+    except OSError as exc:
+        raise click.UsageError(f"-o {output}: {exc.strerror}.") from exc
+    if stat.S_ISDIR(st.st_mode):
+        raise click.UsageError(f"-o {output} is a directory: name a file in it.")
+    return stat.S_ISREG(st.st_mode)
 
 
 def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data_only, tables,
@@ -396,9 +417,26 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
         restore_mod.to_script(vault, plan, sys.stdout.buffer)
         sys.stdout.buffer.flush()
         return
+    if not script_target(output):
+        # A pipe, a device (/dev/null), a socket: written as it is.  Renaming a file
+        # over it would replace the device node itself.
+        try:
+            f = open(output, "wb")
+        except OSError as exc:
+            raise click.UsageError(f"Cannot write to -o {output}: {exc.strerror}.") from exc
+        with f:
+            restore_mod.to_script(vault, plan, f)
+        info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}",
+             json_mode=True)
+        return
     tmp = output + ".partial"
     try:
-        with open(tmp, "wb") as f:
+        try:
+            f = open(tmp, "wb")
+        except OSError as exc:
+            raise click.UsageError(f"Cannot write -o {output} (as {tmp} first, renamed when "
+                                   f"complete): {exc.strerror}.") from exc
+        with f:
             restore_mod.to_script(vault, plan, f)
         os.replace(tmp, output)
     except BaseException:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,27 @@ def test_restore_usage_errors(pg, db, repo, tmp_path):
     out = tmp_path / "x.sql"
     r = run("restore", "latest", "-r", repo, "-o", str(out), "-t", "nosuch")
     assert not out.exists()
+
+
+def test_restore_script_to_a_pipe_and_to_bad_paths(pg, db, repo, tmp_path):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    snap(pg, repo, db)
+    # A pipe (or /dev/null) is written as it is: a file renamed over it would replace it.
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    r = run("restore", "latest", "-r", repo, "-o", str(fifo))
+    reader.join(30)
+    assert r.code == 0, r.err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and not (tmp_path / "pipe.partial").exists()
+    assert got and b"COPY public.t" in got[0]
+    r = run("restore", "latest", "-r", repo, "-o", str(tmp_path))
+    assert r.code == 2 and "is a directory" in r.err
+    r = run("restore", "latest", "-r", repo, "-o", str(tmp_path / "nosuch" / "x.sql"))
+    assert r.code == 2 and "there is no directory" in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "repo"]   # nothing left
 
 
 def test_restore_into_non_empty_database_changes_nothing(pg, db, repo):
