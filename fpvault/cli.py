@@ -429,7 +429,9 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
         info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}",
              json_mode=True)
         return
-    tmp = output + ".partial"
+    # Through a symlink to the file it names: the link stays a link.
+    target = os.path.realpath(output)
+    tmp = target + ".partial"
     try:
         try:
             f = open(tmp, "wb")
@@ -438,7 +440,7 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
                                    f"complete): {exc.strerror}.") from exc
         with f:
             restore_mod.to_script(vault, plan, f)
-        os.replace(tmp, output)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

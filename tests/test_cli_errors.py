@@ -160,6 +160,13 @@ def test_restore_script_to_a_pipe_and_to_bad_paths(pg, db, repo, tmp_path):
     r = run("restore", "latest", "-r", repo, "-o", str(tmp_path / "nosuch" / "x.sql"))
     assert r.code == 2 and "there is no directory" in r.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "repo"]   # nothing left
+    # A symlink is written through: the file it names gets the script, the link stays.
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "latest.sql").symlink_to(tmp_path / "scripts" / "today.sql")
+    r = run("restore", "latest", "-r", repo, "-o", str(tmp_path / "latest.sql"))
+    assert r.code == 0, r.err
+    assert (tmp_path / "latest.sql").is_symlink()
+    assert b"COPY public.t" in (tmp_path / "scripts" / "today.sql").read_bytes()
 
 
 def test_restore_into_non_empty_database_changes_nothing(pg, db, repo):
