@@ -433,11 +433,11 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
     target = os.path.realpath(output)
     tmp = target + ".partial"
     try:
-        try:
-            f = open(tmp, "wb")
-        except OSError as exc:
-            raise click.UsageError(f"Cannot write -o {output} (as {tmp} first, renamed when "
-                                   f"complete): {exc.strerror}.") from exc
+        f = open(tmp, "wb")
+    except OSError as exc:
+        raise click.UsageError(f"Cannot write -o {output} (as {tmp} first, renamed when "
+                               f"complete): {exc.strerror}.") from exc
+    try:
         with f:
             restore_mod.to_script(vault, plan, f)
         os.replace(tmp, target)
