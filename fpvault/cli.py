@@ -342,7 +342,8 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
                     "  fpvault restore --at '2026-11-25 08:00' -o before.sql")
 @click.argument("snapshot", required=False)
 @click.option("--to", "to", metavar="CONNINFO", help="Restore into this database.")
-@click.option("-o", "--output", metavar="FILE|-", help="Write a SQL script ('-': stdout).")
+@click.option("-o", "--output", metavar="FILE|-", help="Write a SQL script ('-': stdout); a file is written whole, as FILE.partial "
+                   "renamed when complete.")
 @click.option("--schema-only", is_flag=True, help="Only the schema, no data.")
 @click.option("--data-only", is_flag=True,
               help="Only data, into an existing schema (needs a superuser: triggers and "
@@ -420,32 +421,30 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
     if not script_target(output):
         # A pipe, a device (/dev/null), a socket: written as it is.  Renaming a file
         # over it would replace the device node itself.
+        with _open_output(output, output) as f:
+            restore_mod.to_script(vault, plan, f)
+    else:
+        # Through a symlink to the file it names: the link stays a link.
+        target = os.path.realpath(output)
+        tmp = target + ".partial"
+        f = _open_output(output, tmp)
         try:
-            f = open(output, "wb")
-        except OSError as exc:
-            raise click.UsageError(f"Cannot write to -o {output}: {exc.strerror}.") from exc
-        with f:
-            restore_mod.to_script(vault, plan, f)
-        info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}",
-             json_mode=True)
-        return
-    # Through a symlink to the file it names: the link stays a link.
-    target = os.path.realpath(output)
-    tmp = target + ".partial"
-    try:
-        f = open(tmp, "wb")
-    except OSError as exc:
-        raise click.UsageError(f"Cannot write -o {output} (as {tmp} first, renamed when "
-                               f"complete): {exc.strerror}.") from exc
-    try:
-        with f:
-            restore_mod.to_script(vault, plan, f)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+            with f:
+                restore_mod.to_script(vault, plan, f)
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
     info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}", json_mode=True)
+
+
+def _open_output(output: str, path: str):
+    try:
+        return open(path, "wb")
+    except OSError as exc:
+        first = f" (as {path} first, renamed when complete)" if path != output else ""
+        raise click.UsageError(f"Cannot write -o {output}{first}: {exc.strerror}.") from exc
 
 
 @cli.command(name="diff", epilog="Examples:\n\n\b\n  fpvault diff latest~1 latest\n"

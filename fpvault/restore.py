@@ -244,20 +244,15 @@ def table_chunks(vault: Vault, plan: Plan, table: TableEntry,
         if part is None:
             yield from vault.read_stream(table.data)
             return
-        last = None
-        for chunk in vault.read_stream(table.data, part):
-            if last is not None:
-                yield last
-            last = chunk
-        if last is not None and part is not None and not last.endswith(b"\n"):
-            # load_parts cuts only after a chunk that ends a row; a chunk list that says
-            # so wrongly would make two COPYs of half a row each.
-            raise RestoreFailed(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: a part "
-                                "of its data loaded on its own does not end with a whole row, "
-                                "and was rolled back. The database holds a partial restore: "
-                                "drop it and restore with -j 1.")
-        if last is not None:
-            yield last
+        for i, chunk in enumerate(vault.read_refs(part), 1):
+            if i == len(part) and not chunk.endswith(b"\n"):
+                # load_parts cuts only after a chunk that ends a row; a chunk list that
+                # said so wrongly would have COPY take half a row as a row.
+                raise RestoreFailed(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: a "
+                                    "part of its data loaded on its own does not end with a "
+                                    "whole row, and was rolled back. The database holds a "
+                                    "partial restore: drop it and restore with -j 1.")
+            yield chunk
     except RepositoryDamaged as exc:
         raise RepositoryDamaged(f"Snapshot {plan.snapshot_id[:8]}, table {table.qname}: "
                                 f"{str(exc).rstrip('.')}. The restore was stopped; run 'fpvault "

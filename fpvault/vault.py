@@ -214,15 +214,17 @@ class Vault:
             writer.write(buf)
         return writer.close()
 
-    def read_stream(self, stream: Stream, refs: list[ChunkRef] | None = None) -> Iterator[bytes]:
-        """The stream's chunks in order (or ``refs``, some of them), each checked
-        against its hash.
+    def read_stream(self, stream: Stream) -> Iterator[bytes]:
+        """The stream's chunks in order, each checked against its hash."""
+        return self.read_refs(self.store.get_list(bytes.fromhex(stream.list)))
+
+    def read_refs(self, refs: list[ChunkRef]) -> Iterator[bytes]:
+        """These chunks in order (a chunk list, or a run of one), each checked against
+        its hash.
 
         Chunks are read and decoded by several threads, a few runs of adjacent
         chunks (one read each: on a remote backend, one ranged GET) ahead of
         the reader."""
-        if refs is None:
-            refs = self.store.get_list(bytes.fromhex(stream.list))
         if len(refs) < 2:
             for ref in refs:
                 yield self.store.get(ref.id)
