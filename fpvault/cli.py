@@ -236,8 +236,8 @@ class TermProgress:
               help="Connections reading tables in parallel (all in one snapshot); a table "
                    "larger than its share is read in key ranges by several of them.")
 @click.option("--reread", is_flag=True,
-              help="Read every table, even when no transaction has ended on the server "
-                   "since the previous snapshot.")
+              help="Read every table, even those whose rows have not changed since the "
+                   "previous snapshot.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @common_options
 @click.pass_obj
@@ -245,10 +245,12 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
          jobs: int, reread: bool, as_json: bool) -> None:
     """Take a snapshot of a database.
 
-    Creates the default repository on first use.  If no transaction has ended on
-    the server since the previous snapshot of the database, its tables are
-    taken from that snapshot without reading them (sequences and the schema are
-    read as always).  Text output ends with the snapshot id on its own line (printed
+    Creates the default repository on first use.  Tables whose rows have not
+    changed since the previous snapshot of the database are taken from it
+    without reading them: all of them, without a look, if no transaction has
+    ended on the server since; otherwise a table whose every row is older than
+    that snapshot, as many as it counted (one scan of the table, no COPY).
+    Sequences and the schema are read as always.  Text output ends with the snapshot id on its own line (printed
     even with -q).
     """
     vault = ctx.open(create=True)
@@ -268,8 +270,8 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
               f"{len(s.tables)} tables, {s.rows} rows, {len(s.sequences)} sequences, "
               f"{len(s.large_objects)} large objects")
     if s.tables_reused:
-        info(ctx, f"{s.tables_reused} tables taken from the previous snapshot unread: no "
-                  "transaction has ended on the server since it (--reread reads them)")
+        info(ctx, f"{s.tables_reused} tables taken from the previous snapshot unread: none "
+                  "of their rows has changed since (--reread reads them)")
     info(ctx, f"read {human_bytes(result.bytes_read)}, added {human_bytes(result.bytes_added)} "
               f"in {result.seconds:.1f} s")
     click.echo(result.id)

@@ -122,7 +122,7 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     seconds: float = 0.0
     bytes_added: int = 0
     xact: XactMark | None = None
-    tables_reused: int = 0   # tables taken from the previous snapshot, unread (see XactMark)
+    tables_reused: int = 0   # tables taken from the previous snapshot, unread (snapshot.py)
 
     @property
     def rows(self) -> int:

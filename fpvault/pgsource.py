@@ -188,6 +188,7 @@ class TableInfo:
     owned_sequences: list[str] = field(default_factory=list)
     size: int = 0
     key_kinds: list[str] = field(default_factory=list)
+    access_method: str = "heap"
 
     def copy_statement(self, key_range: tuple[int | None, int | None] | None = None
                        ) -> sql.Composed:
@@ -236,10 +237,12 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
                       JOIN pg_catalog.pg_class pc ON pc.oid = i.inhparent
                       JOIN pg_catalog.pg_namespace pn ON pn.oid = pc.relnamespace
                      WHERE i.inhrelid = c.oid AND pc.relkind = 'p'),
-                   pg_catalog.pg_relation_size(c.oid)
+                   pg_catalog.pg_relation_size(c.oid),
+                   (SELECT amname FROM pg_catalog.pg_am WHERE oid = c.relam)
             FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
             WHERE c.oid = ANY(%s)""", (oids,))
-        infos = {r[0]: TableInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], size=r[7])
+        infos = {r[0]: TableInfo(r[0], r[1], r[2], r[3], r[4], r[5], r[6], size=r[7],
+                                 access_method=r[8] or "")
                  for r in cur.fetchall()}
         cur.execute("""
             SELECT attrelid, attname FROM pg_catalog.pg_attribute
@@ -348,6 +351,50 @@ def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[
                     (oids,))
         return [r[0] for r in cur.fetchall()]
 
+
+
+# age() counts back from the newest xid in 32 bits: compare only snapshots this close.
+XID_HORIZON = 1 << 30
+# rows_unchanged looks at a sample (this percentage of the pages) of a table this
+# large before scanning all of it.
+PROBE_MIN_BYTES = 8 * 1024 * 1024
+PROBE_PERCENT = 1
+
+
+def rows_unchanged(conn: psycopg.Connection, table: TableInfo, rows: int, before: int,
+                   newest: int) -> bool:
+    """Whether our snapshot sees exactly the rows of ``table`` that an earlier snapshot
+    of the same running server saw, given that snapshot's xmin ``before``, the
+    ``rows`` it counted and our snapshot's xmax ``newest`` (64-bit txids).
+
+    Every transaction older than an xmin had ended when its snapshot began.  So a
+    row version we see whose xmin is older than ``before`` was committed, and not
+    yet deleted, when the earlier snapshot began: it saw it too.  Anything written
+    since (an insert, or an update's new version) has a newer xmin.  If every row
+    we see is that old, we see a subset of what it saw, and if there are as many,
+    the same rows: nothing was deleted either.  One sequential scan that reads no
+    column.  Only heap tables have such xmins; age() gives a frozen or otherwise
+    special xid the largest age, and a very old raw xmin may wrap around to look
+    new, which only makes us read the table.
+    """
+    if table.access_method != "heap" or not 0 <= newest - before < XID_HORIZON:
+        return False
+    age = sql.SQL("pg_catalog.age({}::pg_catalog.xid)").format(
+        sql.Literal(str(before % (1 << 32))))
+    name = sql.SQL(table.qname)
+    if table.size >= PROBE_MIN_BYTES:
+        # A sample of the pages first: rows updated here and there show up in it, at
+        # a hundredth of the cost of the scan.
+        (new,) = conn.execute(sql.SQL(
+            "SELECT EXISTS (SELECT FROM ONLY {} TABLESAMPLE SYSTEM ({}) "
+            "WHERE pg_catalog.age(xmin) <= {})").format(
+                name, sql.Literal(PROBE_PERCENT), age)).fetchone()
+        if new:
+            return False
+    count, old = conn.execute(sql.SQL(
+        "SELECT count(*), coalesce(min(pg_catalog.age(xmin)) > {}, true) FROM ONLY {}"
+    ).format(age, name)).fetchone()
+    return old and count == rows
 
 # Tables at least this large on disk are read by a psql process (``PsqlReader``), which
 # costs about 20 ms to start and connect: below this, libpq's per-row loop here is cheaper.

@@ -20,6 +20,9 @@ previous snapshot of the database did, on the same running server
 (manifest.XactMark), no transaction has ended since, so no row has changed:
 the tables are taken from the previous snapshot without reading them, if the
 catalog says the same of them and their chunks are all in the index.
+Otherwise, on the same running server with the same schema, a table whose
+every row is older than the previous snapshot's xmin, as many rows as it
+counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY).
 Sequences are always read (nextval logs only every 32nd value); the schema
 is always dumped.  ``--reread`` reads everything anyway.
 6. The chunk store is flushed (packs, then index), and the manifest written
@@ -180,7 +183,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
 
     vault.upgrade()
     store = vault.store
-    prev = previous_snapshot(vault, leader.info.dbname, str(leader.info.port))
+    history = previous_snapshots(vault, leader.info.dbname, str(leader.info.port))
+    prev = history[-1] if history else None
     schema = SchemaBlobs(
         archive=vault.write_stream([archive], prev and prev.schema.archive)[0],
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
@@ -190,9 +194,13 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
     # reading, and only a catalog change, which ends a transaction, changes it.
-    unchanged = (not reread and prev is not None and mark is not None and prev.xact == mark
-                 and prev.filters == filters.as_dict() and prev.source.user == user)
-    reuse = _reusable_tables(vault, prev, tables) if unchanged else {}
+    same_server = (not reread and prev is not None and prev.source.user == user
+                   and mark is not None and prev.xact is not None
+                   and _same_server(prev.xact, mark))
+    unchanged = same_server and prev.xact == mark and prev.filters == filters.as_dict()
+    reuse = _reusable_tables(vault, prev, tables) if same_server else {}
+    if same_server and not unchanged:
+        reuse = _unchanged_tables(leader, history[-2:], schema, mark, tables, reuse)
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]
@@ -250,6 +258,40 @@ def _all_stored(vault: Vault, stream: Stream) -> bool:
     return all(ref.id in vault.store.index for ref in refs)
 
 
+def _same_server(a: XactMark, b: XactMark) -> bool:
+    """The same database on the same server since the same start: xids only count up."""
+    return (a.system, a.timeline, a.started, a.database_oid) == (
+        b.system, b.timeline, b.started, b.database_oid)
+
+
+def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], schema: SchemaBlobs,
+                      mark: XactMark, tables: list[pgsource.TableInfo],
+                      reusable: dict[int, TableEntry]) -> dict[int, TableEntry]:
+    """Of the reusable tables, those whose rows are the ones the previous snapshot
+    (``last[-1]``; ``last`` is the latest one or two) saw, by pgsource.rows_unchanged,
+    if the schema is as it was then: an enum label or a composite type changes a
+    table's text without touching its rows.
+
+    A table whose rows had changed in the previous snapshot, against the one before,
+    is read without a look: what changes between two snapshots mostly changes again,
+    and the look would cost a scan of it on top of the COPY."""
+    prev = last[-1]
+    if (schema.pre_data.hash, schema.post_data.hash) != (prev.schema.pre_data.hash,
+                                                         prev.schema.post_data.hash):
+        return {}
+    before = int(prev.xact.xids.split(":")[0])
+    newest = int(mark.xids.split(":")[1])
+    earlier = {t.oid: t.data.hash for t in last[0].tables} if len(last) == 2 else {}
+    out = {}
+    for t in tables:
+        old = reusable.get(t.oid)
+        if old is None or earlier.get(t.oid, old.data.hash) != old.data.hash:
+            continue
+        if pgsource.rows_unchanged(conn, t, old.rows, before, newest):
+            out[t.oid] = old
+    return out
+
+
 def _reusable_tables(vault: Vault, prev: Snapshot, tables: list[pgsource.TableInfo]
                      ) -> dict[int, TableEntry]:
     """Of the previous snapshot's tables, those the catalog describes as it did then
@@ -275,11 +317,16 @@ def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences)
 
 
+def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
+    """The snapshots of the same database, oldest first (of the same port, if any)."""
+    same = [s for s in vault.snapshots() if s.source.database == database]
+    return [s for s in same if s.source.port == port] or same
+
+
 def previous_snapshot(vault: Vault, database: str, port: str) -> Snapshot | None:
     """The latest snapshot of the same database: its streams are the delta bases."""
-    same = [s for s in vault.snapshots() if s.source.database == database]
-    best = [s for s in same if s.source.port == port] or same
-    return best[-1] if best else None
+    history = previous_snapshots(vault, database, port)
+    return history[-1] if history else None
 
 
 class Spool:

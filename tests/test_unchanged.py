@@ -1,5 +1,6 @@
 """A snapshot of a database on which nothing was committed since the last one reads
-no table: the same transactions running prove nothing changed (manifest.XactMark)."""
+no table: the same transactions running prove nothing changed (manifest.XactMark).
+After a commit, only the tables whose rows changed are read (test_unchanged_rows.py)."""
 
 import dataclasses
 import json
@@ -82,23 +83,44 @@ def test_nothing_committed_nothing_read(pg, db, repo, monkeypatch):
         [t.data.list for t in two.tables]
 
 
-def test_any_commit_anywhere_makes_snap_read_again(pg, db, repo, monkeypatch):
+def checks(monkeypatch):
+    """The tables snap looks at row by row (pgsource.rows_unchanged)."""
+    seen = []
+    real = pgsource.rows_unchanged
+
+    def spy(conn, table, *args):
+        seen.append(table.name)
+        return real(conn, table, *args)
+
+    monkeypatch.setattr(pgsource, "rows_unchanged", spy)
+    return seen
+
+
+def test_after_a_commit_anywhere_each_table_is_looked_at(pg, db, repo, monkeypatch):
+    """A commit ends the shortcut: every table's rows are looked at, and only the
+    tables whose rows changed are read."""
     pg.execute(db, SCHEMA)
     snap(pg, repo, db)
-    seen = reads(monkeypatch)
+    seen, looked = reads(monkeypatch), checks(monkeypatch)
     # An unlogged table writes no WAL for its rows, but its commit is logged.
     pg.execute(db, "INSERT INTO u VALUES (2)")
     doc = snap(pg, repo, db)
-    assert doc["tables_reused"] == 0 and sorted(seen) == ["a", "b", "u"]
+    assert sorted(looked) == ["a", "b", "u"] and seen == ["u"] and doc["tables_reused"] == 2
     target = pg.createdb()
     assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
     assert pg.query(target, "SELECT count(*) FROM u") == [(2,)]
-    # A commit in another database of the cluster: read again (and find it unchanged).
-    seen.clear()
+    # A commit in another database of the cluster: u changed last time, so it is read
+    # again without a look; the next time, it is looked at like the rest.
     other = pg.createdb()
-    pg.execute(other, "CREATE TABLE elsewhere (x int); INSERT INTO elsewhere VALUES (1)")
-    doc = snap(pg, repo, db)
-    assert doc["tables_reused"] == 0 and len(seen) == 3 and doc["bytes_added"] < 16 * 1024
+    for read in (["u"], []):
+        seen.clear(), looked.clear()
+        pg.execute(other, "CREATE TABLE IF NOT EXISTS elsewhere (x int); "
+                          "INSERT INTO elsewhere VALUES (1)")
+        doc = snap(pg, repo, db)
+        assert seen == read and sorted(looked + read) == ["a", "b", "u"]
+    assert doc["tables_reused"] == 3
+    # Only the large object is read again.
+    assert doc["bytes_read"] == len("large object") and doc["bytes_added"] < 16 * 1024
 
 
 def test_a_sequence_moved_without_wal_is_still_read(pg, db, repo):
@@ -116,7 +138,8 @@ def test_a_sequence_moved_without_wal_is_still_read(pg, db, repo):
 
 def test_a_transaction_running_across_the_snapshots(pg, db, repo, monkeypatch):
     """Still running: both snapshots leave it out, so the tables are taken unread.
-    Ended (committed or rolled back) in between: read again."""
+    Committed in between: the table it wrote is read again.  Rolled back: nothing
+    changed."""
     pg.execute(db, SCHEMA)
     seen = reads(monkeypatch)
     for end in ("COMMIT", "ROLLBACK"):
@@ -130,7 +153,10 @@ def test_a_transaction_running_across_the_snapshots(pg, db, repo, monkeypatch):
             conn.execute(end)
         seen.clear()
         doc = snap(pg, repo, db)
-        assert doc["tables_reused"] == 0 and sorted(seen) == ["a", "b", "u"]
+        # Committed: its row is new, so a is read.  Rolled back: a's rows are the ones
+        # the last snapshot saw, so nothing is read.
+        assert seen == (["a"] if end == "COMMIT" else [])
+        assert doc["tables_reused"] == (2 if end == "COMMIT" else 3)
         target = pg.createdb()
         assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
         assert pg.query(target, "SELECT count(*) FROM a WHERE id = -1") == \

@@ -1,0 +1,196 @@
+"""After a commit, snap takes a table unread when all its rows are older than the
+previous snapshot and as many (pgsource.rows_unchanged).  Each test compares what
+snap stored with what reading every table (--reread) stores at the same moment."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run
+from test_unchanged import reads, snap
+from fpvault import pgsource
+from fpvault.vault import Vault
+
+SCHEMA = ("CREATE TYPE mood AS ENUM ('calm', 'cross'); "
+          "CREATE TABLE a (id int PRIMARY KEY, v text, m mood DEFAULT 'calm'); "
+          "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g; "
+          "CREATE TABLE b (v text); INSERT INTO b VALUES ('x'), ('x'), (NULL); "
+          "CREATE TABLE c (id int PRIMARY KEY); INSERT INTO c VALUES (1), (2);")
+
+
+@pytest.fixture(autouse=True)
+def _probe_small_tables(monkeypatch):
+    """Tables of 8 MiB and more get a sampled look before the scan: here, all do."""
+    monkeypatch.setattr(pgsource, "PROBE_MIN_BYTES", 0)
+
+
+def tables(repo, sid):
+    return {t.name: (t.data.hash, t.rows) for t in Vault.open(repo).resolve(sid)[1].tables}
+
+
+def snap_and_compare(pg, repo, db, monkeypatch):
+    """Snap; the tables it read; and check that what it stored is what a full read
+    stores now (nothing changes in between: the test is the only writer)."""
+    seen = reads(monkeypatch)
+    doc = snap(pg, repo, db)
+    read = sorted(seen)
+    full = snap(pg, repo, db, "--reread")
+    assert tables(repo, doc["id"]) == tables(repo, full["id"])
+    assert doc["tables_reused"] == 3 - len(read)
+    return read
+
+
+@pytest.mark.parametrize("change", [
+    "UPDATE a SET v = 'changed' WHERE id = 7",
+    "UPDATE a SET v = v WHERE id = 7",                       # same text, a new row version
+    "DELETE FROM a WHERE id = 7",
+    "DELETE FROM a WHERE id = 7; INSERT INTO a VALUES (7, md5('7'))",   # as many rows
+    "INSERT INTO a VALUES (-1, 'new')",
+    "BEGIN; TRUNCATE a; INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g; "
+    "COMMIT",
+])
+def test_a_changed_table_is_read_and_the_rest_taken(pg, db, repo, monkeypatch, change):
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    pg.execute(db, change)
+    assert snap_and_compare(pg, repo, db, monkeypatch) == ["a"]
+
+
+def test_rewrites_and_freezing_keep_the_rows(pg, db, repo, monkeypatch):
+    """VACUUM FULL and CLUSTER move rows to new files with their xmins; freezing
+    marks them; none of it changes a row: nothing is read, and it restores."""
+    pg.execute(db, SCHEMA + "ALTER TABLE c CLUSTER ON c_pkey")   # the dump says so
+    snap(pg, repo, db)
+    pg.execute(db, "VACUUM FULL a")
+    pg.execute(db, "CLUSTER c")
+    pg.execute(db, "VACUUM FREEZE b")
+    pg.execute(db, "CREATE TEMP TABLE t (x int)")   # a commit, so the xids differ
+    seen = reads(monkeypatch)
+    doc = snap(pg, repo, db)
+    assert seen == [] and doc["tables_reused"] == 3
+    target = pg.createdb()
+    assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    for q in ("SELECT count(*), md5(string_agg(v || m, ',' ORDER BY id)) FROM a",
+              "SELECT count(*), count(v) FROM b", "SELECT array_agg(id ORDER BY id) FROM c"):
+        assert pg.query(target, q) == pg.query(db, q), q
+
+
+@pytest.mark.parametrize("change", [
+    "ALTER TYPE mood RENAME VALUE 'calm' TO 'serene'",     # a's text, not its rows
+    "ALTER TABLE c ADD COLUMN w int DEFAULT 5",            # c's text, not its rows
+    "COMMENT ON TABLE b IS 'any schema change'",
+])
+def test_a_schema_change_reads_every_table(pg, db, repo, monkeypatch, change):
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    pg.execute(db, change)
+    assert snap_and_compare(pg, repo, db, monkeypatch) == ["a", "b", "c"]
+
+
+def test_snapshots_far_apart_in_xids_are_read(pg, db, repo, monkeypatch):
+    """age() compares xids modulo 2^32: past the horizon, a table is read."""
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    pg.execute(db, "CREATE TEMP TABLE t (x int)")
+    monkeypatch.setattr(pgsource, "XID_HORIZON", 1)
+    seen = reads(monkeypatch)
+    snap(pg, repo, db)
+    assert sorted(seen) == ["a", "b", "c"]
+
+
+def test_only_heap_tables_are_looked_at(pg, db):
+    pg.execute(db, SCHEMA)
+    with pg.connect(db) as conn:
+        (table,) = pgsource.table_infos(conn, [pg.query(db, "SELECT 'a'::regclass::oid")[0][0]])
+        assert table.access_method == "heap"
+        xmax = int(conn.execute("SELECT txid_current_snapshot()::text").fetchone()[0]
+                   .split(":")[1])
+        assert pgsource.rows_unchanged(conn, table, 2000, xmax, xmax)
+        assert not pgsource.rows_unchanged(conn, table, 1999, xmax, xmax)
+        table.access_method = "columnar"
+        assert not pgsource.rows_unchanged(conn, table, 2000, xmax, xmax)
+
+
+def test_a_table_changed_last_time_is_read_without_a_look(pg, db, repo, monkeypatch):
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db)
+    pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
+    snap(pg, repo, db)                                  # a is read: it changed
+    pg.execute(db, "CREATE TEMP TABLE t (x int)")
+    seen = reads(monkeypatch)
+    looked = []
+    real = pgsource.rows_unchanged
+    monkeypatch.setattr(pgsource, "rows_unchanged",
+                        lambda conn, t, *args: looked.append(t.name) or real(conn, t, *args))
+    snap(pg, repo, db)                                  # changed last time: read again
+    assert seen == ["a"] and sorted(looked) == ["b", "c"]
+    seen.clear(), looked.clear()
+    pg.execute(db, "CREATE TEMP TABLE t (x int)")
+    doc = snap(pg, repo, db)                            # the same twice: looked at
+    assert seen == [] and sorted(looked) == ["a", "b", "c"] and doc["tables_reused"] == 3
+
+
+class Statements:
+    """A connection that records what it is asked to execute."""
+
+    def __init__(self, conn):
+        self.conn, self.seen = conn, []
+
+    def execute(self, query, *args):
+        self.seen.append(query.as_string(self.conn))
+        return self.conn.execute(query, *args)
+
+
+def test_the_sample_finds_scattered_updates_without_the_scan(pg, db, monkeypatch):
+    pg.execute(db, "CREATE TABLE big (id int PRIMARY KEY, v text); "
+                   "INSERT INTO big SELECT g, 'v' FROM generate_series(1, 20000) g")
+    monkeypatch.setattr(pgsource, "PROBE_PERCENT", 100)
+    with pg.connect(db) as conn:
+        oid = conn.execute("SELECT 'big'::regclass::oid").fetchone()[0]
+        (table,) = pgsource.table_infos(conn, [oid])
+        xids = conn.execute("SELECT txid_current_snapshot()::text").fetchone()[0]
+        before, newest = int(xids.split(":")[0]), int(xids.split(":")[1])
+        rec = Statements(conn)
+        assert pgsource.rows_unchanged(rec, table, 20000, before, newest)
+        assert len(rec.seen) == 2 and "TABLESAMPLE" in rec.seen[0]   # the sample, the scan
+        conn.execute("UPDATE big SET v = 'w' WHERE id % 100 = 0")
+        rec.seen.clear()
+        assert not pgsource.rows_unchanged(rec, table, 20000, before, newest + 1)
+        assert len(rec.seen) == 1                                     # the sample alone
+
+
+# Random edits between snapshots; after each snapshot, what it stored must be what a
+# full read stores.  Rows: key in 0..30, so edits collide.
+edit = st.one_of(
+    st.tuples(st.just("INSERT INTO a VALUES ({k}, 'i{v}') ON CONFLICT (id) DO NOTHING"),
+              st.integers(0, 30), st.integers(0, 3)),
+    st.tuples(st.just("UPDATE a SET v = 'u{v}' WHERE id = {k}"), st.integers(0, 30),
+              st.integers(0, 3)),
+    st.tuples(st.just("DELETE FROM a WHERE id = {k}"), st.integers(0, 30), st.just(0)),
+    st.tuples(st.just("INSERT INTO b VALUES ('b{v}')"), st.just(0), st.integers(0, 2)),
+    st.tuples(st.just("DELETE FROM b WHERE ctid = (SELECT min(ctid) FROM b)"), st.just(0),
+              st.just(0)),
+    st.tuples(st.sampled_from(["VACUUM a", "VACUUM FULL b", "SELECT 1"]), st.just(0),
+              st.just(0)),
+)
+
+
+@given(rounds=st.lists(st.lists(edit, max_size=4), min_size=1, max_size=4))
+@settings(max_examples=8, deadline=None)
+def test_random_edits_store_what_a_full_read_stores(pg, tmp_path_factory, rounds):
+    db = pg.createdb()
+    repo = str(tmp_path_factory.mktemp("r") / "repo")
+    assert run("init", "-r", repo).code == 0
+    pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (v text); "
+                   "CREATE TABLE c (id int PRIMARY KEY); "
+                   "INSERT INTO a SELECT g, 's' FROM generate_series(0, 30, 3) g; "
+                   "INSERT INTO c VALUES (1)")
+    snap(pg, repo, db)
+    for edits in rounds:
+        for statement, k, v in edits:
+            pg.execute(db, statement.format(k=k, v=v))
+        pg.execute(db, "CREATE TEMP TABLE t (x int)")   # a commit, whatever the edits
+        doc = snap(pg, repo, db)
+        full = snap(pg, repo, db, "--reread")
+        assert tables(repo, doc["id"]) == tables(repo, full["id"])
+        assert doc["tables_reused"] >= 1   # c never changes
