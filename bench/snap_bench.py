@@ -9,8 +9,9 @@ Builds one database with ``pgbench -i -s SCALE`` and the factory_pulse sample
   size); and with ``-j 2`` into another fresh repository;
 - snapshot 2 of the unchanged database, against a ``pg_dump -Fc`` timed in the
   same loop: with nothing committed since snapshot 1 (snap takes the tables
-  unread), and after a commit in another database of the cluster (the WAL has
-  moved, so every table is read and hashed; ``-j 1`` and ``-j 2``);
+  unread), after a commit in another database of the cluster (snap looks at
+  each table's rows with one scan and takes them unread; ``-j 1`` and
+  ``-j 2``), and with ``--reread -j 2`` (every table read and hashed);
 - the churn of ``_pg.CHURN`` (1% of rows updated, scattered, in the largest
   table of each part; 1000 rows appended), then snapshot 3: bytes added, also
   as a share of snapshot 1's; against a new full dump each time;
@@ -155,13 +156,15 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
 
     # Snapshot 2: nothing changed.  First with nothing committed since the snapshot
     # before (snap reads no table), then after a commit elsewhere in the cluster (it
-    # must read them all).  Each run starts from a snapshot of its own, taken after the
-    # previous run's commits.
+    # looks at each table's rows, and reads none), and with --reread (it reads them
+    # all).  Each run starts from a snapshot of its own, taken after the previous run's
+    # commits.
     def commit_elsewhere() -> None:
         pg.execute("postgres", "CREATE TABLE IF NOT EXISTS bench_elsewhere (n int)",
                    "INSERT INTO bench_elsewhere VALUES (1)")
 
     dump2, snap2, added2, snap2m, added2m, snap2m_j2, reused2 = [], [], [], [], [], [], []
+    reused2m, snap2r_j2 = [], []
     for i in range(args.runs):
         log(f"run {i + 1}/{args.runs}: pg_dump -Fc, snapshots 2 (unchanged)")
         if i:
@@ -176,8 +179,11 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         before = tree_bytes(repos[i])
         snap2m.append(measured(snap_cmd(repos[i], *jobs)))
         added2m.append(tree_bytes(repos[i]) - before)
+        reused2m.append(json.loads(snap2m[-1].stdout)["tables_reused"])
         commit_elsewhere()
         snap2m_j2.append(measured(snap_cmd(repos_j2[i], "-j", "2")))
+        commit_elsewhere()
+        snap2r_j2.append(measured(snap_cmd(repos_j2[i], "-j", "2", "--reread")))
     for repo in repos_j2:
         shutil.rmtree(repo)
 
@@ -271,15 +277,20 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
              snap2, dump2, " ¹"),
         ("snapshot 2, nothing committed: bytes added", human(med(added2)), human(d1) + " ¹",
          ratio(med(added2), d1)),
-        wall("snapshot 2, unchanged, after a commit in another database (every table read "
-             "and hashed)", snap2m, dump2, " ¹"),
+        wall("snapshot 2, unchanged, after a commit in another database (each table's rows "
+             f"looked at; taken unread: {med(reused2m):.0f})", snap2m, dump2, " ¹"),
         cpu("snapshot 2 after a commit elsewhere", snap2m, dump2, " ¹"),
         ("snapshot 2 after a commit elsewhere: bytes added", human(med(added2m)),
          human(d1) + " ¹", ratio(med(added2m), d1)),
         wall("snapshot 2 after a commit elsewhere, with -j 2", snap2m_j2, dump2, " ¹"),
         cpu("snapshot 2 after a commit elsewhere, with -j 2", snap2m_j2, dump2, " ¹"),
-        wall("snapshot 3 (after churn)", snap3, dump3),
+        wall("snapshot 2 with --reread -j 2 (every table read and hashed)", snap2r_j2, dump2,
+             " ¹"),
+        cpu("snapshot 2 with --reread -j 2", snap2r_j2, dump2, " ¹"),
+        wall("snapshot 3 (after churn; taken unread: "
+             f"{med([json.loads(r.stdout)['tables_reused'] for r in snap3]):.0f})", snap3, dump3),
         cpu("snapshot 3", snap3, dump3),
+        rss("snapshot 3", snap3),
         ("snapshot 3: bytes added", human(a3), human(d3), ratio(a3, d3)),
         ("snapshot 3 added / snapshot 1 stored", f"{100 * a3 / s1:.1f}%", f"{100 * d3 / d1:.1f}%",
          "—"),
