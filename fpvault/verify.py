@@ -73,32 +73,31 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         report.hit(sid, "manifest")
     report.snapshots = len(snapshots) + len(vault.damaged_snapshots)
 
-    # Who uses each blob, to name the victims of damage.
-    users: dict[bytes, set[tuple[str, str]]] = {}
+    # Every blob each snapshot needs must be indexed.  A chunk and its bases found
+    # complete once are not walked again for the next snapshot that shares them.
+    complete: set[bytes] = set()
     say("checking snapshots")
     for snap in snapshots:
-        for what, stream in snapshot_streams(snap):
-            list_id = bytes.fromhex(stream.list)
-            users.setdefault(list_id, set()).add((snap.id, what))
-            try:
-                refs = vault.store.get_list(list_id)
-            except RepositoryDamaged as exc:
-                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list unreadable "
-                                       f"({exc})")
-                report.hit(snap.id, what)
-                continue
-            for ref in refs:
-                for blob in with_bases(index, {ref.id}):
-                    users.setdefault(blob, set()).add((snap.id, what))
-                    if blob not in index:
-                        report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
-                                               f"{blob.hex()[:16]} is not in the index")
-                        report.hit(snap.id, what)
+        for what, ids in _snapshot_refs(vault, snap, report):
+            for blob_id in ids:
+                if blob_id in complete:
+                    continue
+                needed = with_bases(index, {blob_id})
+                missing = [blob for blob in needed if blob not in index]
+                for blob in missing:
+                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
+                                           f"{blob.hex()[:16]} is not in the index")
+                    report.hit(snap.id, what)
+                if not missing:
+                    complete |= needed
+    del complete
+
+    # Damaged blobs, and why; the snapshots they belong to are named at the end (a map
+    # of every blob's users would grow with blobs times snapshots).
+    bad: dict[bytes, list[str]] = {}
 
     def damaged(blob: bytes, why: str) -> None:
-        for sid, what in sorted(users.get(blob, ())):
-            report.problems.append(f"snapshot {sid[:8]}, {what}: {why}")
-            report.hit(sid, what)
+        bad.setdefault(blob, []).append(why)
 
     say("checking packs")
     by_pack: dict[bytes, list[packs.BlobEntry]] = {}
@@ -150,6 +149,9 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                     if exc is not None:
                         damaged(e.id, f"chunk {e.id.hex()[:16]} is damaged ({exc.why})")
 
+    if bad:
+        _name_victims(vault, snapshots, bad, report)
+
     if restore_test:
         targets = restore_snapshots or (["latest"] if snapshots else [])
         for ref in targets:
@@ -159,6 +161,39 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     # A problem seen through several paths is reported once.
     report.problems = list(dict.fromkeys(report.problems))
     return report
+
+
+def _snapshot_refs(vault: Vault, snap: Snapshot, report: Report, *, victims: bool = False):
+    """(what, blob ids of its chunks) of each stream of ``snap``; an unreadable chunk
+    list is reported and skipped.  With ``victims`` (naming the streams damage hits),
+    the list's own id comes first and nothing is reported."""
+    for what, stream in snapshot_streams(snap):
+        list_id = bytes.fromhex(stream.list)
+        head = [list_id] if victims else []
+        try:
+            refs = vault.store.get_list(list_id)
+        except RepositoryDamaged as exc:
+            if not victims:
+                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
+                                       f"unreadable ({exc})")
+                report.hit(snap.id, what)
+            yield what, head
+            continue
+        yield what, head + [ref.id for ref in refs]
+
+
+def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list[str]],
+                  report: Report) -> None:
+    """Report each damaged blob once for every snapshot stream that needs it (itself,
+    or as a delta base, or as its chunk list)."""
+    index = vault.index
+    for snap in snapshots:
+        for what, ids in _snapshot_refs(vault, snap, report, victims=True):
+            hits = {blob for i in ids for blob in with_bases(index, {i}) if blob in bad}
+            for blob in sorted(hits):
+                for why in bad[blob]:
+                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: {why}")
+                report.hit(snap.id, what)
 
 
 def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report: Report) -> None:
