@@ -74,14 +74,16 @@ FRAMES_IN_FLIGHT = 4
 # successive versions, so a small cache saves most re-reads when restoring a table.
 CACHE_BYTES = 32 * 1024 * 1024
 # Decoded frames kept for their other blobs: a reader going through a stream decodes
-# each frame once; with -j, several streams are read at once.
-FRAME_CACHE_BYTES = 48 * 1024 * 1024
+# each frame once, and revisits a frame or two (a delta's base may be in the frame
+# before); this much per stream read at once (``size_caches``), for at least two
+# streams (a frame may be 4 MiB and a bit; the cache keeps items up to a quarter of
+# its size).  48 MiB for every reader cost 35-50 MiB of peak RSS and no fewer decodes.
+FRAME_CACHE_PER_STREAM = 12 * 1024 * 1024
+FRAME_CACHE_BYTES = 2 * FRAME_CACHE_PER_STREAM
 # A snapshot decodes delta bases from each stream's previous version once, in order:
-# a frame or two per stream is all it revisits.  With these caches instead of the
-# ones above (sized for restores and diffs), a churned snapshot of the bench database
-# with -j 2 peaked at 134-161 MiB instead of 255-258, and took less CPU (fewer pages
-# faulted in); the frames were decoded as often (once each).
-SNAP_FRAME_CACHE_PER_STREAM = 12 * 1024 * 1024
+# with this blob cache instead of CACHE_BYTES, a churned snapshot of the bench database
+# with -j 2 peaked at 134-161 MiB instead of 255-258 (with 48 MiB of frames), and took
+# less CPU (fewer pages faulted in); the frames were decoded as often (once each).
 SNAP_CACHE_BYTES = 8 * 1024 * 1024
 
 
@@ -303,12 +305,14 @@ class ChunkStore:
         self._frame_jobs: list[Future] = []
         self._frame_slots = threading.BoundedSemaphore(FRAMES_IN_FLIGHT)
 
-    def cache_for_writing(self, streams: int) -> None:
-        """Size the caches for a snapshot that stores up to ``streams`` streams at once
-        (SNAP_CACHE_BYTES); call before storing anything."""
-        self._cache = BlobCache(SNAP_CACHE_BYTES)
-        self._frames = BlobCache(max(2, streams) * SNAP_FRAME_CACHE_PER_STREAM)
-        self._unchecked = BlobCache(SNAP_CACHE_BYTES // 2)
+    def size_caches(self, streams: int, *, snapshot: bool = False) -> None:
+        """Size the caches for ``streams`` streams read at once (FRAME_CACHE_PER_STREAM),
+        and for a snapshot's reading of delta bases (SNAP_CACHE_BYTES); call before
+        reading or storing anything."""
+        blobs = SNAP_CACHE_BYTES if snapshot else CACHE_BYTES
+        self._cache = BlobCache(blobs)
+        self._frames = BlobCache(max(2, streams) * FRAME_CACHE_PER_STREAM)
+        self._unchecked = BlobCache(blobs // 2)
 
     # -- codecs, one per thread (zstd contexts are not thread-safe)
 

@@ -441,6 +441,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     where = pgsource.describe(conninfo)
     state: dict = {"step": "starting", "committed": False}
     stop = threading.Event()
+    vault.store.size_caches(jobs)   # a stream (or part of one) per connection
     preamble, parallel, post_data = split_post_data(plan.post_data)
     restored = {t.qname for t in plan.tables}
     builds: dict[str | None, list[bytes]] = {}

@@ -183,7 +183,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
 
     vault.upgrade()
     store = vault.store
-    store.cache_for_writing(jobs)
+    store.size_caches(jobs, snapshot=True)
     history = previous_snapshots(vault, leader.info.dbname, str(leader.info.port))
     prev = history[-1] if history else None
     schema = SchemaBlobs(
