@@ -302,7 +302,10 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
                   ratio(med([r.seconds for r in r_fp]), med([r.seconds for r in r_pg]))),
                  (f"{label}: client CPU (user+sys)", f"{med([r.cpu_seconds for r in r_fp]):.2f} s",
                   f"{med([r.cpu_seconds for r in r_pg]):.2f} s",
-                  ratio(med([r.cpu_seconds for r in r_fp]), med([r.cpu_seconds for r in r_pg])))]
+                  ratio(med([r.cpu_seconds for r in r_fp]), med([r.cpu_seconds for r in r_pg]))),
+                 (f"{label}: client peak RSS", human(med([r.max_rss_kib for r in r_fp]) * 1024),
+                  human(med([r.max_rss_kib for r in r_pg]) * 1024),
+                  ratio(med([r.max_rss_kib for r in r_fp]), med([r.max_rss_kib for r in r_pg])))]
     out = [f"Measured {today()} on {machine(pg)}; {version}. {conditions.text()}",
            "",
            f"Database: `pgbench -i -s {args.scale}` plus factory_pulse in one database "
