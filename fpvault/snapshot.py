@@ -319,15 +319,10 @@ def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress
 
 
 def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
-    """The snapshots of the same database, oldest first (of the same port, if any)."""
+    """The snapshots of the same database, oldest first (of the same port, if any);
+    the latest one's streams are the delta bases."""
     same = [s for s in vault.snapshots() if s.source.database == database]
     return [s for s in same if s.source.port == port] or same
-
-
-def previous_snapshot(vault: Vault, database: str, port: str) -> Snapshot | None:
-    """The latest snapshot of the same database: its streams are the delta bases."""
-    history = previous_snapshots(vault, database, port)
-    return history[-1] if history else None
 
 
 class Spool:
