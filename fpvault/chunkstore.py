@@ -754,10 +754,13 @@ class ChunkStore:
         if entries[0].encoding != packs.FRAME:
             for e in entries:
                 try:
-                    self._check(e.id, e, self._open(e, stored))
-                    yield e, None
+                    data = self._check(e.id, e, self._open(e, stored))
                 except BlobDamaged as exc:
                     yield e, exc
+                    continue
+                if e.encoding == packs.DELTA:
+                    self._unchecked.put(e.id, data)   # the next version's base (verify)
+                yield e, None
             return
         try:
             frame = self._open(entries[0], stored)

@@ -132,6 +132,21 @@ def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     assert r.code == 3 and "public.acc" in r.err and "delta" in r.err
     path.write_bytes(original)
 
+    # Damage a delta itself (verify checks deltas after the packs, chain by chain):
+    # only the second snapshot needs it.
+    delta_pack, d = next((p, e) for p, e in vault.index.blobs.values()
+                         if e.encoding == packs.DELTA)
+    path = Path(repo) / packs.pack_name(delta_pack)
+    original = path.read_bytes()
+    raw = bytearray(original)
+    raw[d.offset + d.length // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    r = run("verify", "-r", repo, "--read-data", "--json")
+    doc = json.loads(r.out)
+    assert r.code == 3 and set(doc["affected"]) == {second["id"]}
+    assert any(f"chunk {d.id.hex()[:16]} is damaged" in p for p in doc["problems"])
+    path.write_bytes(original)
+
     # Forget the snapshot that introduced the bases: prune must keep them.
     assert run("forget", first["id"], "-r", repo, "--prune").code == 0
     assert run("verify", "-r", repo, "--read-data").code == 0
