@@ -101,6 +101,16 @@ def script(repo, sid):
     return r.out
 
 
+def flip_a_byte(repo: str, pack_id: bytes, e: packs.BlobEntry) -> tuple[Path, bytes]:
+    """Damage a blob's stored bytes in its pack; return the pack's path and bytes."""
+    path = Path(repo) / packs.pack_name(pack_id)
+    original = path.read_bytes()
+    raw = bytearray(original)
+    raw[e.offset + e.length // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+    return path, original
+
+
 def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     pg.execute(db, "CREATE TABLE acc (id int PRIMARY KEY, bal int, note text); "
                    "INSERT INTO acc SELECT g, 0, md5(g::text) FROM generate_series(1, 100000) g")
@@ -119,12 +129,7 @@ def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     first_chunks = {r.id for r in refs1}
     base = next(e.bases[0] for _, e in vault.index.blobs.values()
                 if e.encoding == packs.DELTA and e.bases[0] in first_chunks)
-    pack_id, e = vault.index.blobs[base]
-    path = Path(repo) / packs.pack_name(pack_id)
-    original = path.read_bytes()
-    raw = bytearray(original)
-    raw[e.offset + e.length // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
+    path, original = flip_a_byte(repo, *vault.index.blobs[base])
     r = run("verify", "-r", repo, "--read-data", "--json")
     assert r.code == 3
     assert set(json.loads(r.out)["affected"]) == {first["id"], second["id"]}
@@ -136,11 +141,7 @@ def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     # only the second snapshot needs it.
     delta_pack, d = next((p, e) for p, e in vault.index.blobs.values()
                          if e.encoding == packs.DELTA)
-    path = Path(repo) / packs.pack_name(delta_pack)
-    original = path.read_bytes()
-    raw = bytearray(original)
-    raw[d.offset + d.length // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
+    path, original = flip_a_byte(repo, delta_pack, d)
     r = run("verify", "-r", repo, "--read-data", "--json")
     doc = json.loads(r.out)
     assert r.code == 3 and set(doc["affected"]) == {second["id"]}
