@@ -79,7 +79,6 @@ CACHE_BYTES = 32 * 1024 * 1024
 # streams (a frame may be 4 MiB and a bit; the cache keeps items up to a quarter of
 # its size).  48 MiB for every reader cost 35-50 MiB of peak RSS and no fewer decodes.
 FRAME_CACHE_PER_STREAM = 12 * 1024 * 1024
-FRAME_CACHE_BYTES = 2 * FRAME_CACHE_PER_STREAM
 # A snapshot decodes delta bases from each stream's previous version once, in order:
 # with this blob cache instead of CACHE_BYTES, a churned snapshot of the bench database
 # with -j 2 peaked at 134-161 MiB instead of 255-258 (with 48 MiB of frames), and took
@@ -295,9 +294,10 @@ class ChunkStore:
         self._prefetched_bytes = 0
         self._builder = packs.PackBuilder()
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
-        self._cache = BlobCache(CACHE_BYTES)
-        self._frames = BlobCache(FRAME_CACHE_BYTES)   # (pack id, offset) -> frame plaintext
-        self._unchecked = BlobCache(CACHE_BYTES // 2)   # delta bases, as read (_base_to_decode)
+        self._cache: BlobCache        # checked blobs
+        self._frames: BlobCache       # (pack id, offset) -> frame plaintext
+        self._unchecked: BlobCache    # delta bases, as read (_base_to_decode)
+        self.size_caches(2)
         self._uploader: ThreadPoolExecutor | None = None
         self._uploads: list[Future] = []
         self._upload_slots = threading.BoundedSemaphore(MAX_PENDING_UPLOADS)
@@ -490,7 +490,7 @@ class ChunkStore:
         target = generation & (generation - 1)
         bases = []
         for b in known:
-            base = self._ancestor(b, target)
+            base = self.ancestor(b, target)
             if base is not None and base not in bases:
                 bases.append(base)
         if not bases:
@@ -503,7 +503,7 @@ class ChunkStore:
         stored = zstandard.ZstdCompressor(level=self.level, dict_data=cdict).compress(data)
         return stored, bases, generation
 
-    def _ancestor(self, blob: bytes, target: int) -> bytes | None:
+    def ancestor(self, blob: bytes, target: int) -> bytes | None:
         """Follow primary bases from ``blob`` down to generation <= target."""
         for _ in range(MAX_GENERATION.bit_length() + 2):
             found = self.index.blobs.get(blob)
@@ -621,7 +621,7 @@ class ChunkStore:
             if found is None:
                 continue
             generation = found[1].generation + 1
-            todo = [self._ancestor(blob, generation & (generation - 1))]
+            todo = [self.ancestor(blob, generation & (generation - 1))]
             while todo:
                 b = todo.pop()
                 if b is None or b in seen or self._cache.get(b) is not None:
@@ -759,7 +759,8 @@ class ChunkStore:
                     yield e, exc
                     continue
                 if e.encoding == packs.DELTA:
-                    self._unchecked.put(e.id, data)   # the next version's base (verify)
+                    # Checked: a later version's base, when verify goes chain by chain.
+                    self._unchecked.put(e.id, data)
                 yield e, None
             return
         try:

@@ -250,8 +250,8 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     without reading them: all of them, without a look, if no transaction has
     ended on the server since; otherwise a table whose every row is older than
     that snapshot, as many as it counted (one scan of the table, no COPY).
-    Sequences and the schema are read as always.  Text output ends with the snapshot id on its own line (printed
-    even with -q).
+    Sequences and the schema are read as always.  Text output ends with the
+    snapshot id on its own line (printed even with -q).
     """
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
@@ -344,8 +344,9 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
                     "  fpvault restore --at '2026-11-25 08:00' -o before.sql")
 @click.argument("snapshot", required=False)
 @click.option("--to", "to", metavar="CONNINFO", help="Restore into this database.")
-@click.option("-o", "--output", metavar="FILE|-", help="Write a SQL script ('-': stdout); a file is written whole, as FILE.partial "
-                   "renamed when complete.")
+@click.option("-o", "--output", metavar="FILE|-",
+              help="Write a SQL script ('-': stdout); a file is written whole, as "
+                   "FILE.partial renamed when complete.")
 @click.option("--schema-only", is_flag=True, help="Only the schema, no data.")
 @click.option("--data-only", is_flag=True,
               help="Only data, into an existing schema (needs a superuser: triggers and "

@@ -352,7 +352,6 @@ def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[
         return [r[0] for r in cur.fetchall()]
 
 
-
 # age() counts back from the newest xid in 32 bits: compare only snapshots this close.
 XID_HORIZON = 1 << 30
 # rows_unchanged looks at a sample (this percentage of the pages) of a table this
@@ -395,6 +394,7 @@ def rows_unchanged(conn: psycopg.Connection, table: TableInfo, rows: int, before
         "SELECT count(*), coalesce(min(pg_catalog.age(xmin)) > {}, true) FROM ONLY {}"
     ).format(age, name)).fetchone()
     return old and count == rows
+
 
 # Tables at least this large on disk are read by a psql process (``PsqlReader``), which
 # costs about 20 ms to start and connect: below this, libpq's per-row loop here is cheaper.

@@ -199,9 +199,14 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                    and mark is not None and prev.xact is not None
                    and _same_server(prev.xact, mark))
     unchanged = same_server and prev.xact == mark and prev.filters == filters.as_dict()
-    reuse = _reusable_tables(vault, prev, tables) if same_server else {}
-    if same_server and not unchanged:
-        reuse = _unchanged_tables(leader, history[-2:], schema, mark, tables, reuse)
+    # Otherwise each table is looked at, if the schema is as it was: an enum label or a
+    # composite type changes a table's text without touching its rows.
+    look = (same_server and not unchanged
+            and (schema.pre_data.hash, schema.post_data.hash)
+            == (prev.schema.pre_data.hash, prev.schema.post_data.hash))
+    reuse = _reusable_tables(vault, prev, tables) if unchanged or look else {}
+    if look:
+        reuse = _unchanged_tables(leader, history[-2:], mark, tables, reuse)
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]
@@ -265,22 +270,16 @@ def _same_server(a: XactMark, b: XactMark) -> bool:
         b.system, b.timeline, b.started, b.database_oid)
 
 
-def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], schema: SchemaBlobs,
-                      mark: XactMark, tables: list[pgsource.TableInfo],
+def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], mark: XactMark,
+                      tables: list[pgsource.TableInfo],
                       reusable: dict[int, TableEntry]) -> dict[int, TableEntry]:
     """Of the reusable tables, those whose rows are the ones the previous snapshot
-    (``last[-1]``; ``last`` is the latest one or two) saw, by pgsource.rows_unchanged,
-    if the schema is as it was then: an enum label or a composite type changes a
-    table's text without touching its rows.
+    (``last[-1]``; ``last`` is the latest one or two) saw, by pgsource.rows_unchanged.
 
     A table whose rows had changed in the previous snapshot, against the one before,
     is read without a look: what changes between two snapshots mostly changes again,
     and the look would cost a scan of it on top of the COPY."""
-    prev = last[-1]
-    if (schema.pre_data.hash, schema.post_data.hash) != (prev.schema.pre_data.hash,
-                                                         prev.schema.post_data.hash):
-        return {}
-    before = int(prev.xact.xids.split(":")[0])
+    before = int(last[-1].xact.xids.split(":")[0])
     newest = int(mark.xids.split(":")[1])
     earlier = {t.oid: t.data.hash for t in last[0].tables} if len(last) == 2 else {}
     out = {}

@@ -161,7 +161,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         # Deltas, chain by chain: in pack order every snapshot's pack would decode its
         # deltas' bases (and the frames they are in) once more for each dependent.
         rank = {pack_id: i for i, pack_id in enumerate(sorted(by_pack))}
-        deltas.sort(key=lambda d: _chain_order(index, rank, d[1]))
+        deltas.sort(key=lambda d: _chain_order(vault, rank, d[1]))
         for pack_id, e in deltas:
             try:
                 stored = backend.get(packs.pack_name(pack_id), e.offset, e.length)
@@ -184,18 +184,13 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     return report
 
 
-def _chain_order(index, rank: dict[bytes, int], e: packs.BlobEntry) -> int:
+def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> int:
     """Where a delta's chain starts (the blob its primary bases lead down to: its
     pack's rank, offset and place in its frame), then its generation, as one int: the
     versions of one chunk one after another, each decoded after its bases, and the
     chains in the order of their roots' frames."""
-    root = e.bases[0]
-    for _ in range(64):
-        found = index.blobs.get(root)
-        if found is None or not found[1].bases:
-            break
-        root = found[1].bases[0]
-    found = index.blobs.get(root)
+    root = vault.store.ancestor(e.bases[0], 0)
+    found = vault.index.blobs.get(root) if root is not None else None
     if found is None:
         return e.generation   # a missing base: reported as damage when decoded
     pack_id, r = found
