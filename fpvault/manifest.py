@@ -123,6 +123,10 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     bytes_added: int = 0
     xact: XactMark | None = None
     tables_reused: int = 0   # tables taken from the previous snapshot, unread (snapshot.py)
+    # The settings the data was read with (pgsource.SESSION_SETTINGS); empty in
+    # snapshots written before it was recorded, which left search_path and TimeZone
+    # to the environment.
+    session: dict[str, str] = {}
 
     @property
     def rows(self) -> int:

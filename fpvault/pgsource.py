@@ -12,7 +12,10 @@ Terms:
 Sessions are set up like pg_dump's (see ``SESSION_SETTINGS``).  In particular
 ``row_security = off``: with it on, FORCE ROW LEVEL SECURITY would silently
 drop rows; off, a role that cannot bypass RLS gets an error, which is what a
-backup wants.
+backup wants.  And an empty ``search_path`` and ``TimeZone`` UTC, whatever the
+role, the database or the environment say: a table's text is then a function of
+its rows alone (the same rows print the same wherever snap runs) and restores
+as it was read.
 """
 
 from __future__ import annotations
@@ -33,7 +36,16 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import DatabaseError, SnapshotFailed
 
+# Every reading session's settings.  An empty search_path, as pg_dump's own session
+# has: reg* values (regclass, regtype, ...) print schema-qualified, as a restore, whose
+# search_path the archive empties, needs them to load.  TimeZone UTC: timestamptz
+# prints in the session's zone, and the same instant must print the same each time
+# (pg_dump, which prints defaults the same way, gets PGTZ: tool_conninfo).  A
+# snapshot records these (manifest.Snapshot.session); tables are taken unread only
+# from a snapshot read with the same.
 SESSION_SETTINGS = {
+    "search_path": "",
+    "TimeZone": "UTC",
     "DateStyle": "ISO",
     "IntervalStyle": "postgres",
     "extra_float_digits": "3",
@@ -43,6 +55,11 @@ SESSION_SETTINGS = {
     "idle_in_transaction_session_timeout": "0",
     "row_security": "off",
 }
+
+# What snapshots read with before they recorded their settings (an empty
+# Snapshot.session): search_path and TimeZone were the environment's.
+LEGACY_SESSION_SETTINGS = {k: v for k, v in SESSION_SETTINGS.items()
+                           if k not in ("search_path", "TimeZone")}
 
 # Large objects are read in pieces of this size, to bound memory.
 LO_READ_SIZE = 1024 * 1024
@@ -76,7 +93,7 @@ def tool_conninfo(conninfo: str) -> tuple[str, dict[str, str]]:
     """For pg_dump and psql: the conninfo without its password (it would show in
     ``ps``), and an environment that carries the password instead."""
     safe, password = safe_conninfo(conninfo)
-    env = dict(os.environ)
+    env = {**os.environ, "PGTZ": SESSION_SETTINGS["TimeZone"]}
     if password is not None:
         env["PGPASSWORD"] = password
     return safe, env
@@ -112,13 +129,22 @@ def describe(conninfo: str) -> str:
     return f"database {db!r}" + (f" on {where}" if where else "")
 
 
-def setup_session(conn: psycopg.Connection, encoding: str | None = None) -> None:
-    """pg_dump's session settings; with ``encoding``, COPY streams come in it (the
-    database's own encoding, which a restore declares), whatever PGCLIENTENCODING says."""
-    settings = {**SESSION_SETTINGS, **({"client_encoding": encoding} if encoding else {})}
+def setup_session(conn: psycopg.Connection, encoding: str | None = None,
+                  settings: dict[str, str] = SESSION_SETTINGS) -> None:
+    """``settings`` (a snapshot's: ``SESSION_SETTINGS``); with ``encoding``, COPY
+    streams come in it (the database's own encoding, which a restore declares),
+    whatever PGCLIENTENCODING says."""
     with conn.cursor() as cur:
-        for name, value in settings.items():
-            cur.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        for statement in session_statements(settings, encoding):
+            cur.execute(statement)
+
+
+def session_statements(settings: dict[str, str], encoding: str | None) -> list[sql.Composed]:
+    """set_config() calls, as pg_dump empties search_path (SET cannot: ``SET
+    search_path = ''`` names a schema called "")."""
+    every = {**settings, **({"client_encoding": encoding} if encoding else {})}
+    return [sql.SQL("SELECT pg_catalog.set_config({}, {}, false)").format(
+                sql.Literal(name), sql.Literal(value)) for name, value in every.items()]
 
 
 def database_encoding(conn: psycopg.Connection) -> str:
@@ -520,8 +546,8 @@ class PsqlReader:
 
     def script(self, table: TableInfo, key_range: tuple[int | None, int | None] | None) -> bytes:
         lines = ["\\set ON_ERROR_STOP on", "\\set VERBOSITY verbose"]
-        lines += [sql.SQL("SET {} = {}").format(sql.Identifier(k), sql.Literal(v)).as_string(None)
-                  for k, v in {**SESSION_SETTINGS, "client_encoding": self.encoding}.items()]
+        lines += ["\\o /dev/null", *(s.as_string(None) for s in
+                                     session_statements(SESSION_SETTINGS, self.encoding)), "\\o"]
         lines += ["BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                   sql.SQL("SET TRANSACTION SNAPSHOT {}").format(
                       sql.Literal(self.snapshot)).as_string(None),

@@ -195,7 +195,9 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
     # reading, and only a catalog change, which ends a transaction, changes it.
+    # Read the same way: the settings decide how the same rows print.
     same_server = (not reread and prev is not None and prev.source.user == user
+                   and prev.session == pgsource.SESSION_SETTINGS
                    and mark is not None and prev.xact is not None
                    and _same_server(prev.xact, mark))
     unchanged = same_server and prev.xact == mark and prev.filters == filters.as_dict()
@@ -242,7 +244,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                     source=source, filters=filters.as_dict(), schema=schema,
                     tables=sorted(entries, key=lambda e: (e.schema, e.name)),
                     sequences=sequences, large_objects=large_objects, xact=mark,
-                    tables_reused=len(reuse))
+                    tables_reused=len(reuse), session=dict(pgsource.SESSION_SETTINGS))
     bytes_read = sum(e.data.bytes for e in entries if e.oid not in reuse) + lo_read
     snap.seconds = round(time.monotonic() - started, 3)
     snap.bytes_added = store.stats.bytes_added

@@ -235,7 +235,9 @@ def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report:
     plan = restore_mod.make_plan(vault, sid, snap, restore_mod.Options())
 
     def check(cur: psycopg.Cursor) -> None:
-        pgsource.setup_session(cur.connection)
+        # Read back as the snapshot read (the restore chose the encoding).
+        pgsource.setup_session(cur.connection,
+                               settings=snap.session or pgsource.LEGACY_SESSION_SETTINGS)
         for table in snap.tables:
             rows, digest, sorted_digest = _read_back(cur, table)
             report.tables_restored += 1

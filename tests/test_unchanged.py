@@ -216,3 +216,62 @@ def test_a_restarted_server_is_read_again(pg, db, repo, monkeypatch):
     monkeypatch.setattr(pgsource, "server_identity", lambda conn: dataclasses.replace(
         real(conn), started="2099-01-01 00:00:00+00"))
     assert snap(pg, repo, db)["tables_reused"] == 0
+
+
+# -- how the rows print: the reading session's settings
+
+REFS = ("CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); "
+        "CREATE TABLE refs (id int PRIMARY KEY, rel regclass, typ regtype, "
+        "at timestamptz DEFAULT '2020-06-01 12:00:00+00'); "
+        "INSERT INTO refs SELECT g, CASE WHEN g % 2 = 0 THEN 'app.t' ELSE 'public.refs' END, "
+        "'app.t', '2026-01-01 00:00:00+00'::timestamptz + g * interval '7 hours' "
+        "FROM generate_series(1, 2000) g")
+
+
+def test_what_is_stored_does_not_depend_on_the_session(pg, db, repo):
+    """search_path and TimeZone, from the environment, the role or the database,
+    change how the same rows print (reg* names lose their schema, timestamptz moves
+    to another zone, in the data and in pg_dump's defaults).  Snap pins both: the
+    same database stores the same text wherever it is read from, and restores."""
+    pg.execute(db, REFS)
+    first = snap(pg, repo, db)
+    pg.execute(db, f"ALTER DATABASE {db} SET search_path = app, public; "
+                   f"ALTER DATABASE {db} SET TimeZone = 'Asia/Tokyo'")
+    second = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", "--reread",
+                 env={"PGTZ": "America/St_Johns", "PGOPTIONS": "-c search_path=app"})
+    assert second.code == 0, second.err
+    third = snap(pg, repo, db, "--reread")
+    one, two, three = (manifest(repo, d["id"]) for d in (first, json.loads(second.out), third))
+    for other in (two, three):
+        assert [(t.qname, t.data.hash) for t in other.tables] == \
+            [(t.qname, t.data.hash) for t in one.tables]
+        assert (other.schema.pre_data.hash, other.schema.post_data.hash) == \
+            (one.schema.pre_data.hash, one.schema.post_data.hash)
+    assert three.session == pgsource.SESSION_SETTINGS
+
+    target = pg.createdb()
+    r = run("restore", third["id"], "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 0, r.err
+    q = "SELECT count(*), md5(string_agg(concat_ws(',', id, rel, typ, at), ';' ORDER BY id)) FROM public.refs"
+    fixed = "-c search_path= -c TimeZone=UTC"     # the same text for the same values
+    with pg.connect(target, options=fixed) as a, pg.connect(db, options=fixed) as b:
+        assert a.execute(q).fetchall() == b.execute(q).fetchall()
+    scratch = pg.createdb()
+    r = run("verify", "-r", repo, "--restore-test", pg.dsn(scratch), env={"PGTZ": "Asia/Kolkata"})
+    assert r.code == 0, r.out + r.err
+
+
+def test_tables_read_with_other_settings_are_read_again(pg, db, repo, monkeypatch):
+    """A snapshot read with other settings (one written before they were recorded
+    left search_path and TimeZone to the environment) is no source of unread
+    tables: its text may not be what the same rows print now, nor restore."""
+    pg.execute(db, REFS)
+    monkeypatch.setattr(pgsource, "SESSION_SETTINGS",
+                        {**pgsource.LEGACY_SESSION_SETTINGS, "TimeZone": "Asia/Tokyo"})
+    snap(pg, repo, db)
+    monkeypatch.undo()
+    seen = reads(monkeypatch)
+    doc = snap(pg, repo, db)
+    assert doc["tables_reused"] == 0 and sorted(seen) == ["refs", "t"]
+    monkeypatch.undo()
+    assert snap(pg, repo, db)["tables_reused"] == 2    # and from then on, as before

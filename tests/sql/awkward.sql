@@ -444,6 +444,28 @@ ALTER LARGE OBJECT 91002 OWNER TO fpv_owner;
 GRANT SELECT ON LARGE OBJECT 91001 TO fpv_reader;
 
 -- ---------------------------------------------------------------------------
+-- Values whose text depends on the reading session: reg* names print unqualified
+-- when their schema is on search_path (and restore empties it); timestamptz, also
+-- in a default, prints in the session's TimeZone
+-- ---------------------------------------------------------------------------
+CREATE TABLE public.catalog_refs (
+    id    integer PRIMARY KEY,
+    rel   regclass,
+    typ   regtype,
+    fn    regprocedure,
+    nsp   regnamespace,
+    cfg   regconfig,
+    at    timestamptz DEFAULT '2020-06-01 12:00:00+00'
+);
+INSERT INTO public.catalog_refs VALUES
+    (1, 'public.accounts', 'public.mood', 'public.add_tax(numeric)', 'public', 'english',
+     '2026-03-29 01:30:00+00'),
+    (2, '"Weird Schema"."Order ""Items"""', 'integer[]', 'pg_catalog.now()', 'many',
+     'pg_catalog.simple', '-infinity'),
+    (3, 'public.catalog_refs', 'public.pair', 'public.audit_fn()', '"Weird Schema"', NULL,
+     DEFAULT);
+
+-- ---------------------------------------------------------------------------
 -- Grants and comments
 -- ---------------------------------------------------------------------------
 GRANT SELECT ON public.all_types TO fpv_reader;
