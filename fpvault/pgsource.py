@@ -40,12 +40,15 @@ from .errors import DatabaseError, SnapshotFailed
 # has: reg* values (regclass, regtype, ...) print schema-qualified, as a restore, whose
 # search_path the archive empties, needs them to load.  TimeZone UTC: timestamptz
 # prints in the session's zone, and the same instant must print the same each time
-# (pg_dump, which prints defaults the same way, gets PGTZ: tool_conninfo).  A
-# snapshot records these (manifest.Snapshot.session); tables are taken unread only
-# from a snapshot read with the same.
+# (pg_dump, which deparses defaults the same way, gets PGTZ: tool_conninfo).  bytea
+# in hex, identifiers quoted only where needed (in reg* values), whatever the role
+# says.  A snapshot records these (manifest.Snapshot.session); tables are taken
+# unread only from a snapshot read with the same.
 SESSION_SETTINGS = {
     "search_path": "",
     "TimeZone": "UTC",
+    "bytea_output": "hex",
+    "quote_all_identifiers": "off",
     "DateStyle": "ISO",
     "IntervalStyle": "postgres",
     "extra_float_digits": "3",
@@ -59,7 +62,8 @@ SESSION_SETTINGS = {
 # What snapshots read with before they recorded their settings (an empty
 # Snapshot.session): search_path and TimeZone were the environment's.
 LEGACY_SESSION_SETTINGS = {k: v for k, v in SESSION_SETTINGS.items()
-                           if k not in ("search_path", "TimeZone")}
+                           if k not in ("search_path", "TimeZone", "bytea_output",
+                                        "quote_all_identifiers")}
 
 # Large objects are read in pieces of this size, to bound memory.
 LO_READ_SIZE = 1024 * 1024
@@ -93,7 +97,11 @@ def tool_conninfo(conninfo: str) -> tuple[str, dict[str, str]]:
     """For pg_dump and psql: the conninfo without its password (it would show in
     ``ps``), and an environment that carries the password instead."""
     safe, password = safe_conninfo(conninfo)
-    env = {**os.environ, "PGTZ": SESSION_SETTINGS["TimeZone"]}
+    # pg_dump prints column defaults and index and view definitions as the server
+    # deparses them: in the session's zone, quoting as the session says.
+    options = os.environ.get("PGOPTIONS", "")
+    env = {**os.environ, "PGTZ": SESSION_SETTINGS["TimeZone"],
+           "PGOPTIONS": f"{options} -c quote_all_identifiers=off".strip()}
     if password is not None:
         env["PGPASSWORD"] = password
     return safe, env

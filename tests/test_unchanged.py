@@ -222,23 +222,26 @@ def test_a_restarted_server_is_read_again(pg, db, repo, monkeypatch):
 
 REFS = ("CREATE SCHEMA app; CREATE TABLE app.t (id int PRIMARY KEY); "
         "CREATE TABLE refs (id int PRIMARY KEY, rel regclass, typ regtype, "
-        "at timestamptz DEFAULT '2020-06-01 12:00:00+00'); "
+        "at timestamptz DEFAULT '2020-06-01 12:00:00+00', b bytea); "
         "INSERT INTO refs SELECT g, CASE WHEN g % 2 = 0 THEN 'app.t' ELSE 'public.refs' END, "
-        "'app.t', '2026-01-01 00:00:00+00'::timestamptz + g * interval '7 hours' "
-        "FROM generate_series(1, 2000) g")
+        "'app.t', '2026-01-01 00:00:00+00'::timestamptz + g * interval '7 hours', "
+        "decode(md5(g::text), 'hex') FROM generate_series(1, 2000) g")
 
 
 def test_what_is_stored_does_not_depend_on_the_session(pg, db, repo):
-    """search_path and TimeZone, from the environment, the role or the database,
-    change how the same rows print (reg* names lose their schema, timestamptz moves
-    to another zone, in the data and in pg_dump's defaults).  Snap pins both: the
-    same database stores the same text wherever it is read from, and restores."""
+    """search_path, TimeZone, bytea_output and quote_all_identifiers, from the
+    environment, the role or the database, change how the same rows print (reg*
+    names lose their schema or gain quotes, timestamptz moves to another zone, in
+    the data and in pg_dump's defaults, bytea escapes).  Snap pins them: the same
+    database stores the same text wherever it is read from, and restores."""
     pg.execute(db, REFS)
     first = snap(pg, repo, db)
     pg.execute(db, f"ALTER DATABASE {db} SET search_path = app, public; "
-                   f"ALTER DATABASE {db} SET TimeZone = 'Asia/Tokyo'")
+                   f"ALTER DATABASE {db} SET TimeZone = 'Asia/Tokyo'; "
+                   f"ALTER DATABASE {db} SET bytea_output = escape")
     second = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", "--reread",
-                 env={"PGTZ": "America/St_Johns", "PGOPTIONS": "-c search_path=app"})
+                 env={"PGTZ": "America/St_Johns",
+                      "PGOPTIONS": "-c search_path=app -c quote_all_identifiers=on"})
     assert second.code == 0, second.err
     third = snap(pg, repo, db, "--reread")
     one, two, three = (manifest(repo, d["id"]) for d in (first, json.loads(second.out), third))
@@ -252,8 +255,9 @@ def test_what_is_stored_does_not_depend_on_the_session(pg, db, repo):
     target = pg.createdb()
     r = run("restore", third["id"], "-r", repo, "--to", pg.dsn(target))
     assert r.code == 0, r.err
-    q = "SELECT count(*), md5(string_agg(concat_ws(',', id, rel, typ, at), ';' ORDER BY id)) FROM public.refs"
-    fixed = "-c search_path= -c TimeZone=UTC"     # the same text for the same values
+    q = ("SELECT count(*), md5(string_agg(concat_ws(',', id, rel, typ, at, b), ';' ORDER BY id)) "
+         "FROM public.refs")
+    fixed = "-c search_path= -c TimeZone=UTC -c bytea_output=hex"  # same values, same text
     with pg.connect(target, options=fixed) as a, pg.connect(db, options=fixed) as b:
         assert a.execute(q).fetchall() == b.execute(q).fetchall()
     scratch = pg.createdb()
