@@ -17,7 +17,9 @@ Builds one database with ``pgbench -i -s SCALE`` and the factory_pulse sample
   as a share of snapshot 1's; against a new full dump each time;
 - ``fpvault restore --to`` of the latest snapshot into an empty database
   against ``pg_restore -d`` of the last dump, then both with ``-j 2``, then
-  ``restore -o FILE`` against ``pg_restore -f FILE``;
+  ``restore -o FILE`` against ``pg_restore -f FILE``; after each restore into
+  a database, a ``VACUUM (FREEZE)`` of it (what autovacuum does to every page
+  whose rows are not frozen, before xids wrap around);
 - peak RSS of snapshot 1 at a second size (``--small-scale``), to show that
   memory does not grow with the database.
 
@@ -210,10 +212,15 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
                  ["-j", "2", "-d", None]),
                 ("restore as a SQL script to a file", ["-o", "FILE"], ["-f", "FILE"])]
     rest = {label: ([], []) for label, _, _ in variants}
+    # What the restored database costs afterwards: VACUUM (FREEZE), which autovacuum runs
+    # before xids wrap around, rewriting every page whose rows are not frozen yet.
+    vacuum = {label: ([], []) for label, _, tool_args in variants if None in tool_args}
+    psql = pg.tool("psql")
     out_file = os.path.join(work, "restore.sql")
 
-    def restore(name: str, cmd_of, tool_args: list) -> Run:
-        """Run one restore, into a new database or to a file; check what it restored."""
+    def restore(name: str, cmd_of, tool_args: list, vacuumed: list[Run] | None = None) -> Run:
+        """Run one restore, into a new database or to a file; check what it restored,
+        then time a VACUUM (FREEZE) of it into ``vacuumed``."""
         target = pg.createdb(f"restore_{name}") if None in tool_args else None
         cmd = cmd_of([pg.dsn(target) if x is None else out_file if x == "FILE" else x
                       for x in tool_args])
@@ -224,16 +231,20 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         got = pg.query(target, check_sql)[0]
         if got != expect:
             raise RuntimeError(f"{name} restored {got}, expected {expect}: {' '.join(cmd)}")
+        if vacuumed is not None:
+            vacuumed.append(measured([psql, "-X", "-q", "-d", pg.dsn(target), "-c",
+                                      "VACUUM (FREEZE)"]))
         pg.dropdb(target)
         return result
 
     for i in range(args.runs):
         for label, fp_args, pg_args in variants:
             log(f"run {i + 1}/{args.runs}: {label}")
+            vac = vacuum.get(label, (None, None))
             rest[label][0].append(restore("fpvault", lambda a, i=i: [
-                fp, "-q", "-r", repos[i], "restore", "latest", *a], fp_args))
+                fp, "-q", "-r", repos[i], "restore", "latest", *a], fp_args, vac[0]))
             rest[label][1].append(restore("pg_restore", lambda a, i=i: [
-                pg_restore, *a, dumps[i]], pg_args))
+                pg_restore, *a, dumps[i]], pg_args, vac[1]))
 
     # Peak RSS at a second size: the same snapshot of a smaller database.
     log(f"peak RSS at scale {args.small_scale}")
@@ -306,6 +317,14 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
                  (f"{label}: client peak RSS", human(med([r.max_rss_kib for r in r_fp]) * 1024),
                   human(med([r.max_rss_kib for r in r_pg]) * 1024),
                   ratio(med([r.max_rss_kib for r in r_fp]), med([r.max_rss_kib for r in r_pg])))]
+        if label in vacuum:
+            v_fp, v_pg = vacuum[label]
+            rows += [(f"{label}, then VACUUM (FREEZE) of it: wall time", secs(v_fp), secs(v_pg),
+                      ratio(med([r.seconds for r in v_fp]), med([r.seconds for r in v_pg]))),
+                     (f"{label}, then VACUUM (FREEZE): server CPU",
+                      f"{med([r.server_cpu for r in v_fp]):.2f} s",
+                      f"{med([r.server_cpu for r in v_pg]):.2f} s",
+                      ratio(med([r.server_cpu for r in v_fp]), med([r.server_cpu for r in v_pg])))]
     out = [f"Measured {today()} on {machine(pg)}; {version}. {conditions.text()}",
            "",
            f"Database: `pgbench -i -s {args.scale}` plus factory_pulse in one database "
@@ -347,7 +366,9 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
             "Restore: `fpvault restore latest --to` (one transaction) against `pg_restore -d` "
             "(not single-transaction) of the latest `-Fc` dump, each into a new empty database, "
             "without and with `-j 2` on both sides; row counts and sums are checked after each. "
-            "`restore -o FILE` against `pg_restore -f FILE` writes the SQL script. Peak RSS and "
+            "`restore -o FILE` against `pg_restore -f FILE` writes the SQL script. After each "
+            "restore into a database, `VACUUM (FREEZE)` of it (psql): fpvault loads the tables "
+            "it creates frozen (COPY FREEZE; with -j 2, not a table loaded in parts). Peak RSS and "
             "CPU are of the client process tree (`/usr/bin/time -v`: fpvault with its psql "
             "and pg_dump children); server CPU is the PostgreSQL server's over the same "
             "time (its backends' user+sys, from /proc)."]

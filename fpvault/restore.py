@@ -299,11 +299,11 @@ def lo_chunks(vault: Vault, plan: Plan, lo: LargeObject) -> Iterator[bytes]:
                                 f"{str(exc).rstrip('.')}. Run 'fpvault verify'.") from exc
 
 
-def copy_in_statement(table: TableEntry) -> str:
-    if not table.columns:
-        return f"COPY {table.qname} FROM STDIN"
-    cols = ", ".join(_identifier(c) for c in table.columns)
-    return f"COPY {table.qname} ({cols}) FROM STDIN"
+def copy_in_statement(table: TableEntry, freeze: bool = False) -> str:
+    """``freeze``: the rows go in frozen and their pages all-visible, as VACUUM
+    FREEZE would leave them; only into a table created in the same transaction."""
+    cols = f" ({', '.join(_identifier(c) for c in table.columns)})" if table.columns else ""
+    return f"COPY {table.qname}{cols} FROM STDIN" + (" WITH (FREEZE)" if freeze else "")
 
 
 def _identifier(name: str) -> str:
@@ -347,10 +347,13 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
                 # The archive's SQL empties search_path (our COPY names are qualified) and
                 # sets the client encoding it was dumped in: the data's is the database's.
                 _set_encoding(cur, plan)
+            # The pre-data just created every table, in this transaction: COPY FREEZE
+            # spares the restored database a VACUUM FREEZE of every page later.
+            freeze = bool(plan.pre_data) and not plan.options.data_only
             for table in plan.tables:
                 step = f"the data of {table.qname}"
                 say(table.qname)
-                with cur.copy(copy_in_statement(table)) as copy:
+                with cur.copy(copy_in_statement(table, freeze)) as copy:
                     for chunk in table_chunks(vault, plan, table):
                         copy.write(chunk)
             for seq in plan.sequences:
@@ -442,6 +445,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     state: dict = {"step": "starting", "committed": False}
     stop = threading.Event()
     vault.store.size_caches(jobs)   # a stream (or part of one) per connection
+    created = bool(plan.pre_data) and not plan.options.data_only   # the tables, by pre-data
     preamble, parallel, post_data = split_post_data(plan.post_data)
     restored = {t.qname for t in plan.tables}
     builds: dict[str | None, list[bytes]] = {}
@@ -503,7 +507,15 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                     if kind == "load":
                         table, part = what
                         try:
-                            with cur.copy(copy_in_statement(table)) as copy:
+                            # As pg_restore -j does, a table loaded whole is emptied
+                            # first in the same transaction (it is empty: pre-data
+                            # made it): so it can be loaded frozen, as with -j 1.
+                            freeze = (created and part is None and cur.execute(
+                                "SELECT pg_catalog.has_table_privilege(%s, 'TRUNCATE')",
+                                (table.qname,)).fetchone()[0])
+                            if freeze:
+                                cur.execute(f"TRUNCATE ONLY {table.qname}")
+                            with cur.copy(copy_in_statement(table, freeze)) as copy:
                                 for chunk in table_chunks(vault, plan, table, part):
                                     if stop.is_set():
                                         raise Stopped()
