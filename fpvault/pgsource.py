@@ -13,9 +13,9 @@ Sessions are set up like pg_dump's (see ``SESSION_SETTINGS``).  In particular
 ``row_security = off``: with it on, FORCE ROW LEVEL SECURITY would silently
 drop rows; off, a role that cannot bypass RLS gets an error, which is what a
 backup wants.  And an empty ``search_path`` and ``TimeZone`` UTC, whatever the
-role, the database or the environment say: a table's text is then a function of
-its rows alone (the same rows print the same wherever snap runs) and restores
-as it was read.
+role, the database or the environment say: the same rows print the same
+wherever snap runs (but for ``money``, which follows ``lc_monetary`` as with
+pg_dump), and reg* values restore.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ from .errors import DatabaseError, SnapshotFailed
 # prints in the session's zone, and the same instant must print the same each time
 # (pg_dump, which deparses defaults the same way, gets PGTZ: tool_conninfo).  bytea
 # in hex, identifiers quoted only where needed (in reg* values), whatever the role
-# says.  A snapshot records these (manifest.Snapshot.session); tables are taken
-# unread only from a snapshot read with the same.
+# says (pg_dump's schema text still follows the role's bytea_output and
+# quote_all_identifiers: a change there reads every table instead of looking at
+# it).  money prints as lc_monetary says, as with pg_dump: not pinned, since a
+# restore parses it with the target's.  A snapshot records these
+# (manifest.Snapshot.session); tables are taken unread only from a snapshot read
+# with the same.
 SESSION_SETTINGS = {
     "search_path": "",
     "TimeZone": "UTC",
@@ -97,11 +101,10 @@ def tool_conninfo(conninfo: str) -> tuple[str, dict[str, str]]:
     """For pg_dump and psql: the conninfo without its password (it would show in
     ``ps``), and an environment that carries the password instead."""
     safe, password = safe_conninfo(conninfo)
-    # pg_dump prints column defaults and index and view definitions as the server
-    # deparses them: in the session's zone, quoting as the session says.
-    options = os.environ.get("PGOPTIONS", "")
-    env = {**os.environ, "PGTZ": SESSION_SETTINGS["TimeZone"],
-           "PGOPTIONS": f"{options} -c quote_all_identifiers=off".strip()}
+    # pg_dump prints column defaults as the server deparses them: timestamptz in the
+    # session's zone.  (A startup parameter that poolers such as PgBouncer accept, as
+    # they would not a PGOPTIONS.)
+    env = {**os.environ, "PGTZ": SESSION_SETTINGS["TimeZone"]}
     if password is not None:
         env["PGPASSWORD"] = password
     return safe, env
@@ -138,12 +141,12 @@ def describe(conninfo: str) -> str:
 
 
 def setup_session(conn: psycopg.Connection, encoding: str | None = None,
-                  settings: dict[str, str] = SESSION_SETTINGS) -> None:
-    """``settings`` (a snapshot's: ``SESSION_SETTINGS``); with ``encoding``, COPY
-    streams come in it (the database's own encoding, which a restore declares),
-    whatever PGCLIENTENCODING says."""
+                  settings: dict[str, str] | None = None) -> None:
+    """``settings`` (else ``SESSION_SETTINGS``); with ``encoding``, COPY streams
+    come in it (the database's own encoding, which a restore declares), whatever
+    PGCLIENTENCODING says."""
     with conn.cursor() as cur:
-        for statement in session_statements(settings, encoding):
+        for statement in session_statements(settings or SESSION_SETTINGS, encoding):
             cur.execute(statement)
 
 

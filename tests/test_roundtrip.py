@@ -422,11 +422,15 @@ def test_restored_rows_are_loaded_frozen(pg, db, repo):
     for target in (one, two):
         for t in ("big", "small"):
             assert pg.query(target, q.format(t)) == pg.query(db, q.format(t))
-    assert all_frozen(pg, one) == {"big": True, "small": True}
-    assert all_frozen(pg, two) == {"big": False, "small": True}   # big: in two parts
+    # COPY FREEZE marks pages all-frozen in the visibility map from PostgreSQL 14 on.
+    marks = int(pg.query(db, "SHOW server_version_num")[0][0]) >= 140000
+    if marks:
+        assert all_frozen(pg, one) == {"big": True, "small": True}
+        assert all_frozen(pg, two) == {"big": False, "small": True}   # big: in two parts
 
     three = restore_into(pg, repo, sid, "--schema-only")
     pg.execute(three, "INSERT INTO small VALUES (-1, 'was there')")
     restore_into(pg, repo, sid, "--data-only", "-j", "2", target=three)
     assert count(pg, three, "small") == 2001 and count(pg, three, "big") == 20000
     assert all_frozen(pg, three) == {"big": False, "small": False}
+
