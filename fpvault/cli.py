@@ -249,8 +249,9 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     changed since the previous snapshot of the database are taken from it
     without reading them: all of them, without a look, if no transaction has
     ended on the server since; otherwise a table whose every row is older than
-    that snapshot, as many as it counted (one scan of the table, no COPY).
-    Sequences and the schema are read as always.  Text output ends with the
+    that snapshot, as many as it counted (one scan of the table, no COPY);
+    large objects likewise, where the role may read pg_largeobject.  Sequences
+    and the schema are read as always.  Text output ends with the
     snapshot id on its own line (printed even with -q).
     """
     vault = ctx.open(create=True)

@@ -63,6 +63,9 @@ class SequenceState(msgspec.Struct, kw_only=True):
 class LargeObject(msgspec.Struct, kw_only=True):
     oid: int
     data: Stream
+    # Its rows (pages) in pg_largeobject, where the role may read that catalog: a
+    # later snapshot takes it unread if it sees as many, all older (snapshot.py).
+    pages: int | None = None
 
 
 class Source(msgspec.Struct, kw_only=True):

@@ -433,6 +433,32 @@ def rows_unchanged(conn: psycopg.Connection, table: TableInfo, rows: int, before
     return old and count == rows
 
 
+def large_object_pages(conn: psycopg.Connection, oids: list[int], before: int | None,
+                       newest: int) -> dict[int, tuple[int, bool]] | None:
+    """Per large object: how many pages (rows of pg_largeobject) our snapshot sees,
+    and whether all of them are older than ``before`` (an earlier snapshot's xmin,
+    as in ``rows_unchanged``: then that snapshot saw them too; False when
+    ``before`` is None or too far back).  None where the role may not read
+    pg_largeobject (only superusers may, unless granted).  One scan of it, reading
+    no data."""
+    (allowed,) = conn.execute("SELECT pg_catalog.has_table_privilege("
+                              "'pg_catalog.pg_largeobject', 'SELECT')").fetchone()
+    if not allowed:
+        return None
+    if before is not None and 0 <= newest - before < XID_HORIZON:
+        age = sql.SQL("pg_catalog.age({}::pg_catalog.xid)").format(
+            sql.Literal(str(before % (1 << 32))))
+        old = sql.SQL("min(pg_catalog.age(xmin)) > {}").format(age)
+    else:
+        old = sql.SQL("false")
+    rows = conn.execute(sql.SQL(
+        "SELECT loid, count(*), {} FROM pg_catalog.pg_largeobject "
+        "WHERE loid = ANY(%s::pg_catalog.oid[]) GROUP BY loid").format(old), (oids,)).fetchall()
+    # An object with no page (created, never written) is empty now and was then.
+    return {oid: (0, before is not None and 0 <= newest - before < XID_HORIZON)
+            for oid in oids} | {oid: (pages, is_old) for oid, pages, is_old in rows}
+
+
 # Tables at least this large on disk are read by a psql process (``PsqlReader``), which
 # costs about 20 ms to start and connect: below this, libpq's per-row loop here is cheaper.
 PSQL_MIN_BYTES = 8 * 1024 * 1024

@@ -174,6 +174,27 @@ class TocEntry:
     rest: str   # "DESC SCHEMA NAME OWNER"
 
 
+# The header pg_restore writes before each entry of its SQL: name and type.
+ENTRY_HEADER = re.compile(rb"^--\n-- Name: (.*); Type: (.*); Schema: .*; Owner: .*\n--\n", re.M)
+_LARGE_OBJECT_TYPES = {b"BLOB", b"BLOBS", b"BLOB METADATA"}
+_ABOUT_AN_OBJECT = {b"ACL", b"COMMENT", b"SECURITY LABEL"}
+
+
+def without_large_objects(sql: bytes) -> bytes:
+    """pg_restore's SQL without the entries that only describe large objects (their
+    creation and owner, comments, grants, security labels): what is left is all
+    that can change how a table's rows print."""
+    heads = list(ENTRY_HEADER.finditer(sql))
+    out = [sql[:heads[0].start()] if heads else sql]
+    for m, nxt in zip(heads, [*heads[1:], None]):
+        name, kind = m.group(1), m.group(2)
+        if kind in _LARGE_OBJECT_TYPES or (kind in _ABOUT_AN_OBJECT
+                                           and name.startswith(b"LARGE OBJECT ")):
+            continue
+        out.append(sql[m.start():nxt.start() if nxt else len(sql)])
+    return b"".join(out)
+
+
 def archive_toc(pg_restore: Tool, archive_path: str) -> list[TocEntry]:
     out = run_tool(pg_restore, ["-l", archive_path], what="listing the schema archive")
     entries = []

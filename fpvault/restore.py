@@ -399,7 +399,6 @@ def _set_encoding(cur: psycopg.Cursor, plan: Plan) -> None:
 # only its own table.  The rest (foreign keys, which need those keys; triggers, rules,
 # policies, comments) follows on one connection, in the dump's order.
 _PARALLEL_POST_DATA = {"INDEX", "CONSTRAINT"}
-_ENTRY_HEADER = re.compile(rb"^--\n-- Name: .*; Type: (.*); Schema: .*; Owner: .*\n--\n", re.M)
 
 
 def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
@@ -407,8 +406,8 @@ def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
     of pg_restore's post-data SQL.  Nothing is split when partitioned indexes are
     attached (INDEX ATTACH): building a parent's index locks its partitions, which
     could deadlock against a partition's own constraint."""
-    heads = list(_ENTRY_HEADER.finditer(post_data))
-    types = [m.group(1).decode("utf-8", "replace") for m in heads]
+    heads = list(pgtools.ENTRY_HEADER.finditer(post_data))
+    types = [m.group(2).decode("utf-8", "replace") for m in heads]
     if not heads or "INDEX ATTACH" in types:
         return b"", [], post_data
     preamble = post_data[:heads[0].start()]

@@ -22,8 +22,10 @@ the tables are taken from the previous snapshot without reading them, if the
 catalog says the same of them and their chunks are all in the index.
 Otherwise, on the same running server with the same schema, a table whose
 every row is older than the previous snapshot's xmin, as many rows as it
-counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY).
-Sequences are always read (nextval logs only every 32nd value); the schema
+counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY);
+"the same schema" but for large objects' entries (pgtools.without_large_objects).
+A large object with as many pages as then, all older, likewise
+(pgsource.large_object_pages).  Sequences are always read (nextval logs only every 32nd value); the schema
 is always dumped.  ``--reread`` reads everything anyway.
 6. The chunk store is flushed (packs, then index), and the manifest written
    last.  Any failure before that leaves no snapshot: blobs already written
@@ -191,7 +193,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
         post_data=vault.write_stream([post_sql], prev and prev.schema.post_data)[0])
     prev_tables = {(t.schema, t.name): t.data for t in prev.tables} if prev else {}
-    prev_los = {lo.oid: lo.data for lo in prev.large_objects} if prev else {}
+    prev_los = {lo.oid: lo for lo in prev.large_objects} if prev else {}
     user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
     # reading, and only a catalog change, which ends a transaction, changes it.
@@ -203,9 +205,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     unchanged = same_server and prev.xact == mark and prev.filters == filters.as_dict()
     # Otherwise each table is looked at, if the schema is as it was: an enum label or a
     # composite type changes a table's text without touching its rows.
-    look = (same_server and not unchanged
-            and (schema.pre_data.hash, schema.post_data.hash)
-            == (prev.schema.pre_data.hash, prev.schema.post_data.hash))
+    look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
     reuse = _reusable_tables(vault, prev, tables) if unchanged or look else {}
     if look:
         reuse = _unchanged_tables(leader, history[-2:], mark, tables, reuse)
@@ -223,13 +223,22 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         sequences.append(SequenceState(qname=qname, oid=oid, last_value=last_value,
                                        is_called=is_called))
     large_objects, lo_read = [], 0
+    # Large objects as tables: after a commit, one that has as many pages as the
+    # previous snapshot counted, all older than it, is the one it read.
+    # (Their bytes do not depend on the schema.)
+    pages = (pgsource.large_object_pages(
+                 leader, lo_oids, int(prev.xact.xids.split(":")[0]) if same_server else None,
+                 int(mark.xids.split(":")[1]) if mark else 0)
+             if lo_oids and not unchanged else None)
     for oid in lo_oids:
         old = prev_los.get(oid)
-        if unchanged and old is not None and _all_stored(vault, old):
-            large_objects.append(LargeObject(oid=oid, data=old))
+        now = pages.get(oid) if pages else None
+        if (old is not None and (unchanged or (now is not None and now == (old.pages, True)))
+                and _all_stored(vault, old.data)):
+            large_objects.append(LargeObject(oid=oid, data=old.data, pages=old.pages))
             continue
-        stream, _ = vault.write_stream(pgsource.large_object(leader, oid), old)
-        large_objects.append(LargeObject(oid=oid, data=stream))
+        stream, _ = vault.write_stream(pgsource.large_object(leader, oid), old and old.data)
+        large_objects.append(LargeObject(oid=oid, data=stream, pages=now[0] if now else None))
         lo_read += stream.bytes
     progress.finish()
 
@@ -264,6 +273,22 @@ def _all_stored(vault: Vault, stream: Stream) -> bool:
     except RepositoryDamaged:
         return False
     return all(ref.id in vault.store.index for ref in refs)
+
+
+def _same_schema(vault: Vault, prev: Snapshot, schema: SchemaBlobs, pre_sql: bytes,
+                 post_sql: bytes) -> bool:
+    """Whether the schema (``schema``, of the text ``pre_sql`` and ``post_sql``) is
+    the previous snapshot's, but for large objects created, unlinked or given
+    another owner, comment or grant (which print no table's rows another way)."""
+    if (schema.pre_data.hash, schema.post_data.hash) == (prev.schema.pre_data.hash,
+                                                         prev.schema.post_data.hash):
+        return True
+    try:
+        before = [vault.read_bytes(prev.schema.pre_data), vault.read_bytes(prev.schema.post_data)]
+    except RepositoryDamaged:
+        return False
+    return [pgtools.without_large_objects(s) for s in before] == \
+        [pgtools.without_large_objects(s) for s in (pre_sql, post_sql)]
 
 
 def _same_server(a: XactMark, b: XactMark) -> bool:

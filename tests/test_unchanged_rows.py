@@ -2,6 +2,8 @@
 previous snapshot and as many (pgsource.rows_unchanged).  Each test compares what
 snap stored with what reading every table (--reread) stores at the same moment."""
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -194,3 +196,80 @@ def test_random_edits_store_what_a_full_read_stores(pg, tmp_path_factory, rounds
         full = snap(pg, repo, db, "--reread")
         assert tables(repo, doc["id"]) == tables(repo, full["id"])
         assert doc["tables_reused"] >= 1   # c never changes
+
+
+# -- large objects
+
+LARGE_OBJECTS = (
+    "SELECT lo_from_bytea(9001, 'untouched'); "
+    "SELECT lo_from_bytea(9002, decode(repeat('ab', 5000), 'hex')); "        # 3 pages
+    "SELECT lo_from_bytea(9003, decode(repeat('cd', 4196), 'hex')); "        # 3 pages
+    "SELECT lo_from_bytea(9004, decode(repeat('ef', 3000), 'hex')); "
+    "SELECT lo_from_bytea(9005, 'to be unlinked'); "
+    "SELECT lo_create(9006); "                                               # no page
+    "SELECT lo_create(9008); SELECT lo_put(9008, 10000, 'sparse'); ")        # one page, 4
+
+
+def lo_reads(monkeypatch):
+    seen = []
+    real = pgsource.large_object
+
+    def spy(conn, oid):
+        seen.append(oid)
+        return real(conn, oid)
+
+    monkeypatch.setattr(pgsource, "large_object", spy)
+    return seen
+
+
+def large_objects(repo, sid):
+    return {lo.oid: (lo.data.hash, lo.pages) for lo in Vault.open(repo).resolve(sid)[1].large_objects}
+
+
+def test_large_objects_are_looked_at_like_tables(pg, db, repo, monkeypatch):
+    """After a commit, a large object with as many pages as the previous snapshot
+    counted, all older than it, is taken unread; a written, truncated or new one
+    is read.  Creating or unlinking one changes pg_dump's schema, but not how any
+    table prints: the tables are still looked at, not read."""
+    pg.execute(db, SCHEMA + LARGE_OBJECTS)
+    first = snap(pg, repo, db)
+    assert large_objects(repo, first["id"])[9002][1] == 3
+    pg.execute(db, "SELECT lo_put(9004, 10, 'X'); "
+                   "BEGIN; SELECT lo_truncate(lo_open(9003, 131072), 4096); COMMIT; "
+                   "SELECT lo_unlink(9005); SELECT lo_from_bytea(9007, 'new')")
+    seen = lo_reads(monkeypatch)
+    doc = snap(pg, repo, db)
+    assert sorted(seen) == [9003, 9004, 9007] and doc["tables_reused"] == 3
+    monkeypatch.undo()
+    full = snap(pg, repo, db, "--reread")
+    assert large_objects(repo, doc["id"]) == large_objects(repo, full["id"])
+
+    target = pg.createdb()
+    assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    q = ("SELECT m.oid, md5(lo_get(m.oid)) FROM pg_largeobject_metadata m ORDER BY 1")
+    assert pg.query(target, q) == pg.query(db, q)
+    assert [r[0] for r in pg.query(target, q)] == [9001, 9002, 9003, 9004, 9006, 9007, 9008]
+
+    # With a change that does print rows another way, tables are read as before.
+    pg.execute(db, "ALTER TYPE mood RENAME VALUE 'calm' TO 'serene'; SELECT lo_create(9009)")
+    changed = snap(pg, repo, db)
+    assert changed["tables_reused"] == 0
+    assert tables(repo, changed["id"]) == tables(repo, snap(pg, repo, db, "--reread")["id"])
+
+
+def test_large_objects_of_a_role_that_cannot_see_their_pages_are_read(pg, db, repo, monkeypatch):
+    """Only a superuser may read pg_largeobject unless granted: for any other role
+    every large object is read, as before."""
+    pg.execute(db, "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_lo') "
+                   "THEN CREATE ROLE fpv_lo LOGIN; END IF; END $$; "
+                   f"GRANT ALL ON DATABASE {db} TO fpv_lo; GRANT ALL ON SCHEMA public TO fpv_lo")
+    with pg.connect(db, user="fpv_lo") as conn:
+        conn.execute("SELECT lo_from_bytea(9101, 'mine'); SELECT lo_from_bytea(9102, 'also')")
+    dsn = pg.dsn(db, user="fpv_lo")
+    assert run("snap", "-r", repo, "-d", dsn).code == 0
+    pg.execute("postgres", "SELECT txid_current()")      # a commit, elsewhere
+    seen = lo_reads(monkeypatch)
+    r = run("snap", "-r", repo, "-d", dsn, "--json")
+    assert r.code == 0, r.err
+    assert sorted(seen) == [9101, 9102]
+    assert large_objects(repo, json.loads(r.out)["id"])[9101][1] is None
