@@ -389,6 +389,39 @@ def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[
         return [r[0] for r in cur.fetchall()]
 
 
+def altered_since_snapshot(conn: psycopg.Connection, tables: list[TableInfo]) -> list[str]:
+    """Tables whose name or columns a transaction changed after our snapshot began
+    (and committed before our locks, which keep them as they are from then on).
+
+    COPY is planned against the current catalog but reads the rows our snapshot
+    sees: a column renamed, dropped, added or two swapped since would be read as
+    another column or as NULLs, and a name given to another table would read that
+    one.  pg_dump waits for its own locks, and DDL queued behind them commits the
+    moment it exits.  The current catalog answers through to_regclass() and the
+    columns of ``SELECT * ... LIMIT 0``; our snapshot's, from pg_attribute."""
+    out = []
+    with conn.cursor() as cur:
+        for i in range(0, len(tables), 500):
+            batch = tables[i:i + 500]
+            cur.execute("SELECT attrelid, array_agg(attname ORDER BY attnum) "
+                        "FROM pg_catalog.pg_attribute WHERE attrelid = ANY(%s) AND attnum > 0 "
+                        "AND NOT attisdropped GROUP BY attrelid", ([t.oid for t in batch],))
+            seen = dict(cur.fetchall())
+            cur.execute("SELECT n, pg_catalog.to_regclass(n)::pg_catalog.oid "
+                        "FROM unnest(%s::pg_catalog.text[]) n", ([t.qname for t in batch],))
+            now = dict(cur.fetchall())
+            # One statement per table, in one round trip (no parameters: simple protocol).
+            cur.execute(sql.SQL("; ").join(sql.SQL("SELECT * FROM ONLY {} LIMIT 0").format(
+                sql.SQL(t.qname)) for t in batch))
+            for n, t in enumerate(batch):
+                if n:
+                    cur.nextset()
+                columns = [d.name for d in cur.description or []]
+                if now.get(t.qname) != t.oid or columns != (seen.get(t.oid) or []):
+                    out.append(t.qname)
+    return out
+
+
 # age() counts back from the newest xid in 32 bits: compare only snapshots this close.
 XID_HORIZON = 1 << 30
 # rows_unchanged looks at a sample (this percentage of the pages) of a table this

@@ -182,6 +182,11 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     if rewritten:
         raise SnapshotFailed(f"{', '.join(rewritten[:5])} was truncated or rewritten while the "
                              "snapshot began; take the snapshot again.")
+    altered = pgsource.altered_since_snapshot(leader, tables)
+    if altered:
+        raise SnapshotFailed(f"{', '.join(altered[:5])} was renamed or had columns changed while "
+                             "the snapshot began (DDL that waited for pg_dump); take the "
+                             "snapshot again.")
 
     vault.upgrade()
     store = vault.store

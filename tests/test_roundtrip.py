@@ -434,3 +434,41 @@ def test_restored_rows_are_loaded_frozen(pg, db, repo):
     assert count(pg, three, "small") == 2001 and count(pg, three, "big") == 20000
     assert all_frozen(pg, three) == {"big": False, "small": False}
 
+
+
+@pytest.mark.parametrize("ddl", [
+    # A column rebuilt under its own name: the old rows have no value in the new one.
+    "ALTER TABLE t ADD COLUMN a_new bigint; UPDATE t SET a_new = a; ALTER TABLE t DROP COLUMN a; "
+    "ALTER TABLE t RENAME COLUMN a_new TO a",
+    "ALTER TABLE t RENAME COLUMN a TO tmp; ALTER TABLE t RENAME COLUMN b TO a; "
+    "ALTER TABLE t RENAME COLUMN tmp TO b",
+    "ALTER TABLE t RENAME TO tmp; ALTER TABLE u RENAME TO t; ALTER TABLE tmp RENAME TO u",
+])
+def test_ddl_committed_as_the_snapshot_begins_fails_it(pg, db, repo, monkeypatch, ddl):
+    """DDL that waited for pg_dump's locks commits the moment pg_dump exits, before
+    snap has locked the tables.  COPY would then be planned against the new catalog
+    and read the rows of the snapshot: columns swapped, NULLs, another table's rows,
+    and exit 0.  Snap sees the names and columns changed and fails instead."""
+    from fpvault import pgtools
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, a int, b int); "
+                   "INSERT INTO t SELECT g, g * 10, g * 100 FROM generate_series(1, 3) g; "
+                   "CREATE TABLE u (id int PRIMARY KEY, a int, b int); INSERT INTO u VALUES (1, -1, -2)")
+    real = pgtools.run_tool
+
+    def dump_then_ddl(tool, args, **kwargs):
+        out = real(tool, args, **kwargs)
+        if any(a.startswith("--section") for a in args):      # pg_dump of the schema
+            pg.execute(db, f"BEGIN; {ddl}; COMMIT")
+        return out
+
+    monkeypatch.setattr(pgtools, "run_tool", dump_then_ddl)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert r.code != 0 and "take the snapshot again" in r.err, r.err
+    monkeypatch.undo()
+    assert json.loads(run("list", "-r", repo, "--json").out) == []
+    # Taken again, it is the database as it now is.
+    sid = snap(repo, pg.dsn(db))
+    target = restore_into(pg, repo, sid)
+    for table in ("t", "u"):
+        q = f"SELECT * FROM {table} ORDER BY id"
+        assert pg.query(target, q) == pg.query(db, q)
