@@ -422,6 +422,36 @@ def altered_since_snapshot(conn: psycopg.Connection, tables: list[TableInfo]) ->
     return out
 
 
+# Types whose values print the names of catalog objects.
+CATALOG_NAME_TYPES = ("regclass", "regcollation", "regconfig", "regdictionary", "regnamespace",
+                      "regoper", "regoperator", "regproc", "regprocedure", "regrole", "regtype")
+
+
+def print_catalog_names(conn: psycopg.Connection, oids: list[int]) -> set[int]:
+    """The tables with a column whose values print the names of catalog objects
+    (regclass, regrole, ...; also inside a domain, an array, a composite type or a
+    range): their text changes when a role, or an object outside the dump, is
+    renamed, which no row and no schema entry of the dump records."""
+    rows = conn.execute("""
+        WITH RECURSIVE t(rel, typ) AS (
+            SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
+            WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+          UNION
+            SELECT t.rel, x.sub FROM t JOIN pg_catalog.pg_type ty ON ty.oid = t.typ
+            CROSS JOIN LATERAL (
+                SELECT ty.typbasetype WHERE ty.typtype = 'd'
+                UNION ALL SELECT ty.typelem WHERE ty.typelem <> 0 AND ty.typlen = -1
+                UNION ALL SELECT a.atttypid FROM pg_catalog.pg_attribute a
+                          WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid AND a.attnum > 0
+                            AND NOT a.attisdropped
+                UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r
+                          WHERE r.rngtypid = ty.oid) x(sub))
+        SELECT DISTINCT rel FROM t
+        WHERE typ IN (SELECT pg_catalog.to_regtype(n) FROM unnest(%(names)s::pg_catalog.text[]) n)
+        """, {"oids": oids, "names": list(CATALOG_NAME_TYPES)}).fetchall()
+    return {r[0] for r in rows}
+
+
 # age() counts back from the newest xid in 32 bits: compare only snapshots this close.
 XID_HORIZON = 1 << 30
 # rows_unchanged looks at a sample (this percentage of the pages) of a table this

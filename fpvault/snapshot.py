@@ -213,7 +213,11 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
     reuse = _reusable_tables(vault, prev, tables) if unchanged or look else {}
     if look:
-        reuse = _unchanged_tables(leader, history[-2:], mark, tables, reuse)
+        # A value naming a role, or an object outside the dump, prints its new name
+        # after a rename that no row records: such tables are read.
+        names = pgsource.print_catalog_names(leader, [t.oid for t in tables])
+        reuse = _unchanged_tables(leader, history[-2:], mark,
+                                  [t for t in tables if t.oid not in names], reuse)
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]

@@ -273,3 +273,32 @@ def test_large_objects_of_a_role_that_cannot_see_their_pages_are_read(pg, db, re
     assert r.code == 0, r.err
     assert sorted(seen) == [9101, 9102]
     assert large_objects(repo, json.loads(r.out)["id"])[9101][1] is None
+
+
+def test_tables_that_print_catalog_names_are_read(pg, db, repo, monkeypatch):
+    """A regrole (or regclass, ... also in a domain or an array) value prints a
+    name: renaming a role, which is not in the dump, changes the table's text
+    without touching a row or the schema.  Such tables are read, not looked at."""
+    pg.execute(db, "DO $$ BEGIN IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_ren_b') "
+                   "THEN DROP ROLE fpv_ren_b; END IF; "
+                   "IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'fpv_ren_a') "
+                   "THEN CREATE ROLE fpv_ren_a; END IF; END $$; "
+                   "CREATE DOMAIN role_name AS regrole; "
+                   "CREATE TABLE grants (id int PRIMARY KEY, r regrole); "
+                   "INSERT INTO grants VALUES (1, 'fpv_ren_a'); "
+                   "CREATE TABLE teams (id int PRIMARY KEY, members role_name[]); "
+                   "INSERT INTO teams VALUES (1, ARRAY['fpv_ren_a']::role_name[]); "
+                   "CREATE TABLE plain (id int PRIMARY KEY); INSERT INTO plain VALUES (1)")
+    snap(pg, repo, db)
+    pg.execute(db, "ALTER ROLE fpv_ren_a RENAME TO fpv_ren_b")
+    try:
+        seen = reads(monkeypatch)
+        doc = snap(pg, repo, db)
+        assert sorted(seen) == ["grants", "teams"] and doc["tables_reused"] == 1
+        monkeypatch.undo()
+        target = pg.createdb()
+        r = run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target))
+        assert r.code == 0, r.err
+        assert pg.query(target, "SELECT r::text FROM grants") == [("fpv_ren_b",)]
+    finally:
+        pg.execute(db, "DROP TABLE grants, teams; DROP ROLE fpv_ren_b")
