@@ -425,9 +425,24 @@ _ENTRY_TABLE = re.compile(rb"^(?:ALTER TABLE ONLY (" + _QNAME + rb")\s|CREATE (?
                           rb".*? ON (?:ONLY )?(" + _QNAME + rb") USING )", re.M)
 
 
-def entry_table(entry: bytes) -> str | None:
+def entry_table(entry: bytes, encoding: str = "UTF8") -> str | None:
+    """``entry`` is SQL in the database's ``encoding``, as pg_dump wrote it."""
     m = _ENTRY_TABLE.search(entry)
-    return (m.group(1) or m.group(2)).decode("utf-8") if m else None
+    return (m.group(1) or m.group(2)).decode(python_codec(encoding)) if m else None
+
+
+def python_codec(encoding: str) -> str:
+    """Python's codec for a PostgreSQL encoding name (SQL_ASCII: its bytes as latin-1,
+    which keeps every byte; one Python lacks: UTF-8)."""
+    import psycopg
+    from psycopg._encodings import pg2pyenc   # psycopg's own table of the names
+
+    if encoding == "SQL_ASCII":
+        return "latin-1"
+    try:
+        return pg2pyenc(encoding.encode())
+    except psycopg.NotSupportedError:
+        return "utf-8"
 
 
 def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
@@ -449,7 +464,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
     restored = {t.qname for t in plan.tables}
     builds: dict[str | None, list[bytes]] = {}
     for entry in parallel:
-        table = entry_table(entry)
+        table = entry_table(entry, plan.snapshot.source.encoding)
         builds.setdefault(table if table in restored else None, []).append(entry)
     # Work items: ("load", (table, part)) or ("build", entry), largest loads first.  A
     # table's builds go to the front of the queue when all its parts are in; builds on
@@ -649,6 +664,7 @@ def _hint(exc: psycopg.Error) -> str:
 def to_script(vault: Vault, plan: Plan, out: BinaryIO) -> None:
     snap = plan.snapshot
     w = out.write
+    codec = python_codec(snap.source.encoding)   # what follows SET client_encoding
     w(f"-- fpvault restore script\n-- snapshot {plan.snapshot_id} taken {snap.time} "
       f"of database {snap.source.database!r} (PostgreSQL {snap.source.server_version})\n"
       "-- Load into an empty database with: psql -X -v ON_ERROR_STOP=1 -f FILE\n\n".encode())
@@ -661,7 +677,7 @@ def to_script(vault: Vault, plan: Plan, out: BinaryIO) -> None:
         w(plan.pre_data)
         w(f"\nSET client_encoding = '{snap.source.encoding}';\n".encode())
     for table in plan.tables:
-        w(copy_in_statement(table).encode() + b";\n")
+        w(copy_in_statement(table).encode(codec) + b";\n")
         last = b"\n"
         for chunk in table_chunks(vault, plan, table):
             w(chunk)
@@ -671,7 +687,7 @@ def to_script(vault: Vault, plan: Plan, out: BinaryIO) -> None:
         w(b"\\.\n\n")
     for seq in plan.sequences:
         w(f"SELECT pg_catalog.setval({_literal(seq.qname)}, {seq.last_value}, "
-          f"{'true' if seq.is_called else 'false'});\n".encode())
+          f"{'true' if seq.is_called else 'false'});\n".encode(codec))
     for lo in plan.large_objects:
         for stmt in _lo_prepare(lo.oid):
             w(stmt.encode() + b";\n")

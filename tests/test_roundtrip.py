@@ -472,3 +472,32 @@ def test_ddl_committed_as_the_snapshot_begins_fails_it(pg, db, repo, monkeypatch
     for table in ("t", "u"):
         q = f"SELECT * FROM {table} ORDER BY id"
         assert pg.query(target, q) == pg.query(db, q)
+
+
+def test_a_latin1_database_restores_every_way(pg, repo, tmp_path):
+    """Names and data outside ASCII in a LATIN1 database: -j reads pg_dump's SQL (in
+    the database's encoding) to schedule index builds, and the script's own COPY and
+    setval lines follow its SET client_encoding."""
+    def latin1_db(prefix):
+        name = f"{prefix}_{os.getpid()}_{next(_clones)}"
+        with pg.connect() as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING LATIN1 '
+                         "LC_COLLATE 'C' LC_CTYPE 'C'")
+        return name
+
+    source = latin1_db("latin1")
+    pg.execute(source, 'CREATE TABLE public."tést" (id int PRIMARY KEY, "cöl" text); '
+                       'CREATE INDEX "tést_cöl" ON public."tést" ("cöl"); '
+                       """INSERT INTO public."tést" SELECT g, 'café ' || g FROM generate_series(1, 500) g; """
+                       'CREATE SEQUENCE "séq"; SELECT setval(\'"séq"\', 42); '
+                       'CREATE TABLE "ñu" (id int PRIMARY KEY); INSERT INTO "ñu" VALUES (1)')
+    sid = snap(repo, pg.dsn(source))
+    queries = ['SELECT count(*), md5(string_agg("cöl", \',\' ORDER BY id)) FROM "tést"',
+               'SELECT last_value FROM "séq"',
+               "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' ORDER BY 1"]
+    want = [pg.query(source, q) for q in queries]
+    targets = [restore_into(pg, repo, sid, target=latin1_db("rt")),
+               restore_into(pg, repo, sid, "-j", "2", target=latin1_db("rt")),
+               restore_script(pg, repo, sid, tmp_path / "latin1.sql", target=latin1_db("rs"))]
+    for target in targets:
+        assert [pg.query(target, q) for q in queries] == want
