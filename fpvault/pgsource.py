@@ -120,6 +120,10 @@ def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
         msg = pg_message(exc)
         raise DatabaseError(f"Cannot connect to {where}{' ' + purpose if purpose else ''}: {msg}. "
                             "Check -d/--dbname and the PG* environment variables.") from None
+    if conn.info.encoding == "ascii":
+        # SQL_ASCII, which libpq takes by default from such a database: psycopg would
+        # hand every text value over as bytes.  COPY switches back (copy_out).
+        conn.execute("SET client_encoding = 'UTF8'")
     return conn
 
 
@@ -145,6 +149,8 @@ def setup_session(conn: psycopg.Connection, encoding: str | None = None,
     """``settings`` (else ``SESSION_SETTINGS``); with ``encoding``, COPY streams
     come in it (the database's own encoding, which a restore declares), whatever
     PGCLIENTENCODING says."""
+    if encoding == "SQL_ASCII":
+        encoding = "UTF8"   # for catalog text; copy_out reads the rows as they are stored
     with conn.cursor() as cur:
         for statement in session_statements(settings or SESSION_SETTINGS, encoding):
             cur.execute(statement)
@@ -564,6 +570,19 @@ def copy_out(conn: psycopg.Connection, table: TableInfo,
     raised as the same psycopg exceptions a cursor would raise.
     """
     query = table.copy_statement(key_range).as_bytes(conn)
+    # In a SQL_ASCII database the session reads text as UTF-8 (connect), against
+    # which the server would check the rows: they go out as stored, unchecked.
+    raw = conn.info.parameter_status("server_encoding") == "SQL_ASCII"
+    if raw:
+        conn.execute("SET client_encoding = 'SQL_ASCII'")
+    try:
+        yield from _copy_out(conn, query, rows)
+    finally:
+        if raw and conn.pgconn.status == pq.ConnStatus.OK:
+            conn.execute("SET client_encoding = 'UTF8'")
+
+
+def _copy_out(conn: psycopg.Connection, query: bytes, rows: list[int] | None) -> Iterator[bytearray]:
     pgconn = conn.pgconn
     sock = pgconn.socket
     encoding = conn.info.encoding

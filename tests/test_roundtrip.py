@@ -474,16 +474,20 @@ def test_ddl_committed_as_the_snapshot_begins_fails_it(pg, db, repo, monkeypatch
         assert pg.query(target, q) == pg.query(db, q)
 
 
+def database_in(pg, encoding: str, prefix: str) -> str:
+    name = f"{prefix}_{encoding.lower()}_{os.getpid()}_{next(_clones)}"
+    with pg.connect() as conn:
+        conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING {encoding} '
+                     "LC_COLLATE 'C' LC_CTYPE 'C'")
+    return name
+
+
 def test_a_latin1_database_restores_every_way(pg, repo, tmp_path):
     """Names and data outside ASCII in a LATIN1 database: -j reads pg_dump's SQL (in
     the database's encoding) to schedule index builds, and the script's own COPY and
     setval lines follow its SET client_encoding."""
     def latin1_db(prefix):
-        name = f"{prefix}_{os.getpid()}_{next(_clones)}"
-        with pg.connect() as conn:
-            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING LATIN1 '
-                         "LC_COLLATE 'C' LC_CTYPE 'C'")
-        return name
+        return database_in(pg, "LATIN1", prefix)
 
     source = latin1_db("latin1")
     pg.execute(source, 'CREATE TABLE public."tést" (id int PRIMARY KEY, "cöl" text); '
@@ -501,3 +505,24 @@ def test_a_latin1_database_restores_every_way(pg, repo, tmp_path):
                restore_script(pg, repo, sid, tmp_path / "latin1.sql", target=latin1_db("rs"))]
     for target in targets:
         assert [pg.query(target, q) for q in queries] == want
+
+
+def test_a_sql_ascii_database_keeps_its_bytes(pg, repo, tmp_path):
+    """SQL_ASCII stores bytes unchecked.  libpq gives such a session SQL_ASCII, in
+    which psycopg hands text over as bytes: snap reads the catalog in UTF-8 and the
+    rows as stored (UTF-8 would have the server reject them), through libpq and
+    through psql, and restore puts the same bytes back."""
+    source = database_in(pg, "SQL_ASCII", "sqlascii")
+    with pg.connect(source) as conn:
+        conn.execute("SET client_encoding = 'SQL_ASCII'")
+        conn.execute(b"CREATE TABLE t (id int PRIMARY KEY, v text); "
+                     b"INSERT INTO t VALUES (1, 'caf\xe9 latin-1'), (2, 'caf\xc3\xa9 utf-8'), "
+                     b"(3, '\xff\xfe'); CREATE TABLE big AS SELECT g AS id, 'x\xe9' || g AS v "
+                     b"FROM generate_series(1, 20000) g")   # big: over 64 KiB, read by psql
+    sid = snap(repo, pg.dsn(source))
+    q = "SELECT md5(string_agg(convert_to(v, 'SQL_ASCII')::text, ',' ORDER BY id)) FROM {}"
+    want = [pg.query(source, q.format(t)) for t in ("t", "big")]
+    for target in (restore_into(pg, repo, sid, "-j", "2", target=database_in(pg, "SQL_ASCII", "rt")),
+                   restore_script(pg, repo, sid, tmp_path / "ascii.sql",
+                                  target=database_in(pg, "SQL_ASCII", "rs"))):
+        assert [pg.query(target, q.format(t)) for t in ("t", "big")] == want
