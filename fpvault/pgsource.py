@@ -346,6 +346,8 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
             UNION ALL SELECT polrelid, oid FROM pg_catalog.pg_policy WHERE polrelid = ANY(%(o)s)
             UNION ALL SELECT ev_class, oid FROM pg_catalog.pg_rewrite WHERE ev_class = ANY(%(o)s)
             UNION ALL SELECT adrelid, oid FROM pg_catalog.pg_attrdef WHERE adrelid = ANY(%(o)s)
+            UNION ALL SELECT stxrelid, oid FROM pg_catalog.pg_statistic_ext
+                      WHERE stxrelid = ANY(%(o)s)
             ORDER BY 1, 2""", {"o": oids})
         for relid, oid in cur.fetchall():
             infos[relid].related_oids.append(oid)

@@ -155,7 +155,7 @@ def _schema_sql(vault: Vault, sid: str, snap: Snapshot, tables: list[TableEntry]
         return (_read(vault, snap.schema.pre_data, "the schema", sid),
                 _read(vault, snap.schema.post_data, "the schema", sid))
     # Anything but the whole schema as dumped: let pg_restore do it from the archive.
-    keep = (lambda e: _belongs(e, tables)) if opts.tables else None
+    keep = (lambda toc: _table_entries(toc, tables)) if opts.tables else None
     return _archive_sections(vault, sid, snap, keep, no_owner=opts.no_owner,
                              no_privileges=opts.no_privileges)
 
@@ -165,14 +165,16 @@ def _matview_refresh_sql(vault: Vault, sid: str, snap: Snapshot) -> bytes:
     if b"REFRESH MATERIALIZED VIEW " not in _read(vault, snap.schema.post_data, "the schema", sid):
         return b""
     return _archive_sections(vault, sid, snap,
-                             lambda e: e.rest.startswith("MATERIALIZED VIEW DATA "))[1]
+                             lambda toc: [e for e in toc
+                                          if e.rest.startswith("MATERIALIZED VIEW DATA ")])[1]
 
 
 def _archive_sections(vault: Vault, sid: str, snap: Snapshot,
-                      keep: Callable[[pgtools.TocEntry], bool] | None, *, no_owner: bool = False,
+                      keep: Callable[[list[pgtools.TocEntry]], list[pgtools.TocEntry]] | None,
+                      *, no_owner: bool = False,
                       no_privileges: bool = False) -> tuple[bytes, bytes]:
     """pre-data and post-data SQL of the snapshot's schema archive, by pg_restore;
-    with ``keep``, only the archive entries it accepts."""
+    with ``keep``, only the archive entries it picks from the whole list."""
     major = int(snap.source.pg_dump_version.split(".")[0] or 0)
     pg_restore = pgtools.find_tool("pg_restore", major, "to read the snapshot's schema archive")
     with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
@@ -184,9 +186,8 @@ def _archive_sections(vault: Vault, sid: str, snap: Snapshot,
             use_list = os.path.join(tmp, "toc.list")
             toc = pgtools.archive_toc(pg_restore, archive)
             with open(use_list, "w", encoding="utf-8") as f:
-                for e in toc:
-                    if keep(e):
-                        f.write(e.line + "\n")
+                for e in keep(toc):
+                    f.write(e.line + "\n")
         kw = {"no_owner": no_owner, "no_privileges": no_privileges, "use_list": use_list}
         return (pgtools.archive_sql(pg_restore, archive, "pre-data", **kw),
                 pgtools.archive_sql(pg_restore, archive, "post-data", **kw))
@@ -197,6 +198,25 @@ def _tag_names(name: str) -> tuple[str, ...]:
     quoted (pg_dump quotes names that need it there)."""
     quoted = '"' + name.replace('"', '""') + '"'
     return (name, quoted) if quoted != name else (name,)
+
+
+def _table_entries(toc: list[pgtools.TocEntry], tables: list[TableEntry]
+                   ) -> list[pgtools.TocEntry]:
+    """The archive entries of these tables' definitions (``_belongs``), and the
+    comments on their indexes, which name an index the entries so far name."""
+    chosen = [e for e in toc if _belongs(e, tables)]
+    comments = []
+    for t in tables:
+        prefix = f"INDEX {t.schema} "
+        for e in chosen:
+            if e.oid in t.related_oids and e.rest.startswith(prefix):
+                name = e.rest[len(prefix):].rsplit(" ", 1)[0]      # "INDEX schema name owner"
+                comments += [f"COMMENT {t.schema} INDEX {n} " for n in _tag_names(name)]
+    if not comments:
+        return chosen
+    picked = {id(e) for e in chosen}
+    return [e for e in toc if id(e) in picked or (e.catalog == 0 and e.oid == 0
+                                                  and e.rest.startswith(tuple(comments)))]
 
 
 def _belongs(entry: pgtools.TocEntry, tables: list[TableEntry]) -> bool:

@@ -188,6 +188,8 @@ CREATE TABLE public.serial_t (
     at date
 );
 CREATE INDEX serial_t_label_idx ON public.serial_t (lower(label));
+COMMENT ON INDEX public.serial_t_label_idx IS 'labels, folded';
+CREATE STATISTICS public.serial_t_stats (ndistinct) ON label, at FROM public.serial_t;
 COMMENT ON TABLE public.serial_t IS 'a table restorable on its own';
 COMMENT ON COLUMN public.serial_t.label IS 'its label';
 ALTER TABLE public.serial_t OWNER TO fpv_owner;
