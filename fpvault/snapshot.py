@@ -23,10 +23,12 @@ catalog says the same of them and their chunks are all in the index.
 Otherwise, on the same running server with the same schema, a table whose
 every row is older than the previous snapshot's xmin, as many rows as it
 counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY);
-"the same schema" but for large objects' entries (pgtools.without_large_objects).
-A large object with as many pages as then, all older, likewise
-(pgsource.large_object_pages).  Sequences are always read (nextval logs only every 32nd value); the schema
-is always dumped.  ``--reread`` reads everything anyway.
+"the same schema" but for large objects' entries
+(pgtools.without_large_objects), and not for a table whose values print
+catalog names (pgsource.print_catalog_names).  A large object with as many
+pages as then, all older, likewise (pgsource.large_object_pages).  Sequences
+are always read (nextval logs only every 32nd value); the schema is always
+dumped.  ``--reread`` reads everything anyway.
 6. The chunk store is flushed (packs, then index), and the manifest written
    last.  Any failure before that leaves no snapshot: blobs already written
    are unreferenced, and prune removes them.
