@@ -99,6 +99,14 @@ class XactMark(msgspec.Struct, kw_only=True):
     database_oid: int
     xids: str            # txid_current_snapshot() of the snapshot: xmin:xmax:running
 
+    @property
+    def xmin(self) -> int:
+        return int(self.xids.split(":")[0])
+
+    @property
+    def xmax(self) -> int:
+        return int(self.xids.split(":")[1])
+
 
 class SchemaBlobs(msgspec.Struct, kw_only=True):
     """The schema: pg_dump's custom archive (pre-data + post-data), and its text."""

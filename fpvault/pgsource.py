@@ -495,10 +495,9 @@ def rows_unchanged(conn: psycopg.Connection, table: TableInfo, rows: int, before
     special xid the largest age, and a very old raw xmin may wrap around to look
     new, which only makes us read the table.
     """
-    if table.access_method != "heap" or not 0 <= newest - before < XID_HORIZON:
+    if table.access_method != "heap" or not _comparable(before, newest):
         return False
-    age = sql.SQL("pg_catalog.age({}::pg_catalog.xid)").format(
-        sql.Literal(str(before % (1 << 32))))
+    age = _age_of(before)
     name = sql.SQL(table.qname)
     if table.size >= PROBE_MIN_BYTES:
         # A sample of the pages first: rows updated here and there show up in it, at
@@ -527,18 +526,26 @@ def large_object_pages(conn: psycopg.Connection, oids: list[int], before: int | 
                               "'pg_catalog.pg_largeobject', 'SELECT')").fetchone()
     if not allowed:
         return None
-    if before is not None and 0 <= newest - before < XID_HORIZON:
-        age = sql.SQL("pg_catalog.age({}::pg_catalog.xid)").format(
-            sql.Literal(str(before % (1 << 32))))
-        old = sql.SQL("min(pg_catalog.age(xmin)) > {}").format(age)
-    else:
-        old = sql.SQL("false")
+    comparable = before is not None and _comparable(before, newest)
+    old = (sql.SQL("min(pg_catalog.age(xmin)) > {}").format(_age_of(before)) if comparable
+           else sql.SQL("false"))
     rows = conn.execute(sql.SQL(
         "SELECT loid, count(*), {} FROM pg_catalog.pg_largeobject "
         "WHERE loid = ANY(%s::pg_catalog.oid[]) GROUP BY loid").format(old), (oids,)).fetchall()
     # An object with no page (created, never written) is empty now and was then.
-    return {oid: (0, before is not None and 0 <= newest - before < XID_HORIZON)
-            for oid in oids} | {oid: (pages, is_old) for oid, pages, is_old in rows}
+    return {oid: (0, comparable) for oid in oids} | {oid: (pages, is_old)
+                                                      for oid, pages, is_old in rows}
+
+
+def _comparable(before: int, newest: int) -> bool:
+    """Whether age() can tell rows older than ``before`` (64-bit txids) from newer."""
+    return 0 <= newest - before < XID_HORIZON
+
+
+def _age_of(before: int) -> sql.Composed:
+    """SQL for the age of the (32-bit) xid of the 64-bit txid ``before``."""
+    return sql.SQL("pg_catalog.age({}::pg_catalog.xid)").format(
+        sql.Literal(str(before % (1 << 32))))
 
 
 # Tables at least this large on disk are read by a psql process (``PsqlReader``), which

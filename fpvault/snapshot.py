@@ -238,8 +238,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     # previous snapshot counted, all older than it, is the one it read.
     # (Their bytes do not depend on the schema.)
     pages = (pgsource.large_object_pages(
-                 leader, lo_oids, int(prev.xact.xids.split(":")[0]) if same_server else None,
-                 int(mark.xids.split(":")[1]) if mark else 0)
+                 leader, lo_oids, prev.xact.xmin if same_server else None,
+                 mark.xmax if mark else 0)
              if lo_oids and not unchanged else None)
     for oid in lo_oids:
         old = prev_los.get(oid)
@@ -317,8 +317,7 @@ def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], mark: Xact
     A table whose rows had changed in the previous snapshot, against the one before,
     is read without a look: what changes between two snapshots mostly changes again,
     and the look would cost a scan of it on top of the COPY."""
-    before = int(last[-1].xact.xids.split(":")[0])
-    newest = int(mark.xids.split(":")[1])
+    before, newest = last[-1].xact.xmin, mark.xmax
     earlier = {t.oid: t.data.hash for t in last[0].tables} if len(last) == 2 else {}
     out = {}
     for t in tables:
