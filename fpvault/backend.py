@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -26,6 +27,9 @@ from .errors import FpvaultError, RepositoryDamaged
 # Temporary files carry this marker; list() never shows them and a crash can
 # leave them behind harmlessly.
 TEMP_MARKER = ".tmp-"
+# A temporary file in locks/ younger than this may be a lock being taken right now
+# (remove_temp_files); no write of a few hundred bytes takes an hour.
+TEMP_LOCK_AGE = 60 * 60
 
 
 class Backend(Protocol):
@@ -136,13 +140,22 @@ class LocalBackend:
             pass
 
     def remove_temp_files(self) -> int:
-        """Delete temporary files left by killed writers.  Only safe under an exclusive lock."""
+        """Delete temporary files left by killed writers.  Only safe under an exclusive
+        lock, and even then not in ``locks/``: a process trying to take a lock writes
+        its lock object before it knows of ours, so a temporary file there is removed
+        only when it is older than any write could take (``TEMP_LOCK_AGE``)."""
         removed = 0
+        locks = self.root / "locks"
+        cutoff = time.time() - TEMP_LOCK_AGE
         for dirpath, _dirnames, filenames in os.walk(self.root):
+            in_locks = Path(dirpath) == locks
             for filename in filenames:
                 if TEMP_MARKER in filename:
+                    path = os.path.join(dirpath, filename)
                     try:
-                        os.unlink(os.path.join(dirpath, filename))
+                        if in_locks and os.stat(path).st_mtime > cutoff:
+                            continue
+                        os.unlink(path)
                         removed += 1
                     except OSError:
                         pass

@@ -91,6 +91,14 @@ def test_prune_repacks_and_removes_orphans(history, repo):
     (Path(repo) / "data" / "ff").mkdir(exist_ok=True)
     (Path(repo) / "data" / "ff" / ("ff" * 32)).write_bytes(b"orphan")
     (Path(repo) / "data" / "ff" / "x.tmp-1234").write_bytes(b"partial")
+    # In locks/, a temp file is a lock being taken by a process that does not know of
+    # prune's lock yet (it backs off when it sees it): only an old one is debris.
+    locks = Path(repo) / "locks"
+    locks.mkdir(exist_ok=True)
+    (locks / "a.tmp-1234").write_bytes(b"{}")
+    (locks / "b.tmp-1234").write_bytes(b"{}")
+    old = time.time() - 2 * 3600
+    os.utime(locks / "b.tmp-1234", (old, old))
     for sid in ids[:3]:
         vault.forget_snapshot(sid)
     r = run("prune", "-r", repo, "--dry-run", "--json")
@@ -103,6 +111,7 @@ def test_prune_repacks_and_removes_orphans(history, repo):
     assert stats["orphan_packs"] == 1 and stats["bytes_after"] < stats["bytes_before"]
     assert not (Path(repo) / "data" / "ff" / ("ff" * 32)).exists()
     assert not (Path(repo) / "data" / "ff" / "x.tmp-1234").exists()
+    assert (locks / "a.tmp-1234").exists() and not (locks / "b.tmp-1234").exists()
     assert len(list((Path(repo) / "index").iterdir())) == 1
     assert script(repo, ids[3]) == scripts[ids[3]]
     assert run("verify", "-r", repo, "--read-data").code == 0
