@@ -318,7 +318,8 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
     """Show a snapshot's tables in restore order, with rows and bytes."""
     sid, s = ctx.open().resolve(snapshot)
     tables = [{"name": t.qname, "rows": t.rows, "bytes": t.data.bytes,
-               "key": t.key, "chunks": t.data.chunks} for t in s.tables]
+               "key": t.key, "chunks": t.data.chunks, "extension": t.extension or None}
+              for t in s.tables]
     if as_json:
         emit_json({"id": sid, "time": s.time, "tags": s.tags, "database": s.source.database,
                    "server_version": s.source.server_version, "tables": tables,
@@ -335,7 +336,8 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
         click.echo("filters  " + "; ".join(f"{k}={','.join(v)}" for k, v in s.filters.items()))
     click.echo(f"\n{'rows':>11} {'size':>10}  table")
     for t in tables:
-        click.echo(f"{t['rows']:>11} {human_bytes(t['bytes']):>10}  {t['name']}")
+        of = f"  (configuration of extension {t['extension']})" if t["extension"] else ""
+        click.echo(f"{t['rows']:>11} {human_bytes(t['bytes']):>10}  {t['name']}{of}")
     click.echo(f"\n{len(tables)} tables, {s.rows} rows, {human_bytes(s.bytes)}; "
                f"{len(s.sequences)} sequences, {len(s.large_objects)} large objects")
 

@@ -51,6 +51,11 @@ class TableEntry(msgspec.Struct, kw_only=True):
     parent: str | None = None         # partitioned parent (qname) for a leaf partition
     related_oids: list[int] = []      # indexes, constraints, triggers, policies... of the table
     owned_sequences: list[str] = []   # qnames
+    # A configuration table of this extension (pg_extension_config_dump): CREATE
+    # EXTENSION in the pre-data makes it, maybe with rows of its own; the stream holds
+    # the rows ``condition`` (a WHERE clause; "": all) chose, as pg_dump's data does.
+    extension: str = ""
+    condition: str = ""
 
 
 class SequenceState(msgspec.Struct, kw_only=True):

@@ -232,16 +232,25 @@ class TableInfo:
     size: int = 0
     key_kinds: list[str] = field(default_factory=list)
     access_method: str = "heap"
+    # A configuration table of an extension (extension_config): the extension's
+    # name, and the WHERE clause choosing the rows a dump holds ("": all of them).
+    extension: str = ""
+    condition: str = ""
 
     def copy_statement(self, key_range: tuple[int | None, int | None] | None = None
                        ) -> sql.Composed:
-        """COPY of the whole table, or with ``key_range`` (lo, hi) of the rows whose
-        single integer key k has lo <= k < hi (None: unbounded)."""
+        """COPY of the whole table (of the rows its ``condition`` chooses), or with
+        ``key_range`` (lo, hi) of the rows whose single integer key k has
+        lo <= k < hi (None: unbounded; not with a condition)."""
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
         table = sql.SQL(self.qname)
+        # As pg_dump pastes it: the extension wrote it as a WHERE clause.
+        cond = sql.SQL(" " + self.condition if self.condition else "")
+        if key_range is not None and self.condition:
+            raise ValueError(f"{self.qname}: a key range of a table with a condition")
         if self.key:
             order = sql.SQL(", ").join(sql.Identifier(c) for c in self.key)
-            where = sql.SQL("")
+            where = cond
             if key_range is not None:
                 k = sql.Identifier(self.key[0])
                 conds = ([sql.SQL("{} >= {}").format(k, sql.Literal(key_range[0]))]
@@ -252,6 +261,9 @@ class TableInfo:
             # ONLY: an inheritance parent's COPY stream holds its own rows, not its children's.
             return sql.SQL("COPY (SELECT {} FROM ONLY {}{} ORDER BY {}) TO STDOUT").format(
                 cols, table, where, order)
+        if self.condition:
+            return sql.SQL("COPY (SELECT {} FROM ONLY {}{}) TO STDOUT").format(
+                cols if self.columns else sql.SQL("*"), table, cond)
         if not self.columns:
             return sql.SQL("COPY {} TO STDOUT").format(table)
         return sql.SQL("COPY {} ({}) TO STDOUT").format(table, cols)
@@ -368,6 +380,155 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
         raise SnapshotFailed(f"{len(missing)} table(s) in pg_dump's list are not in the catalog "
                              "of the snapshot; take the snapshot again.")
     return [infos[o] for o in oids]
+
+
+# -- extensions' configuration tables
+
+PG_EXTENSION = 3079   # pg_extension's oid: the catalog of an EXTENSION entry in pg_dump's list
+
+
+@dataclass(frozen=True)
+class ConfigRelation:
+    """A table or sequence an extension registered with pg_extension_config_dump:
+    CREATE EXTENSION makes it (and may fill it with rows of its own), so the schema
+    has no entry for it, and a dump holds its data: the rows ``condition`` (a WHERE
+    clause, or "") chooses, or the sequence's value."""
+
+    oid: int
+    relkind: str
+    extension: str
+    condition: str
+
+
+def extension_config(conn: psycopg.Connection, dumped_extensions: set[int], *,
+                     schemas: tuple[str, ...] = (), exclude_schemas: tuple[str, ...] = (),
+                     tables: tuple[str, ...] = (), exclude_tables: tuple[str, ...] = ()
+                     ) -> list[ConfigRelation]:
+    """The configuration relations whose data pg_dump, given these -n/-N/-t/-T
+    patterns, would dump: those of an extension the dump creates (``dumped_extensions``,
+    from its list), else those -t names or whose schema -n names (an extension's own
+    schema aside); never one -T names or in a schema -N names.  This is pg_dump's
+    processExtensionTables, with its patterns matched as pg_dump matches them
+    (``name_pattern``)."""
+    rows = conn.execute("""
+        SELECT c.oid, c.relkind, e.oid, e.extname, x.cond, n.nspname,
+               EXISTS (SELECT FROM pg_catalog.pg_depend d
+                        WHERE d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                          AND d.objid = n.oid AND d.deptype = 'e')
+        FROM pg_catalog.pg_extension e
+        CROSS JOIN LATERAL unnest(e.extconfig, e.extcondition) AS x(rel, cond)
+        JOIN pg_catalog.pg_class c ON c.oid = x.rel
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'S')
+        ORDER BY c.oid""").fetchall()
+    if not rows:
+        return []
+    rels = [r[0] for r in rows]
+    named = _matching(conn, rels, tables, "table")
+    excluded = _matching(conn, rels, exclude_tables, "table")
+    in_schemas = _matching(conn, rels, schemas, "schema")
+    in_excluded = _matching(conn, rels, exclude_schemas, "schema")
+    out = []
+    for oid, relkind, ext_oid, extname, cond, nspname, nsp_of_extension in rows:
+        if ext_oid in dumped_extensions:
+            dump = True
+        elif tables:
+            dump = oid in named   # -t: no schema is dumped whole
+        elif schemas:
+            dump = oid in in_schemas and not nsp_of_extension
+        else:
+            # Only a built-in extension is not created by a whole dump: its
+            # tables in a schema the dump holds (not a system schema) are.
+            dump = not (nsp_of_extension or nspname.startswith("pg_")
+                        or nspname == "information_schema")
+        if dump and oid not in excluded and oid not in in_excluded:
+            out.append(ConfigRelation(oid, relkind, extname, cond or ""))
+    return out
+
+
+def _matching(conn: psycopg.Connection, oids: list[int], patterns: tuple[str, ...],
+              what: str) -> set[int]:
+    """Of the relations ``oids``, those a -t/-T pattern (``what`` "table") names, or
+    whose schema a -n/-N pattern (``what`` "schema") names, as pg_dump matches them:
+    by regular expression, under the database's default collation, and an
+    unqualified table pattern only among the tables visible on the role's own
+    search_path (pg_dump resets it to match)."""
+    if not patterns:
+        return set()
+    out: set[int] = set()
+    conn.execute("RESET search_path")
+    try:
+        for pattern in patterns:
+            schema_re, name_re = name_pattern(pattern, qualified=what == "table")
+            conds = [sql.SQL("c.oid = ANY(%s)")]
+            target = sql.SQL("c.relname" if what == "table" else "n.nspname")
+            if name_re != "^(.*)$":
+                conds.append(sql.SQL("{} OPERATOR(pg_catalog.~) {} COLLATE pg_catalog.default")
+                             .format(target, sql.Literal(name_re)))
+            if what == "table":
+                if schema_re is None:
+                    conds.append(sql.SQL("pg_catalog.pg_table_is_visible(c.oid)"))
+                elif schema_re != "^(.*)$":
+                    conds.append(sql.SQL(
+                        "n.nspname OPERATOR(pg_catalog.~) {} COLLATE pg_catalog.default")
+                        .format(sql.Literal(schema_re)))
+            query = sql.SQL("SELECT c.oid FROM pg_catalog.pg_class c JOIN "
+                            "pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE ")
+            out |= {r[0] for r in conn.execute(query + sql.SQL(" AND ").join(conds),
+                                               (oids,)).fetchall()}
+    finally:
+        conn.execute(sql.SQL("SELECT pg_catalog.set_config('search_path', {}, false)").format(
+            sql.Literal(SESSION_SETTINGS["search_path"])))
+    return out
+
+
+# Characters that quote marks make literal in a pattern (outside them, they keep
+# their meaning in a regular expression).
+_REGEX_SPECIAL = set("|*+?()[]{}.^$\\")
+
+
+def name_pattern(pattern: str, qualified: bool) -> tuple[str | None, str]:
+    """How pg_dump reads a -t (``qualified``: [[database.]schema.]name) or -n pattern,
+    as regular expressions for the schema (None: not given) and the name.  Outside
+    double quotes, letters fold to lower case, ``*`` and ``?`` are wildcards and a
+    dot separates the parts; inside them (``""`` is a quote mark) every character
+    is itself.  A ``$``, and ``[]``, are always literal.  (psql's
+    patternToSQLRegex, of which this is a reading, not a copy.)"""
+    parts: list[list[str]] = [[]]
+    most = 3 if qualified else 1
+    inquotes = False
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        cur = parts[-1]
+        if ch == '"':
+            if inquotes and pattern[i + 1:i + 2] == '"':
+                cur.append('"')
+                i += 1
+            else:
+                inquotes = not inquotes
+        elif not inquotes and "A" <= ch <= "Z":
+            cur.append(ch.lower())
+        elif not inquotes and ch == "*":
+            cur.append(".*")
+        elif not inquotes and ch == "?":
+            cur.append(".")
+        elif not inquotes and ch == ".":
+            if len(parts) < most:
+                parts.append([])
+            else:
+                cur.append(ch)
+        elif ch == "$":
+            cur.append("\\$")
+        elif inquotes and ch in _REGEX_SPECIAL:
+            cur.append("\\" + ch)
+        elif ch == "[" and pattern[i + 1:i + 2] == "]":
+            cur.append("\\[")
+        else:
+            cur.append(ch)
+        i += 1
+    regexes = ["^(" + "".join(p) + ")$" for p in parts]
+    return (regexes[-2] if len(regexes) >= 2 else None), regexes[-1]
 
 
 def lock_tables(conn: psycopg.Connection, tables: list[TableInfo], nowait: bool = False) -> None:
@@ -563,7 +724,7 @@ def key_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
     """``parts`` ranges of the table's single integer key, of equal width between its
     smallest and largest value in the snapshot (two index probes), covering every
     row; None if the table has no such key or too few distinct values."""
-    if len(table.key) != 1 or table.key_kinds[:1] != ["int"] or parts < 2:
+    if len(table.key) != 1 or table.key_kinds[:1] != ["int"] or parts < 2 or table.condition:
         return None
     k = sql.Identifier(table.key[0])
     lo, hi = conn.execute(sql.SQL("SELECT min({}), max({}) FROM ONLY {}").format(

@@ -368,12 +368,13 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
                 # sets the client encoding it was dumped in: the data's is the database's.
                 _set_encoding(cur, plan)
             # The pre-data just created every table, in this transaction: COPY FREEZE
-            # spares the restored database a VACUUM FREEZE of every page later.
+            # spares the restored database a VACUUM FREEZE of every page later.  (Not
+            # an extension's configuration table, which may hold the extension's rows.)
             freeze = bool(plan.pre_data) and not plan.options.data_only
             for table in plan.tables:
                 step = f"the data of {table.qname}"
                 say(table.qname)
-                with cur.copy(copy_in_statement(table, freeze)) as copy:
+                with cur.copy(copy_in_statement(table, freeze and not table.extension)) as copy:
                     for chunk in table_chunks(vault, plan, table):
                         copy.write(chunk)
             for seq in plan.sequences:
@@ -543,10 +544,13 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                         try:
                             # As pg_restore -j does, a table loaded whole is emptied
                             # first in the same transaction (it is empty: pre-data
-                            # made it): so it can be loaded frozen, as with -j 1.
-                            freeze = (created and part is None and cur.execute(
-                                "SELECT pg_catalog.has_table_privilege(%s, 'TRUNCATE')",
-                                (table.qname,)).fetchone()[0])
+                            # made it): so it can be loaded frozen, as with -j 1.  Not
+                            # an extension's configuration table: CREATE EXTENSION may
+                            # have put rows of its own there, which the dump leaves out.
+                            freeze = (created and part is None and not table.extension
+                                      and cur.execute(
+                                          "SELECT pg_catalog.has_table_privilege(%s, "
+                                          "'TRUNCATE')", (table.qname,)).fetchone()[0])
                             if freeze:
                                 cur.execute(f"TRUNCATE ONLY {table.qname}")
                             with cur.copy(copy_in_statement(table, freeze)) as copy:

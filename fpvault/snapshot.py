@@ -175,10 +175,20 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         # lists them in groups, so take their oids from the catalog, in our snapshot.
         lo_oids = [r[0] for r in leader.execute(
             "SELECT oid FROM pg_catalog.pg_largeobject_metadata ORDER BY oid").fetchall()]
+    # An extension's configuration tables and sequences have no entry in the schema
+    # (CREATE EXTENSION makes them), but their data is the database's own.
+    config = {c.oid: c for c in pgsource.extension_config(
+        leader, {e.oid for e in toc if e.catalog == pgsource.PG_EXTENSION},
+        schemas=filters.schemas, exclude_schemas=filters.exclude_schemas,
+        tables=filters.tables, exclude_tables=filters.exclude_tables)}
+    class_oids = sorted(set(class_oids) | set(config))
     rels = pgsource.relations(leader, class_oids)
     table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
     seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
     tables = pgsource.table_infos(leader, table_oids)
+    for t in tables:
+        if t.oid in config:
+            t.extension, t.condition = config[t.oid].extension, config[t.oid].condition
     pgsource.lock_tables(leader, tables)
     rewritten = pgsource.rewritten_since_snapshot(leader, table_oids)
     if rewritten:
@@ -218,8 +228,11 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         # A value naming a role, or an object outside the dump, prints its new name
         # after a rename that no row records: such tables are read.
         names = pgsource.print_catalog_names(leader, [t.oid for t in tables])
+        # Nor is a look enough for the rows a condition chooses: it may choose other
+        # rows of the same (or another) table.
         reuse = _unchanged_tables(leader, history[-2:], mark,
-                                  [t for t in tables if t.oid not in names], reuse)
+                                  [t for t in tables if t.oid not in names and not t.condition],
+                                  reuse)
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]
@@ -338,9 +351,9 @@ def _reusable_tables(vault: Vault, prev: Snapshot, tables: list[pgsource.TableIn
     for t in tables:
         e = old.get(t.oid)
         if (e is not None and (e.schema, e.name, e.columns, e.key, e.key_kinds, e.relkind,
-                               e.persistence, e.parent)
+                               e.persistence, e.parent, e.extension, e.condition)
                 == (t.schema, t.name, t.columns, t.key, t.key_kinds, t.relkind, t.persistence,
-                    t.parent) and _all_stored(vault, e.data)):
+                    t.parent, t.extension, t.condition) and _all_stored(vault, e.data)):
             out[t.oid] = e
     return out
 
@@ -351,7 +364,8 @@ def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress
                       columns=table.columns, key=table.key, key_kinds=table.key_kinds,
                       rows=old.rows, data=old.data, relkind=table.relkind,
                       persistence=table.persistence, parent=table.parent,
-                      related_oids=table.related_oids, owned_sequences=table.owned_sequences)
+                      related_oids=table.related_oids, owned_sequences=table.owned_sequences,
+                      extension=table.extension, condition=table.condition)
 
 
 def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
@@ -541,4 +555,5 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
                       columns=table.columns, key=table.key, key_kinds=table.key_kinds,
                       rows=sum(rows), data=stream,
                       relkind=table.relkind, persistence=table.persistence, parent=table.parent,
-                      related_oids=table.related_oids, owned_sequences=table.owned_sequences)
+                      related_oids=table.related_oids, owned_sequences=table.owned_sequences,
+                      extension=table.extension, condition=table.condition)

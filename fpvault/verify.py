@@ -260,7 +260,8 @@ def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report:
 def _read_back(cur: psycopg.Cursor, table: TableEntry) -> tuple[int, str, int]:
     info = pgsource.TableInfo(oid=0, schema=table.schema, name=table.name, qname=table.qname,
                               relkind=table.relkind, persistence=table.persistence,
-                              parent=table.parent, columns=table.columns, key=table.key)
+                              parent=table.parent, columns=table.columns, key=table.key,
+                              extension=table.extension, condition=table.condition)
     h = blake3.blake3()
     bag = MultisetDigest()
     rows = 0
