@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
+from fpvault import pgsource
 from pgcompare import assert_same_database
 from test_roundtrip import restore_into, restore_script, snap
 
@@ -214,3 +215,24 @@ def test_a_configuration_table_with_a_condition_is_always_read(pg, ext_db, repo)
     # cfg.rules and fpv_owned.prefs taken unread; cfg.settings (condition) and
     # public.t (changed) read.
     assert result["tables_reused"] == 2, result
+
+
+@pytest.mark.parametrize("pattern, qualified, expected", [
+    ("Foo", True, (None, "^(foo)$")),
+    ('"Foo"', True, (None, "^(Foo)$")),
+    ("s.t", True, ("^(s)$", "^(t)$")),
+    ("db.s.t", True, ("^(s)$", "^(t)$")),
+    ("db.s.t.u", True, ("^(s)$", "^(t.u)$")),      # dots past the third are the name's
+    ("s.t", False, (None, "^(s.t)$")),              # a schema pattern has one part
+    ('"a.b"', True, (None, r"^(a\.b)$")),
+    ('"x""y"', True, (None, '^(x"y)$')),
+    ('"a*"', True, (None, r"^(a\*)$")),
+    ("a*", True, (None, "^(a.*)$")),
+    ("a?", True, (None, "^(a.)$")),
+    ("a$b", True, (None, r"^(a\$b)$")),
+    ("t[]", True, (None, r"^(t\[])$")),
+    ("a|b", True, (None, "^(a|b)$")),               # outside quotes, a regular expression
+    ("*.T", True, ("^(.*)$", "^(t)$")),
+])
+def test_patterns_read_as_pg_dump_reads_them(pattern, qualified, expected):
+    assert pgsource.name_pattern(pattern, qualified) == expected
