@@ -18,7 +18,9 @@ point leaves something the next command can use:
 4. delete the old index files (until this ends, old and new index files
    overlap; every pack either names still exists);
 5. delete packs no index names any more: all-garbage packs, repacked packs,
-   and packs a killed snap left unindexed.
+   and packs a killed snap (or prune) left unindexed, but never a pack step 2
+   wrote (a killed prune's unindexed pack has the same name as the one the next
+   prune writes for the same blobs).
 """
 
 from __future__ import annotations
@@ -214,9 +216,13 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
         if old != name:
             backend.delete(old)
 
-    # 5. packs nothing names any more.
+    # 5. packs nothing names any more.  Not one this prune just wrote: a pack's name is
+    # the hash of its bytes, so a prune killed before its index file was written left
+    # an "orphan" with the very name this one's repacking gave the same blobs again.
+    written = {packs.pack_name(pack_id) for pack_id, _ in new_packs}
     for pack_name in delete + orphans + [packs.pack_name(p) for p in repack]:
-        backend.delete(pack_name)
+        if pack_name not in written:
+            backend.delete(pack_name)
     if isinstance(backend, LocalBackend):
         backend.remove_temp_files()
     stats.bytes_after = sum(backend.size(n) for n in backend.list("data/"))
