@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .errors import FpvaultError
+from .errors import FpvaultError, RepositoryDamaged
 from .manifest import Snapshot
 from .locks import Lock
 from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id
@@ -824,7 +824,11 @@ def repair() -> None:
 @common_options
 @click.pass_obj
 def repair_index(ctx: Ctx) -> None:
-    """Rebuild the index from the packs (after an index file was lost or damaged)."""
+    """Rebuild the index from the packs (after an index file was lost or damaged).
+
+    A pack whose trailer cannot be read keeps the entries the old index had for
+    it; the command then exits 3, the damage named.
+    """
     from . import gc
 
     vault = ctx.open()
@@ -834,6 +838,11 @@ def repair_index(ctx: Ctx) -> None:
         click.echo(f"unreadable pack: {problem}", err=True)
     info(ctx, f"indexed {result.blobs} blobs in {result.packs} packs; replaced "
               f"{result.index_files_removed} index files")
+    if result.unreadable:
+        raise RepositoryDamaged(
+            f"{len(result.unreadable)} pack(s) could not be read to index them; the "
+            f"{result.kept} entries the old index had for them were kept. Run 'fpvault verify "
+            "--read-data' to see which snapshots the damage affects.")
 
 
 def keep_freed_buffers() -> None:

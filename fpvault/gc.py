@@ -253,23 +253,39 @@ class RepairStats:
     packs: int = 0
     blobs: int = 0
     unreadable: list[str] = field(default_factory=list)
+    kept: int = 0                 # entries of unreadable packs taken from the old index
     index_files_removed: int = 0
 
 
 def repair_index(vault: Vault) -> RepairStats:
-    """Rebuild the index from the pack trailers.  The caller holds the exclusive lock."""
+    """Rebuild the index from the pack trailers.  The caller holds the exclusive lock.
+
+    A pack whose trailer cannot be read may still hold intact blobs, which the old
+    index (what of it can be read) describes: those entries are kept, so that the
+    repair never makes data unreachable that was reachable before."""
     backend = vault.backend
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
+    unreadable: list[bytes] = []
     for name in sorted(backend.list("data/")):
         try:
             pack_entries = read_pack_trailer(backend, name, vault.codec)
         except (RepositoryDamaged, packs.PackFormatError) as exc:
             stats.unreadable.append(f"{name}: {exc}")
+            unreadable.append(bytes.fromhex(name.rsplit("/", 1)[-1]))
             continue
         entries.append((bytes.fromhex(name.rsplit("/", 1)[-1]), pack_entries))
         stats.packs += 1
         stats.blobs += len(pack_entries)
+    if unreadable:
+        before: dict[bytes, list[BlobEntry]] = {p: [] for p in unreadable}
+        for pack_id, e in Index.load(backend, vault.codec).blobs.values():
+            if pack_id in before:
+                before[pack_id].append(e)
+        for pack_id, kept in before.items():
+            if kept:
+                entries.append((pack_id, kept))
+                stats.kept += len(kept)
     old = list(backend.list(INDEX_PREFIX))
     new_name = None
     if entries:

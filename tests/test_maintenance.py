@@ -193,6 +193,28 @@ def test_deleted_index_is_repaired_from_packs(history, repo):
         assert script(repo, sid) == scripts[sid]
 
 
+def test_repair_keeps_what_it_cannot_read_again(history, repo):
+    """A pack whose trailer is damaged can still hold intact blobs: repair keeps the
+    entries the old index had for it, instead of dropping them and the index files
+    that held them (restore worked before the repair, and must after), and says so."""
+    ids, scripts = history
+    pack = max((p for p in (Path(repo) / "data").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    data = bytearray(pack.read_bytes())
+    data[-30] ^= 0x40    # in the trailer; no blob touched
+    pack.write_bytes(bytes(data))
+    assert run("verify", "-r", repo).code == 3
+    for sid in ids:
+        assert script(repo, sid) == scripts[sid]
+    r = run("repair", "index", "-r", repo)
+    assert r.code == 3 and "unreadable pack" in r.err and "were kept" in r.err, r.err
+    for sid in ids:
+        assert script(repo, sid) == scripts[sid]
+    r = run("verify", "-r", repo, "--read-data", "--json")
+    assert r.code == 3 and any("trailer" in p or "pack" in p
+                               for p in json.loads(r.out)["problems"])
+
+
 def test_corrupted_manifest_and_index_file(history, repo):
     ids, scripts = history
     manifest = Path(repo) / "snapshots" / ids[1]
