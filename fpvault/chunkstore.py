@@ -189,6 +189,19 @@ class BlobMap:
         return self._packs[number], BlobEntry(blob, type_, offset, length, raw_length, encoding,
                                               self._bases(record), generation, start)
 
+    def in_packs_not(self, present: set[bytes]) -> tuple[list[bytes], int]:
+        """The packs not in ``present`` that hold indexed blobs, and how many blobs."""
+        gone = {n for n, pack_id in enumerate(self._packs) if pack_id not in present}
+        if not gone:
+            return [], 0
+        unpack = struct.Struct("<I").unpack_from
+        hit: dict[int, int] = {}
+        for record in self._records.values():
+            (number,) = unpack(record)
+            if number in gone:
+                hit[number] = hit.get(number, 0) + 1
+        return [self._packs[n] for n in sorted(hit)], sum(hit.values())
+
     def bases(self, blob: bytes) -> list[bytes] | None:
         """The blob's bases (without building its entry); None if it is not indexed."""
         record = self._records.get(blob)

@@ -177,6 +177,27 @@ class Vault:
             self._index = Index.load(self.backend, self.codec)
         return self._index
 
+    def check_packs_present(self) -> None:
+        """Before a snapshot writes: raise RepositoryDamaged if the index names blobs in
+        packs that are not in the repository (deleted or lost by hand, never copied).
+        A snapshot would take those blobs as stored and could not be restored, while
+        saying it succeeded.  One listing of ``data/``."""
+        present = set()
+        for name in self.backend.list("data/"):
+            try:
+                present.add(bytes.fromhex(name.rsplit("/", 1)[-1]))
+            except ValueError:
+                continue   # not a pack
+        gone, blobs = self.index.blobs.in_packs_not(present)
+        if gone:
+            raise RepositoryDamaged(
+                f"{blobs} blobs the index names are in {len(gone)} pack(s) missing from the "
+                f"repository at {self.backend.describe()} ({packs.pack_name(gone[0])}"
+                f"{', ...' if len(gone) > 1 else ''}); a snapshot would take them as stored "
+                "and could not be restored. Run 'fpvault repair index' (it indexes the packs "
+                "that are there, so that the next snapshot stores the rest again), then "
+                "'fpvault verify' to see which snapshots the loss damaged. Nothing was written.")
+
     def reset_index(self, index: Index | None) -> None:
         """Use ``index`` (or reload it on next use): after prune or repair changed it."""
         self._index = index

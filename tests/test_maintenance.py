@@ -215,6 +215,28 @@ def test_repair_keeps_what_it_cannot_read_again(history, repo):
                                for p in json.loads(r.out)["problems"])
 
 
+def test_snap_refuses_while_packs_the_index_names_are_gone(pg, history, repo):
+    """Packs gone from the repository (deleted by hand, a partial copy): the index
+    still names their blobs, so a snapshot would take them as stored, exit 0 and be
+    as unrestorable as the old ones.  It refuses, saying what to do, and once the
+    index is repaired it stores them again."""
+    ids, scripts = history
+    packs = sorted(p for p in (Path(repo) / "data").rglob("*") if p.is_file())
+    packs[0].unlink()
+    db = json.loads(run("show", ids[-1], "-r", repo, "--json").out)["database"]
+    for extra in ((), ("--reread",)):
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), *extra)
+        assert r.code == 3 and "missing from the repository" in r.err, r.err
+        assert "repair index" in r.err and "Nothing was written" in r.err
+    assert listed(repo) == ids
+    assert run("repair", "index", "-r", repo).code == 0
+    sid = snap(pg, repo, db)
+    restored = run("restore", sid, "-r", repo, "-o", "-")
+    assert restored.code == 0, restored.err
+    assert restored.out.count("COPY public.") == 2
+    assert run("verify", "-r", repo, "--json").code == 3   # the older ones are damaged
+
+
 def test_corrupted_manifest_and_index_file(history, repo):
     ids, scripts = history
     manifest = Path(repo) / "snapshots" / ids[1]
