@@ -338,10 +338,21 @@ class Vault:
             self._snapshots[sid] = snap
         return sid
 
+    def _undecidable(self, ref: str) -> RepositoryDamaged:
+        """A relative reference cannot be resolved past a manifest that cannot be read:
+        it may be the newest snapshot, or the one at that time."""
+        sid, why = self.damaged_snapshots[0]
+        return RepositoryDamaged(
+            f"Snapshot {sid[:8]}'s manifest cannot be read ({why.rstrip('.')}), so which "
+            f"snapshot {ref} is cannot be told. Name the snapshot by its id ('fpvault list'), "
+            f"or drop the damaged one ('fpvault verify', then 'fpvault forget {sid[:8]}').")
+
     def resolve(self, ref: str) -> tuple[str, Snapshot]:
         snaps = self.snapshots()
         m = re.fullmatch(r"latest(?:~(\d+))?", ref)
         if m:
+            if self.damaged_snapshots:
+                raise self._undecidable(f"'{ref}'")
             back = int(m.group(1) or 0)
             if not snaps:
                 raise SnapshotNotFound(f"The repository at {self.backend.describe()} has no "
@@ -358,10 +369,16 @@ class Vault:
                                    f"{MIN_PREFIX} hex digits.")
         ref = ref.lower()
         hits = [s for s in snaps if snapshot_id(s).startswith(ref)]
+        damaged = [(sid, why) for sid, why in self.damaged_snapshots if sid.startswith(ref)]
+        if damaged and not hits and len(damaged) == 1:
+            sid, why = damaged[0]
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}'s manifest cannot be read "
+                                    f"({why.rstrip('.')}); run 'fpvault verify'.")
         if not hits:
             raise SnapshotNotFound(f"No snapshot matches {ref!r}; 'fpvault list' shows them.")
-        if len(hits) > 1:
-            ids = ", ".join(snapshot_id(s)[:12] for s in hits[:5])
+        if len(hits) + len(damaged) > 1:
+            ids = ", ".join([snapshot_id(s)[:12] for s in hits[:5]]
+                            + [f"{sid[:12]} (damaged)" for sid, _ in damaged[:5]])
             raise SnapshotNotFound(f"Snapshot prefix {ref!r} is ambiguous ({ids}); "
                                    "give more digits.")
         return snapshot_id(hits[0]), hits[0]
@@ -369,7 +386,10 @@ class Vault:
     def resolve_at(self, when: str) -> tuple[str, Snapshot]:
         t = parse_time(when)
         best = None
-        for snap in self.snapshots():
+        snaps = self.snapshots()
+        if self.damaged_snapshots:
+            raise self._undecidable(f"at {t.isoformat()}")
+        for snap in snaps:
             if parse_time(snap.time) <= t:
                 best = snap
         if best is None:

@@ -237,6 +237,24 @@ def test_snap_refuses_while_packs_the_index_names_are_gone(pg, history, repo):
     assert run("verify", "-r", repo, "--json").code == 3   # the older ones are damaged
 
 
+def test_latest_is_not_guessed_past_a_damaged_manifest(history, repo):
+    """With the newest manifest unreadable, "latest", "latest~N" and --at would quietly
+    mean an older snapshot: they refuse, and an id still works."""
+    ids, scripts = history
+    manifest = Path(repo) / "snapshots" / ids[-1]
+    manifest.write_bytes(manifest.read_bytes()[:-10] + b"0123456789")
+    for args in (["restore", "latest", "-o", "-"], ["restore", "latest~1", "-o", "-"],
+                 ["restore", "--at", "2999-01-01", "-o", "-"], ["show", "latest"],
+                 ["diff", "latest~1", "latest"]):
+        r = run(*args, "-r", repo)
+        assert r.code == 3 and "cannot be told" in r.err and ids[-1][:8] in r.err, (args, r.err)
+        assert r.out == ""
+    assert script(repo, ids[-2]) == scripts[ids[-2]]
+    r = run("forget", ids[-1][:8], "-r", repo)
+    assert r.code == 0, r.err
+    assert script(repo, "latest") == scripts[ids[-2]]
+
+
 def test_corrupted_manifest_and_index_file(history, repo):
     ids, scripts = history
     manifest = Path(repo) / "snapshots" / ids[1]
@@ -248,7 +266,8 @@ def test_corrupted_manifest_and_index_file(history, repo):
     r = run("list", "-r", repo, "--json")
     assert r.code == 0 and ids[1] not in r.out   # the others are still listed
     assert f"snapshot {ids[1][:8]} is not listed" in r.err
-    assert run("show", ids[1][:8], "-r", repo).code == 2
+    r = run("show", ids[1][:8], "-r", repo)
+    assert r.code == 3 and "manifest cannot be read" in r.err
     for sid in (ids[0], ids[2], ids[3]):
         assert script(repo, sid) == scripts[sid]
     assert run("prune", "-r", repo).code == 3   # a snapshot it cannot read might need data
