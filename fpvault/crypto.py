@@ -109,15 +109,26 @@ def wrap(master: bytes, password: str, created: str = "") -> bytes:
     return msgspec.json.encode(kf)
 
 
+class KeyDamaged(Exception):
+    """A key object that cannot be read: not JSON, bad base64, scrypt parameters that
+    scrypt refuses."""
+
+
 def unwrap(blob: bytes, password: str) -> bytes | None:
-    """The master key in a key object, or None if the password does not open it."""
+    """The master key in a key object, or None if the password does not open it;
+    KeyDamaged if the object cannot be read."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-    kf = msgspec.json.decode(blob, type=KeyFile)
-    raw = base64.b64decode(kf.data)
     try:
-        return ChaCha20Poly1305(_derive(password, kf)).decrypt(raw[:NONCE], raw[NONCE:], None)
+        kf = msgspec.json.decode(blob, type=KeyFile)
+        raw = base64.b64decode(kf.data, validate=True)
+        key = _derive(password, kf)
+    except (msgspec.DecodeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # binascii.Error is a ValueError; scrypt raises ValueError for bad n, r, p.
+        raise KeyDamaged(str(exc) or type(exc).__name__) from exc
+    try:
+        return ChaCha20Poly1305(key).decrypt(raw[:NONCE], raw[NONCE:], None)
     except InvalidTag:
         return None
 
@@ -138,9 +149,20 @@ def unlock(backend, password: str) -> tuple[Crypto, str, bytes]:
     if not names:
         raise RepositoryDamaged(f"The repository at {backend.describe()} is encrypted but has no "
                                 "key objects (keys/); it cannot be opened.")
+    damaged = []
     for name in names:
-        master = unwrap(backend.get(name), password)
-        if master is not None:
+        try:
+            master = unwrap(backend.get(name), password)
+        except KeyDamaged as exc:
+            damaged.append(f"{name} ({exc})")
+            continue   # another key object may open with this password
+        if master is not None and len(master) == 64:
             return Crypto(master), name, master
-    raise FpvaultError("Wrong password: no key of this repository opens with it. Check "
+    if damaged and len(damaged) == len(names):
+        raise RepositoryDamaged(f"The key objects of the repository at {backend.describe()} "
+                                f"cannot be read: {'; '.join(damaged[:3])}. Without one, the "
+                                "repository cannot be opened: restore keys/ from a copy.")
+    also = (f" ({len(damaged)} of its key objects cannot be read: {'; '.join(damaged[:3])})"
+            if damaged else "")
+    raise FpvaultError(f"Wrong password: no key of this repository opens with it{also}. Check "
                        "FPVAULT_PASSWORD or --password-file.")

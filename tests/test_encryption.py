@@ -99,3 +99,32 @@ def test_encrypted_deltas_and_prune(encrypted, pg, db):
     target = pg.createdb()
     assert run("restore", "latest", "-r", repo, "--to", pg.dsn(target)).code == 0
     assert pg.query(target, "SELECT count(*) FILTER (WHERE v LIKE '%!') FROM t") == [(200,)]
+
+
+def test_a_damaged_key_object_is_skipped(tmp_path, monkeypatch):
+    """Two key objects (as a 'key passwd' killed between writing the new one and
+    deleting the old leaves): damage to one must not lock out the password of the
+    other, nor crash; with every key damaged, exit 3 and say so."""
+    from fpvault import crypto
+    from fpvault.backend import LocalBackend
+
+    repo = str(tmp_path / "enc")
+    monkeypatch.setenv("FPVAULT_PASSWORD", "old password")
+    assert run("init", "-r", repo, "--encrypt").code == 0
+    backend = LocalBackend(repo)
+    (intact,) = list(backend.list("keys/"))
+    _, _, master = crypto.unlock(backend, "old password")
+    backend.put("keys/0" + "0" * 31, crypto.wrap(master, "new password"))   # sorts first
+    keys = Path(repo) / "keys"
+    for damage in (b'{"n": 3', b'{"kdf":"scrypt","n":1000,"r":8,"p":1,"salt":"AA==","data":"AA=="}',
+                   b'{"kdf":"scrypt","n":16384,"r":8,"p":1,"salt":"AA==","data":"!!"}'):
+        (keys / ("0" + "0" * 31)).write_bytes(damage)
+        r = run("list", "-r", repo)
+        assert r.code == 0, r.err
+        monkeypatch.setenv("FPVAULT_PASSWORD", "wrong")
+        r = run("list", "-r", repo)
+        assert r.code == 1 and "Wrong password" in r.err and "cannot be read" in r.err, r.err
+        monkeypatch.setenv("FPVAULT_PASSWORD", "old password")
+    (keys / intact.split("/")[1]).write_bytes(b"garbage")
+    r = run("list", "-r", repo)
+    assert r.code == 3 and "key objects" in r.err and "internal error" not in r.err, r.err
