@@ -821,6 +821,10 @@ class ChunkStore:
                 raise BlobDamaged(blob, f"it is stored as a delta against blob "
                                         f"{exc.blob.hex()[:16]}, which is damaged: "
                                         f"{exc.why}") from exc
+            except RepositoryDamaged as exc:
+                # A base's pack missing, or shorter than the index says.
+                raise BlobDamaged(blob, "it is stored as a delta against a blob that "
+                                        f"cannot be read: {str(exc).rstrip('.')}") from exc
             ddict = zstandard.ZstdCompressionDict(dictionary,
                                                   dict_type=zstandard.DICT_TYPE_RAWCONTENT)
             try:

@@ -148,6 +148,21 @@ def test_deltas_in_snapshots_prune_and_verify(pg, db, repo):
     assert any(f"chunk {d.id.hex()[:16]} is damaged" in p for p in doc["problems"])
     path.write_bytes(original)
 
+    # The pack of the bases missing, or cut short: verify --read-data still reports
+    # (a report, and JSON), naming both snapshots; it used to stop at the first delta.
+    base_path = Path(repo) / packs.pack_name(vault.index.blobs[base][0])
+    original = base_path.read_bytes()
+    for damage in ("missing", "truncated"):
+        if damage == "missing":
+            base_path.unlink()
+        else:
+            base_path.write_bytes(original[:len(original) // 3])
+        r = run("verify", "-r", repo, "--read-data", "--json")
+        doc = json.loads(r.out)
+        assert r.code == 3 and not doc["ok"], (damage, r.err)
+        assert set(doc["affected"]) == {first["id"], second["id"]}, (damage, doc)
+        base_path.write_bytes(original)
+
     # Forget the snapshot that introduced the bases: prune must keep them.
     assert run("forget", first["id"], "-r", repo, "--prune").code == 0
     assert run("verify", "-r", repo, "--read-data").code == 0
