@@ -7,6 +7,7 @@ refused.  No traceback is shown unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -421,28 +422,52 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
                   f"{time.monotonic() - started:.1f} s", json_mode=True)
         return
     if output == "-":
-        restore_mod.to_script(vault, plan, sys.stdout.buffer)
-        sys.stdout.buffer.flush()
+        try:
+            restore_mod.to_script(vault, plan, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+        except OSError as exc:
+            raise _write_error(exc, "standard output") from exc
         return
     if not script_target(output):
         # A pipe, a device (/dev/null), a socket: written as it is.  Renaming a file
         # over it would replace the device node itself.
-        with _open_output(output, output) as f:
-            restore_mod.to_script(vault, plan, f)
+        try:
+            with _open_output(output, output) as f:
+                restore_mod.to_script(vault, plan, f)
+        except OSError as exc:
+            raise _write_error(exc, output) from exc
     else:
         # Through a symlink to the file it names: the link stays a link.
         target = os.path.realpath(output)
         tmp = target + ".partial"
         f = _open_output(output, tmp)
         try:
-            with f:
-                restore_mod.to_script(vault, plan, f)
-            os.replace(tmp, target)
+            try:
+                with f:
+                    restore_mod.to_script(vault, plan, f)
+                os.replace(tmp, target)
+            except OSError as exc:
+                raise _write_error(exc, output, removed=tmp) from exc
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
     info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}", json_mode=True)
+
+
+def _write_error(exc: OSError, where: str, removed: str | None = None) -> FpvaultError:
+    """What went wrong writing a script (the repository's own reads raise theirs)."""
+    gone = f" {removed} was removed; nothing was written to {where}." if removed else ""
+    if exc.errno == errno.ENOSPC:
+        return FpvaultError(f"No space left on the device while writing the script to {where}."
+                            f"{gone} Free some space, or write it elsewhere.")
+    if exc.errno == errno.EPIPE:
+        if where == "standard output":
+            # Or Python's own flush at exit reports the broken pipe once more.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return FpvaultError(f"The script was not written whole: the reader of {where} stopped "
+                            "reading.")
+    return FpvaultError(f"Writing the script to {where} failed: {exc.strerror or exc}.{gone}")
 
 
 def _open_output(output: str, path: str):
@@ -902,6 +927,9 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"fpvault: {exc}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
+        # The reader of our output went away (| head); Python's flush at exit would
+        # report it once more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted; nothing was committed.", err=True)

@@ -1,8 +1,11 @@
 """Every command's bad-input path: a clear message, the right exit code, nothing changed."""
 
+import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -167,6 +170,33 @@ def test_restore_script_to_a_pipe_and_to_bad_paths(pg, db, repo, tmp_path):
     assert r.code == 0, r.err
     assert (tmp_path / "latest.sql").is_symlink()
     assert b"COPY public.t" in (tmp_path / "scripts" / "today.sql").read_bytes()
+
+
+def test_restore_script_that_cannot_be_written_whole(pg, db, repo, tmp_path, monkeypatch):
+    """A full disk, or a reader that goes away: a clear error and exit 1, not an
+    internal error, and no partial file left behind."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+    snap(pg, repo, db)
+    r = run("restore", "latest", "-r", repo, "-o", "/dev/full")
+    assert r.code == 1 and "No space left" in r.err and "internal error" not in r.err, r.err
+    # A reader that stops early (| head): the pipe breaks under the writer.
+    p = subprocess.run(f"{sys.executable} -m fpvault.cli restore latest -r {repo} -o - "
+                       "| head -c 100 > /dev/null; exit ${PIPESTATUS[0]}",
+                       shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert p.returncode == 1 and "stopped reading" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr
+    # A file on a full disk: written as FILE.partial, which goes.
+    from fpvault import restore as restore_mod
+
+    def full(vault, plan, out):
+        out.write(b"-- part of a script\n")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(restore_mod, "to_script", full)
+    r = run("restore", "latest", "-r", repo, "-o", str(tmp_path / "x.sql"))
+    assert r.code == 1 and "No space left" in r.err and "x.sql.partial was removed" in r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
 def test_restore_into_non_empty_database_changes_nothing(pg, db, repo):
