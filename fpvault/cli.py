@@ -754,7 +754,16 @@ def verify(ctx: Ctx, snapshots, read_data: bool, subset: str | None, restore_tes
         except ValueError:
             raise click.UsageError(f"--read-data-subset takes a percentage such as 10%, "
                                    f"not {subset!r}.") from None
+    if snapshots and not restore_test:
+        raise click.UsageError("SNAPSHOTS name what --restore-test restores; without it verify "
+                               "checks the whole repository: give --restore-test CONNINFO, or "
+                               "no SNAPSHOTS.")
     vault = ctx.open()
+    for ref in snapshots:
+        try:
+            vault.resolve(ref)   # a reference that names nothing fails now, not after the checks
+        except RepositoryDamaged:
+            pass                 # reported with the rest
     progress = None
     if sys.stderr.isatty() and not ctx.quiet and not as_json:
         progress = lambda msg: click.echo(f"\r  {msg}   ", nl=False, err=True)  # noqa: E731

@@ -176,7 +176,11 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     if restore_test:
         targets = restore_snapshots or (["latest"] if snapshots else [])
         for ref in targets:
-            sid, snap = vault.resolve(ref)
+            try:
+                sid, snap = vault.resolve(ref)
+            except RepositoryDamaged as exc:
+                report.problems.append(f"restore test of {ref}: {exc}")
+                continue
             say(f"restore test of {sid[:8]}")
             _restore_test(vault, sid, snap, restore_test, report)
     # A problem seen through several paths is reported once.

@@ -293,6 +293,12 @@ def test_verify_subset_and_restore_test(pg, history, repo):
     assert json.loads(r.out)["tables_restored"] == 4
     # The scratch database is left as it was.
     assert pg.query(scratch, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+    # SNAPSHOTS are what --restore-test restores: a typo fails at once (exit 2), and
+    # without --restore-test they would mean nothing.
+    r = run("verify", "deadbeef", "-r", repo, "--restore-test", pg.dsn(scratch))
+    assert r.code == 2 and "No snapshot matches" in r.err
+    r = run("verify", ids[0][:8], "-r", repo)
+    assert r.code == 2 and "--restore-test" in r.err
 
 
 def test_stats(history, repo):
