@@ -469,8 +469,10 @@ def _key_order(kinds: list[str], enc: str):
         if kind == "numeric":
             text = field.decode("ascii")
             return (1, Decimal(0)) if text == "NaN" else (0, Decimal(text))  # NaN sorts last
-        # bytes: C-like collation (or uuid): the value's bytes in the database encoding
-        return copy_field(field.decode(enc, "surrogateescape")).encode(enc, "surrogateescape")
+        # bytes: C-like collation (or uuid): the value's bytes in the database encoding;
+        # bpchar: the same without the trailing blanks, which char(n) does not compare
+        value = copy_field(field.decode(enc, "surrogateescape")).encode(enc, "surrogateescape")
+        return value.rstrip(b" ") if kind == "bpchar" else value
 
     def order(fields: tuple[bytes, ...]) -> tuple:
         return tuple(one(k, f) for k, f in zip(kinds, fields))

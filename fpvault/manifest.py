@@ -42,7 +42,8 @@ class TableEntry(msgspec.Struct, kw_only=True):
     columns: list[str]                # COPY column list (no generated or dropped columns)
     key: list[str] = []               # ORDER BY key; empty: physical order, a bag of rows
     # Per key column, how its COPY text orders as ORDER BY orders it ("int", "numeric",
-    # "bytes"; "" if Python cannot tell): lets diff merge-join two streams.
+    # "bytes", "bpchar": bytes without trailing blanks; "" if Python cannot tell): lets
+    # diff merge-join two streams.
     key_kinds: list[str] = []
     rows: int = 0
     data: Stream

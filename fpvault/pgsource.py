@@ -327,7 +327,8 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
             if not infos[relid].key:
                 infos[relid].key = list(key)
         # How Python can order each key column exactly as ORDER BY does, if it can:
-        # integers, numeric, uuid, and strings under a bytewise (C-like) collation.
+        # integers, numeric, uuid, and strings under a bytewise (C-like) collation
+        # (char(n) apart: it compares without its trailing blanks).
         cur.execute("""
             SELECT a.attrelid, a.attname,
                    CASE WHEN t.typname IN ('int2', 'int4', 'int8', 'oid') THEN 'int'
@@ -340,7 +341,8 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
                                        AND d.datcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8')
                                   ELSE co.collprovider = 'c'
                                        AND co.collcollate IN ('C', 'POSIX', 'C.UTF-8', 'C.utf8')
-                             END THEN 'bytes'
+                             END THEN CASE WHEN t.typname = 'bpchar' THEN 'bpchar'
+                                           ELSE 'bytes' END
                         ELSE '' END
             FROM pg_catalog.pg_attribute a
             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
