@@ -37,6 +37,7 @@ from typing import Any, Iterator
 
 from .chunkstore import ChunkRef
 from .manifest import Snapshot, TableEntry
+from .restore import python_codec, select_tables
 from .vault import Vault
 
 _HEADER = re.compile(r"^-- Name: (.*); Type: (.*); Schema: (.*); Owner: (.*)$")
@@ -283,10 +284,11 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
 
     wanted = None
     if tables:
-        from .restore import select_tables  # names are matched as restore -t matches them
+        # Names are matched as restore -t matches them.
         both = Snapshot(time="", source=a.source, schema=a.schema,
                         tables=list({(t.schema, t.name): t for t in [*a.tables, *b.tables]}.values()))
-        wanted = {(t.schema, t.name) for t in select_tables(both, tuple(tables), "")}
+        wanted = {(t.schema, t.name) for t in select_tables(
+            both, tuple(tables), where=f"snapshot {a_id[:8]} or {b_id[:8]}")}
 
     out: list[TableDiff] = []
     for key in sorted(set(ta) | set(tb)):
@@ -350,7 +352,7 @@ def _schema_text(vault: Vault, snap: Snapshot) -> str:
 
 def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8") -> RowDiff:
     """Rows inserted, deleted and updated from table entry ``a`` to ``b``."""
-    enc = _py_encoding(encoding)
+    enc = python_codec(encoding)
     la = vault.store.get_list(bytes.fromhex(a.data.list))
     lb = vault.store.get_list(bytes.fromhex(b.data.list))
     shared_cols = [c for c in b.columns if c in a.columns]
@@ -539,6 +541,4 @@ def _hunks(la: list[ChunkRef], lb: list[ChunkRef]) -> Iterator[tuple[list[bytes]
         j += 1 if j < len(lb) else 0
 
 
-def _py_encoding(pg: str) -> str:
-    return {"UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "latin-1", "WIN1252": "cp1252",
-            "LATIN9": "iso8859-15", "EUC_JP": "euc_jp", "SJIS": "shift_jis"}.get(pg.upper(), "utf-8")
+

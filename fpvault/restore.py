@@ -104,7 +104,11 @@ def parse_name(text: str) -> tuple[str | None, str]:
     raise UsageError(f"Cannot read table name {text!r}; write it as schema.table.")
 
 
-def select_tables(snap: Snapshot, patterns: tuple[str, ...], sid: str = "") -> list[TableEntry]:
+def select_tables(snap: Snapshot, patterns: tuple[str, ...], sid: str = "",
+                  where: str = "") -> list[TableEntry]:
+    """The tables ``patterns`` name (-t), in the snapshot's order; ``where`` says which
+    snapshot(s) ``snap`` stands for in messages (by default ``sid``)."""
+    where = where or f"snapshot {sid[:8]}"
     if not patterns:
         return list(snap.tables)
     chosen: dict[int, TableEntry] = {}
@@ -117,10 +121,10 @@ def select_tables(snap: Snapshot, patterns: tuple[str, ...], sid: str = "") -> l
             hits = [t for t in snap.tables
                     if t.name == name2 and (schema2 is None or t.schema == schema2)]
         if not hits:
-            raise UsageError(f"Snapshot {sid[:8]} has no table {pattern!r}; "
-                             f"'fpvault show {sid[:8]}' lists its tables.")
+            raise UsageError(f"There is no table {pattern!r} in {where}; 'fpvault show "
+                             f"{sid[:8] or 'SNAPSHOT'}' lists its tables.")
         if len(hits) > 1:
-            raise UsageError(f"Table name {pattern!r} is ambiguous in snapshot {sid[:8]} "
+            raise UsageError(f"Table name {pattern!r} is ambiguous in {where} "
                              f"({', '.join(t.qname for t in hits)}); qualify it with its schema.")
         chosen[id(hits[0])] = hits[0]
     return [t for t in snap.tables if id(t) in chosen]
@@ -452,17 +456,31 @@ def entry_table(entry: bytes, encoding: str = "UTF8") -> str | None:
     return (m.group(1) or m.group(2)).decode(python_codec(encoding)) if m else None
 
 
+# PostgreSQL's names of its server encodings (pg_encoding_to_char) that are not also
+# Python's: LATINn are ISO 8859 parts, WINnnnn Windows code pages.
+_PG_CODECS = {"SQL_ASCII": "latin-1", "UTF8": "utf-8", "EUC_CN": "gb2312", "UHC": "cp949",
+              "SJIS": "shift_jis", "KOI8R": "koi8-r", "KOI8U": "koi8-u",
+              "LATIN1": "iso8859-1", "LATIN2": "iso8859-2", "LATIN3": "iso8859-3",
+              "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+              "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
+              "LATIN10": "iso8859-16"}
+
+
 def python_codec(encoding: str) -> str:
     """Python's codec for a PostgreSQL encoding name (SQL_ASCII: its bytes as latin-1,
-    which keeps every byte; one Python lacks: UTF-8)."""
-    import psycopg
-    from psycopg._encodings import pg2pyenc   # psycopg's own table of the names
+    which keeps every byte; one Python lacks, such as MULE_INTERNAL: UTF-8)."""
+    import codecs
 
-    if encoding == "SQL_ASCII":
-        return "latin-1"
+    name = encoding.upper()
+    codec = _PG_CODECS.get(name)
+    if codec is None:
+        if name.startswith("WIN"):
+            codec = "cp" + name[3:]                   # WIN1251 -> cp1251, WIN866 -> cp866
+        else:
+            codec = name.lower().replace("iso_8859_", "iso8859-")   # EUC_JP, ISO_8859_5
     try:
-        return pg2pyenc(encoding.encode())
-    except psycopg.NotSupportedError:
+        return codecs.lookup(codec).name
+    except LookupError:
         return "utf-8"
 
 

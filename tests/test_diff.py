@@ -220,3 +220,22 @@ def test_diff_between_distant_snapshots(pg, db, repo):
     (t,) = json.loads(r.out)["tables"]
     assert t["updated"] == 5 and t["inserted"] == t["deleted"] == 0
     assert run("diff", "latest~6", "latest", "-r", repo).code == 2
+
+
+def test_diff_rows_in_a_database_that_is_not_utf8(pg, repo):
+    """Values print as PostgreSQL prints them, in any server encoding (WIN1251 was
+    shown as latin-1 mojibake), and a -t naming no table names both snapshots."""
+    from test_roundtrip import database_in
+
+    db = database_in(pg, "WIN1251", "cyr")
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t VALUES (1, 'привет'), (2, 'мир')")
+    old = snap(pg, repo, db)
+    pg.execute(db, "UPDATE t SET v = 'пока' WHERE id = 1")
+    new = snap(pg, repo, db)
+    r = run("diff", old, new, "-r", repo, "--rows", "--json")
+    assert r.code == 0, r.err
+    (row,) = json.loads(r.out)["tables"][0]["rows"]
+    assert row["before"]["v"] == "привет" and row["after"]["v"] == "пока"
+    r = run("diff", old, new, "-r", repo, "-t", "nosuch")
+    assert r.code == 2 and f"in snapshot {old[:8]} or {new[:8]}" in r.err, r.err
