@@ -223,6 +223,9 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     for pack_name in delete + orphans + [packs.pack_name(p) for p in repack]:
         if pack_name not in written:
             backend.delete(pack_name)
+    rewritten = len(written & set(orphans))   # not deleted after all: in use again
+    stats.orphan_packs -= rewritten
+    stats.packs_deleted -= rewritten
     if isinstance(backend, LocalBackend):
         backend.remove_temp_files()
     stats.bytes_after = sum(backend.size(n) for n in backend.list("data/"))
