@@ -144,16 +144,25 @@ def copy_field(text: str) -> str | None:
     return _ESCAPE_RE.sub(_unescape_sub, text) if "\\" in text else text
 
 
-def copy_rows(chunks: Iterator[bytes], encoding: str = "utf-8") -> Iterator[bytes]:
-    """Lines of a stream, from chunks that may split rows."""
-    rest = b""
+def copy_rows(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Lines of a stream, from chunks that may split rows.  A row longer than a chunk
+    is gathered piece by piece and joined once: joining it again at every chunk took
+    41 s for a 51 MB value."""
+    rest: list[bytes] = []
     for chunk in chunks:
-        data = rest + chunk if rest else chunk
-        lines = data.split(b"\n")
-        rest = lines.pop()
+        if b"\n" not in chunk:
+            if chunk:
+                rest.append(chunk)
+            continue
+        lines = chunk.split(b"\n")
+        if rest:
+            rest.append(lines[0])
+            lines[0] = b"".join(rest)
+        tail = lines.pop()
+        rest = [tail] if tail else []
         yield from lines
     if rest:
-        yield rest
+        yield b"".join(rest)
 
 
 # -- results

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import run
-from fpvault.diff import copy_field, row_diff, schema_objects
+from fpvault.diff import copy_field, copy_rows, row_diff, schema_objects
 from fpvault.manifest import ChunkerParams, TableEntry
 from fpvault.vault import Vault
 
@@ -101,6 +101,17 @@ def test_merge_join_orders_keys_as_postgres_does(tmp_path):
               ["bytes"])
     d = row_diff(vault, a, b)
     assert sorted((r.op, r.key["k"]) for r in d.rows) == [("delete", "a"), ("update", "é")]
+
+
+@given(text=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"\n")),
+       cuts=st.lists(st.integers(0, 300), max_size=12))
+def test_copy_rows_are_the_lines_however_the_stream_is_cut(text, cuts):
+    edges = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
+    chunks = [text[i:j] for i, j in zip(edges, edges[1:])] + [b""]
+    expected = text.split(b"\n")
+    if expected[-1] == b"":
+        expected.pop()
+    assert list(copy_rows(iter(chunks))) == expected
 
 
 def test_copy_field_unescapes():
