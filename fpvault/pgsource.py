@@ -397,7 +397,6 @@ class ConfigRelation:
     clause, or "") chooses, or the sequence's value."""
 
     oid: int
-    relkind: str
     extension: str
     condition: str
 
@@ -413,7 +412,7 @@ def extension_config(conn: psycopg.Connection, dumped_extensions: set[int], *,
     processExtensionTables, with its patterns matched as pg_dump matches them
     (``name_pattern``)."""
     rows = conn.execute("""
-        SELECT c.oid, c.relkind, e.oid, e.extname, x.cond, n.nspname,
+        SELECT c.oid, e.oid, e.extname, x.cond, n.nspname,
                EXISTS (SELECT FROM pg_catalog.pg_depend d
                         WHERE d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass
                           AND d.objid = n.oid AND d.deptype = 'e')
@@ -431,7 +430,7 @@ def extension_config(conn: psycopg.Connection, dumped_extensions: set[int], *,
     in_schemas = _matching(conn, rels, schemas, "schema")
     in_excluded = _matching(conn, rels, exclude_schemas, "schema")
     out = []
-    for oid, relkind, ext_oid, extname, cond, nspname, nsp_of_extension in rows:
+    for oid, ext_oid, extname, cond, nspname, nsp_of_extension in rows:
         if ext_oid in dumped_extensions:
             dump = True
         elif tables:
@@ -444,7 +443,7 @@ def extension_config(conn: psycopg.Connection, dumped_extensions: set[int], *,
             dump = not (nsp_of_extension or nspname.startswith("pg_")
                         or nspname == "information_schema")
         if dump and oid not in excluded and oid not in in_excluded:
-            out.append(ConfigRelation(oid, relkind, extname, cond or ""))
+            out.append(ConfigRelation(oid, extname, cond or ""))
     return out
 
 
