@@ -455,6 +455,12 @@ def _restore(ctx: Ctx, vault: Vault, snapshot, to, output, at, schema_only, data
     info(ctx, f"wrote snapshot {sid[:8]} ({len(plan.tables)} tables) to {output}", json_mode=True)
 
 
+def stdout_gone() -> None:
+    """The reader of our standard output went away (| head): point it at /dev/null, or
+    Python's own flush at exit reports the broken pipe once more."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _write_error(exc: OSError, where: str, removed: str | None = None) -> FpvaultError:
     """What went wrong writing a script (the repository's own reads raise theirs)."""
     gone = f" {removed} was removed; nothing was written to {where}." if removed else ""
@@ -463,8 +469,7 @@ def _write_error(exc: OSError, where: str, removed: str | None = None) -> Fpvaul
                             f"{gone} Free some space, or write it elsewhere.")
     if exc.errno == errno.EPIPE:
         if where == "standard output":
-            # Or Python's own flush at exit reports the broken pipe once more.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            stdout_gone()
         return FpvaultError(f"The script was not written whole: the reader of {where} stopped "
                             "reading.")
     return FpvaultError(f"Writing the script to {where} failed: {exc.strerror or exc}.{gone}")
@@ -936,9 +941,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"fpvault: {exc}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
-        # The reader of our output went away (| head); Python's flush at exit would
-        # report it once more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout_gone()
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("Interrupted; nothing was committed.", err=True)

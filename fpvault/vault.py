@@ -370,17 +370,17 @@ class Vault:
         ref = ref.lower()
         hits = [s for s in snaps if snapshot_id(s).startswith(ref)]
         damaged = [(sid, why) for sid, why in self.damaged_snapshots if sid.startswith(ref)]
-        if damaged and not hits and len(damaged) == 1:
-            sid, why = damaged[0]
-            raise RepositoryDamaged(f"Snapshot {sid[:8]}'s manifest cannot be read "
-                                    f"({why.rstrip('.')}); run 'fpvault verify'.")
-        if not hits:
-            raise SnapshotNotFound(f"No snapshot matches {ref!r}; 'fpvault list' shows them.")
         if len(hits) + len(damaged) > 1:
             ids = ", ".join([snapshot_id(s)[:12] for s in hits[:5]]
                             + [f"{sid[:12]} (damaged)" for sid, _ in damaged[:5]])
             raise SnapshotNotFound(f"Snapshot prefix {ref!r} is ambiguous ({ids}); "
                                    "give more digits.")
+        if damaged:
+            sid, why = damaged[0]
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}'s manifest cannot be read "
+                                    f"({why.rstrip('.')}); run 'fpvault verify'.")
+        if not hits:
+            raise SnapshotNotFound(f"No snapshot matches {ref!r}; 'fpvault list' shows them.")
         return snapshot_id(hits[0]), hits[0]
 
     def resolve_at(self, when: str) -> tuple[str, Snapshot]:
