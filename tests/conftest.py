@@ -231,7 +231,9 @@ def s3_server():
     server.start()
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION", "FPVAULT_S3_ENDPOINT")}
-    os.environ.setdefault("XDG_CACHE_HOME", tempfile.mkdtemp(prefix="fpvault-cache-"))
+    cache = None
+    if "XDG_CACHE_HOME" not in os.environ:
+        cache = os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="fpvault-cache-")
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_DEFAULT_REGION="us-east-1",
                       FPVAULT_S3_ENDPOINT=f"http://127.0.0.1:{port}")
@@ -253,3 +255,6 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if cache is not None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+            shutil.rmtree(cache, ignore_errors=True)

@@ -169,6 +169,10 @@ class StoreMachine(RuleBasedStateMachine):
     def index_knows_exactly_what_was_flushed(self):
         assert set(self.store.index.blobs) == set(self.flushed)
 
+    def teardown(self):
+        import shutil
+        shutil.rmtree(self.dir, ignore_errors=True)
+
 
 StoreMachine.TestCase.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
 test_store_state_machine = StoreMachine.TestCase
