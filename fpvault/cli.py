@@ -319,7 +319,8 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
     """Show a snapshot's tables in restore order, with rows and bytes."""
     sid, s = ctx.open().resolve(snapshot)
     tables = [{"name": t.qname, "rows": t.rows, "bytes": t.data.bytes,
-               "key": t.key, "chunks": t.data.chunks, "extension": t.extension or None}
+               "key": t.key, "chunks": t.data.chunks, "extension": t.extension or None,
+               "order": "key" if t.key and not t.physical else "physical"}
               for t in s.tables]
     if as_json:
         emit_json({"id": sid, "time": s.time, "tags": s.tags, "database": s.source.database,

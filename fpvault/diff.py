@@ -17,8 +17,12 @@ chunk lists in order, the runs of one-sided chunks between shared chunks are
 *hunks*; rows of a hunk are matched by key against the unmatched rows of the
 other side.  What stays unmatched at the end is inserted or deleted.  Memory
 is bounded by the largest hunk plus the rows inserted and deleted, not by the
-table; time by the changed chunks.  Tables without a key are multisets: rows
-are counted, and the differences reported as inserts and deletes.
+table; time by the changed chunks.  Where both streams are in key order and
+Python can order the keys as PostgreSQL does, the rows of the hunks are
+merge-joined instead, in constant memory.  A table's first snapshot may be in
+physical order (TableEntry.physical): its rows are matched by key in any
+order.  Tables without a key are multisets: rows are counted, and the
+differences reported as inserts and deletes.
 
 When columns differ between the snapshots, rows are compared on the columns
 both have (the change of columns is reported in the schema part); if the key
@@ -396,7 +400,7 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
         _update(result, before, after, tuple(before[i] for i in kpos), shared_cols, a.key, as_dict)
 
     kinds = a.key_kinds if a.key_kinds == b.key_kinds else []
-    if keyed and len(kinds) == len(a.key) and all(kinds):
+    if keyed and len(kinds) == len(a.key) and all(kinds) and not (a.physical or b.physical):
         # Both streams are in key order and Python can order keys as PostgreSQL does:
         # a merge join, in constant memory.  Most one-sided rows are byte-identical
         # on both sides (their chunk differs elsewhere): with the same columns on
@@ -437,8 +441,9 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
         return result
 
     if keyed:
-        # Keys Python cannot order: match them hunk by hunk; rows left unmatched are
-        # carried along, so memory is bounded by the largest hunk plus the changes.
+        # Keys Python cannot order, or a stream in physical order: match them hunk by
+        # hunk; rows left unmatched are carried along, so memory is bounded by the
+        # largest hunk plus the changes (and the rows that lie out of key order).
         pending: tuple[dict, dict] = ({}, {})
         for hunk in hunks:
             for side, idx in ((0, ia), (1, ib)):

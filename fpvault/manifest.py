@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import msgspec
 
-# 2: blobs may be stored in frames (encoding 4, entries with a ninth field).  Format 1
-# repositories are read as they are, and upgraded when a snapshot first writes to one.
-FORMAT_VERSION = 2
+# 2: blobs may be stored in frames (encoding 4, entries with a ninth field).
+# 3: a table with a key may be stored in physical order (TableEntry.physical), which
+#    an older diff would merge-join as if in key order; an extension's configuration
+#    tables (TableEntry.extension), which an older restore -j would empty first.
+# Older repositories are read as they are, and upgraded when a snapshot first writes
+# to one.
+FORMAT_VERSION = 3
 
 
 class Stream(msgspec.Struct, kw_only=True):
@@ -57,6 +61,10 @@ class TableEntry(msgspec.Struct, kw_only=True):
     # the rows ``condition`` (a WHERE clause; "": all) chose, as pg_dump's data does.
     extension: str = ""
     condition: str = ""
+    # The stream is in physical order, not in key order: the table's first snapshot in
+    # this repository, read as its heap lies because the statistics said that is key
+    # order (pgsource.in_key_order).  Mostly it is; diff and verify do not assume it.
+    physical: bool = False
 
 
 class SequenceState(msgspec.Struct, kw_only=True):

@@ -236,18 +236,35 @@ class TableInfo:
     # name, and the WHERE clause choosing the rows a dump holds ("": all of them).
     extension: str = ""
     condition: str = ""
+    # Read in physical order although it has a key (snap: its first snapshot, when
+    # the statistics say the heap is in key order; see in_key_order).
+    physical: bool = False
 
     def copy_statement(self, key_range: tuple[int | None, int | None] | None = None
                        ) -> sql.Composed:
         """COPY of the whole table (of the rows its ``condition`` chooses), or with
         ``key_range`` (lo, hi) of the rows whose single integer key k has
-        lo <= k < hi (None: unbounded; not with a condition)."""
+        lo <= k < hi (None: unbounded; not with a condition).  In ``physical``
+        order, ``key_range`` is of block numbers: the rows whose ctid is in
+        blocks lo <= b < hi (block_ranges)."""
         cols = sql.SQL(", ").join(sql.Identifier(c) for c in self.columns)
         table = sql.SQL(self.qname)
         # As pg_dump pastes it: the extension wrote it as a WHERE clause.
         cond = sql.SQL(" " + self.condition if self.condition else "")
         if key_range is not None and self.condition:
             raise ValueError(f"{self.qname}: a key range of a table with a condition")
+        if self.physical:
+            if self.condition or not self.columns:
+                raise ValueError(f"{self.qname}: physical order needs columns and no condition")
+            if key_range is None:
+                return sql.SQL("COPY {} ({}) TO STDOUT").format(table, cols)
+            # A TID range scan (PostgreSQL 14 and later) reads just those blocks.
+            conds = [sql.SQL("ctid {} {}::pg_catalog.tid").format(sql.SQL(op),
+                                                                  sql.Literal(f"({block},0)"))
+                     for op, block in ((">=", key_range[0]), ("<", key_range[1]))
+                     if block is not None]
+            return sql.SQL("COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT").format(
+                cols, table, sql.SQL(" AND ").join(conds))
         if self.key:
             order = sql.SQL(", ").join(sql.Identifier(c) for c in self.key)
             where = cond
@@ -734,6 +751,53 @@ def key_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
         return None
     bounds = [lo + (hi - lo + 1) * i // parts for i in range(1, parts)]
     edges: list[int | None] = [None, *bounds, None]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+# The statistics' correlation of a key's leading column from which a table's heap is
+# taken to be in key order (1: the sampled rows are exactly in order).
+KEY_ORDER_CORRELATION = 0.999
+
+
+def in_key_order(conn: psycopg.Connection, tables: list[TableInfo]) -> set[int]:
+    """The tables (oids) whose rows the server's statistics say lie in the heap in
+    key order: a key whose leading column's correlation, at the last ANALYZE, is
+    at least KEY_ORDER_CORRELATION, and no row updated or deleted since the
+    statistics were reset.  (An update, even a HOT one, puts the row's new
+    version elsewhere, and a correlation from a sample does not notice one row
+    in a hundred out of place.)  So: tables only ever appended to in key order,
+    or loaded in it.  Statistics are a sample and may be stale: a wrong guess
+    costs only the next snapshot's deduplication, never correctness."""
+    keyed = [t for t in tables if t.key and not t.condition and t.columns]
+    if not keyed:
+        return set()
+    rows = conn.execute("""
+        SELECT k.oid FROM unnest(%s::pg_catalog.oid[], %s::pg_catalog.text[]) AS k(oid, col)
+        JOIN pg_catalog.pg_class c ON c.oid = k.oid
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_catalog.pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname
+                                  AND s.attname = k.col AND NOT s.inherited
+        WHERE s.correlation >= %s AND pg_catalog.pg_stat_get_tuples_updated(k.oid) = 0
+          AND pg_catalog.pg_stat_get_tuples_deleted(k.oid) = 0""",
+        ([t.oid for t in keyed], [t.key[0] for t in keyed], KEY_ORDER_CORRELATION)).fetchall()
+    return {r[0] for r in rows}
+
+
+def block_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
+                 ) -> list[tuple[int | None, int | None]] | None:
+    """``parts`` ranges of the table's blocks, of equal width, covering every row
+    (the first and last unbounded), for reading it in ``physical`` order; None
+    where a range cannot be read on its own (no TID range scans before
+    PostgreSQL 14, or not a heap table) or the table has too few blocks."""
+    if (conn.info.server_version < 140000 or table.access_method != "heap" or parts < 2
+            or table.condition):
+        return None
+    blocks = conn.execute("SELECT pg_catalog.pg_relation_size(%s) / "
+                          "pg_catalog.current_setting('block_size')::int",
+                          (table.oid,)).fetchone()[0]
+    if blocks < parts * 2:
+        return None
+    edges: list[int | None] = [None, *(blocks * i // parts for i in range(1, parts)), None]
     return list(zip(edges[:-1], edges[1:]))
 
 

@@ -8,10 +8,12 @@
    covers, after the -n/-N/-t/-T filters, so the data we read matches the DDL.
 3. The leader takes ACCESS SHARE locks on those tables and checks that none
    was truncated or rewritten since the snapshot began.
-4. Each table's COPY stream (key order where the table has a key) is chunked,
-   hashed, deduplicated and stored, by ``jobs`` connections that all read the
-   exported snapshot.  A table larger than its share is split into key ranges
-   read at once; the later ranges wait in spool files until the table's writer
+4. Each table's COPY stream (key order where the table has a key, but for its
+   first snapshot here, read in physical order where that is key order
+   anyway) is chunked, hashed, deduplicated and stored, by ``jobs``
+   connections that all read the exported snapshot.  A table larger than its
+   share is split into key ranges (block ranges, in physical order) read at
+   once; the later ranges wait in spool files until the table's writer
    reaches them, so its stream is the same as if one connection had read it.
 5. Sequence states and large objects are read by the leader.
 
@@ -211,6 +213,15 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
         post_data=vault.write_stream([post_sql], prev and prev.schema.post_data)[0])
     prev_tables = {(t.schema, t.name): t.data for t in prev.tables} if prev else {}
+    # A table with no earlier version here has nothing to deduplicate against: read it
+    # in physical order, as pg_dump does, when its heap is in key order anyway (the
+    # index scan of a key-ordered read costs the server a fifth more).  Its later
+    # snapshots read it in key order, which is then the same bytes, and stays stable
+    # as rows move in the heap.
+    ordered = pgsource.in_key_order(leader, [t for t in tables
+                                             if (t.schema, t.name) not in prev_tables])
+    for t in tables:
+        t.physical = t.oid in ordered
     prev_los = {lo.oid: lo for lo in prev.large_objects} if prev else {}
     user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
@@ -366,7 +377,8 @@ def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress
                       rows=old.rows, data=old.data, relkind=table.relkind,
                       persistence=table.persistence, parent=table.parent,
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences,
-                      extension=table.extension, condition=table.condition)
+                      extension=table.extension, condition=table.condition,
+                      physical=old.physical)
 
 
 def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
@@ -454,7 +466,8 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     for table in todo:
         parts = (min(jobs, math.ceil(table.size / share))
                  if share and table.size >= SPLIT_MIN_BYTES else 1)
-        ranges = pgsource.key_ranges(leader, table, parts) if parts > 1 else None
+        ranges = ((pgsource.block_ranges if table.physical else pgsource.key_ranges)(
+                      leader, table, parts) if parts > 1 else None)
         if ranges:
             mine = [Spool(table, r) for r in ranges[1:]]
             spools += mine
@@ -528,8 +541,8 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
                 previous: dict[tuple[str, str], Stream],
                 spools: list[Spool] = (), first_range: tuple | None = None,
                 stop: threading.Event | None = None) -> TableEntry:
-    """Read and store one table; when it is split, its first key range from ``conn``
-    and then the later ranges from their ``spools``, in key order."""
+    """Read and store one table; when it is split, its first range from ``conn``
+    and then the later ranges from their ``spools``, in order."""
     rows: list[int] = []
 
     def counted():
@@ -557,4 +570,5 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
                       rows=sum(rows), data=stream,
                       relkind=table.relkind, persistence=table.persistence, parent=table.parent,
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences,
-                      extension=table.extension, condition=table.condition)
+                      extension=table.extension, condition=table.condition,
+                      physical=table.physical)

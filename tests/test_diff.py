@@ -16,11 +16,11 @@ from fpvault.vault import Vault
 SMALL = ChunkerParams(avg_size=256, min_size=64, max_size=1024)
 
 
-def entry(vault, rows: list[str], columns, key, kinds=()) -> TableEntry:
+def entry(vault, rows: list[str], columns, key, kinds=(), physical=False) -> TableEntry:
     stream, n = vault.write_stream([("".join(r + "\n" for r in rows)).encode()])
     vault.store.flush()
     return TableEntry(schema="s", name="t", qname="s.t", oid=1, columns=columns, key=key,
-                      key_kinds=list(kinds), rows=n, data=stream)
+                      key_kinds=list(kinds), rows=n, data=stream, physical=physical)
 
 
 values = st.one_of(st.text(alphabet="abcxyz", min_size=0, max_size=12),
@@ -30,10 +30,13 @@ values = st.one_of(st.text(alphabet="abcxyz", min_size=0, max_size=12),
 @given(base=st.dictionaries(st.integers(0, 5000), values, max_size=300),
        edits=st.lists(st.tuples(st.sampled_from(["ins", "del", "upd"]), st.integers(0, 5000),
                                 values), max_size=40),
-       kinds=st.sampled_from([(), ("int",)]))
-@settings(max_examples=80, deadline=None)
-def test_keyed_row_diff_equals_the_true_difference(tmp_path_factory, base, edits, kinds):
-    """With key kinds, the merge join; without, matching by key in hunks."""
+       kinds=st.sampled_from([(), ("int",)]),
+       physical=st.sampled_from([None, 0, 1]), rnd=st.randoms(use_true_random=False))
+@settings(max_examples=120, deadline=None)
+def test_keyed_row_diff_equals_the_true_difference(tmp_path_factory, base, edits, kinds,
+                                                   physical, rnd):
+    """With key kinds, the merge join; without, matching by key in hunks.  A side
+    stored in physical order (``physical``: which) has its rows in any order."""
     vault = Vault.create(str(tmp_path_factory.mktemp("v") / "r"), chunker=SMALL)
     after = dict(base)
     for op, k, v in edits:
@@ -42,8 +45,11 @@ def test_keyed_row_diff_equals_the_true_difference(tmp_path_factory, base, edits
         else:
             after[k] = v
     fmt = lambda d: [f"{k}\t{d[k]}" for k in sorted(d)]  # noqa: E731 (key order, as snap reads)
-    d = row_diff(vault, entry(vault, fmt(base), ["id", "v"], ["id"], kinds),
-                 entry(vault, fmt(after), ["id", "v"], ["id"], kinds))
+    sides = [fmt(base), fmt(after)]
+    if physical is not None:
+        rnd.shuffle(sides[physical])
+    d = row_diff(vault, *(entry(vault, rows, ["id", "v"], ["id"], kinds, side == physical)
+                          for side, rows in enumerate(sides)))
     got = {(r.op, int(r.key["id"])): (r.before, r.after) for r in d.rows}
     want = {}
     for k in set(base) | set(after):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run
+from fpvault.manifest import FORMAT_VERSION
 
 FROZEN = Path(__file__).parent / "data" / "repo-v1"
 OLD, NEW = "44d7f1c8b7e1f6e103af23ec0780fb8ab9de1e43982130f8dfdc57e74a3f9c88", \
@@ -58,14 +59,14 @@ def test_frozen_repository_restores(pg, frozen):
 
 def test_a_snapshot_into_a_format_1_repository_upgrades_it(pg, db, frozen):
     """New snapshots may store frames, which fpvault 0.1.0 cannot read: the config
-    says format 2 from then on (0.1.0 refuses it instead of misreading it), and
+    says the current format from then on (0.1.0 refuses it instead of misreading it), and
     everything already there reads as before."""
     pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
                    "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
     r = run("snap", "-r", frozen, "-d", pg.dsn(db), "--json")
     assert r.code == 0, r.err
     new = json.loads(r.out)["id"]
-    assert json.loads(Path(frozen, "config").read_text())["version"] == 2
+    assert json.loads(Path(frozen, "config").read_text())["version"] == FORMAT_VERSION
     assert run("verify", "-r", frozen, "--read-data").code == 0
     for sid in (OLD, NEW, new):
         target = pg.createdb()
