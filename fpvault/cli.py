@@ -235,7 +235,8 @@ class TermProgress:
               help="Leave out these tables.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Connections reading tables in parallel (all in one snapshot); a table "
-                   "larger than its share is read in key ranges by several of them.")
+                   "larger than its share is read in key (or block) ranges by several of "
+                   "them.")
 @click.option("--reread", is_flag=True,
               help="Read every table, even those whose rows have not changed since the "
                    "previous snapshot.")
@@ -252,8 +253,11 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     ended on the server since; otherwise a table whose every row is older than
     that snapshot, as many as it counted (one scan of the table, no COPY);
     large objects likewise, where the role may read pg_largeobject.  Sequences
-    and the schema are read as always.  Text output ends with the
-    snapshot id on its own line (printed even with -q).
+    and the schema are read as always.  Tables are read in key order, but in
+    their first snapshot in the repository, which the server's statistics say
+    is the order of the heap: those are read as the heap lies, as pg_dump
+    reads them.  Text output ends with the snapshot id on its own line
+    (printed even with -q).
     """
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None

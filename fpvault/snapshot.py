@@ -63,6 +63,15 @@ PG_LARGEOBJECT = 2613
 # least this big is read in key ranges by several connections at once (a single integer
 # key is needed), so that one table does not serialize the snapshot.
 SPLIT_MIN_BYTES = 64 * 1024 * 1024
+# A table read in physical order is split in at most (this machine's cores / 2)
+# parts: a sequential scan keeps its backend far less busy than a key-order read,
+# so a part costs what its client side costs (psql, chunking, compressing: about two
+# cores), and where there are not two per part the parts take turns while the spool
+# adds its own work.  On 2 cores, bench database, first snapshot -j 2: 0.81x of
+# pg_dump -Fc unsplit, 0.85x split (docs/benchmarks.md); key-order reads split
+# regardless (a full re-read, -j 2: 2.56 s split, 2.65 s not).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    os.cpu_count() or 1)
 
 
 @dataclass
@@ -466,6 +475,8 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     for table in todo:
         parts = (min(jobs, math.ceil(table.size / share))
                  if share and table.size >= SPLIT_MIN_BYTES else 1)
+        if table.physical:
+            parts = min(parts, max(1, CORES // 2))
         ranges = ((pgsource.block_ranges if table.physical else pgsource.key_ranges)(
                       leader, table, parts) if parts > 1 else None)
         if ranges:

@@ -63,6 +63,7 @@ def test_first_snapshot_reads_an_ordered_heap_as_it_lies(pg, db, repo, monkeypat
     wait_for_update_counts(pg, db, "updated")
     before = capture(pg, db)
     monkeypatch.setattr(snapshot, "SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr(snapshot, "CORES", 6)    # two per part
     seen = spy_on_copy(monkeypatch)
 
     first = snap(pg, repo, db, "-j", "3")
@@ -82,6 +83,14 @@ def test_first_snapshot_reads_an_ordered_heap_as_it_lies(pg, db, repo, monkeypat
     assert {physical for _, physical, _ in seen} == {False}
     assert second["bytes_added"] < 64 * 1024
     assert run("diff", first["id"], second["id"], "-r", repo, "--json").code == 0
+
+    # With fewer than two cores per part, fewer parts: a physical read's backend is
+    # not what limits it (snapshot.CORES).
+    monkeypatch.setattr(snapshot, "CORES", 4)
+    seen.clear()
+    other = str(repo) + "-other"
+    snap(pg, other, db, "-j", "3")
+    assert len([r for name, _, r in seen if name == "ordered"]) == 2
 
     for sid in (first["id"], second["id"]):
         for jobs in ("1", "3"):
