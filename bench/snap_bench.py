@@ -278,7 +278,8 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         wall("snapshot 1 (fresh repository)", snap1, dump1),
         cpu("snapshot 1", snap1, dump1),
         rss("snapshot 1", snap1),
-        wall("snapshot 1 with -j 2 (a table larger than its share is read in two key ranges)",
+        wall("snapshot 1 with -j 2 (a table larger than its share is split where the "
+             "machine has two cores per part)",
              snap1_j2, dump1),
         cpu("snapshot 1 with -j 2", snap1_j2, dump1),
         rss("snapshot 1 with -j 2", snap1_j2),
