@@ -444,12 +444,16 @@ def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8")
         # Keys Python cannot order, or a stream in physical order: match them hunk by
         # hunk; rows left unmatched are carried along, so memory is bounded by the
         # largest hunk plus the changes (and the rows that lie out of key order).
+        # Keys are compared as values where Python knows how (numeric 5.0 = 5.00, as
+        # in the merge join), else as their text.
+        same = (_key_order(kinds, enc) if len(kinds) == len(a.key) and all(kinds)
+                else lambda fields: fields)
         pending: tuple[dict, dict] = ({}, {})
         for hunk in hunks:
             for side, idx in ((0, ia), (1, ib)):
                 mine, theirs = pending[side], pending[1 - side]
                 for row in rows_of(hunk[side], idx):
-                    k = tuple(row[i] for i in kpos)
+                    k = same(tuple(row[i] for i in kpos))
                     other = theirs.pop(k, None)
                     if other is None:
                         mine[k] = row

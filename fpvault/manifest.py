@@ -61,9 +61,10 @@ class TableEntry(msgspec.Struct, kw_only=True):
     # the rows ``condition`` (a WHERE clause; "": all) chose, as pg_dump's data does.
     extension: str = ""
     condition: str = ""
-    # The stream is in physical order, not in key order: the table's first snapshot in
-    # this repository, read as its heap lies because the statistics said that is key
-    # order (pgsource.in_key_order).  Mostly it is; diff and verify do not assume it.
+    # The stream is in physical order, not in key order: a table the previous snapshot
+    # did not hold (its first, usually), read as its heap lies because the statistics
+    # said that is key order (pgsource.in_key_order).  Mostly it is; diff and verify
+    # do not assume it.
     physical: bool = False
 
 

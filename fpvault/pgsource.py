@@ -765,21 +765,28 @@ def in_key_order(conn: psycopg.Connection, tables: list[TableInfo]) -> set[int]:
     at least KEY_ORDER_CORRELATION, and no row updated or deleted since the
     statistics were reset.  (An update, even a HOT one, puts the row's new
     version elsewhere, and a correlation from a sample does not notice one row
-    in a hundred out of place.)  So: tables only ever appended to in key order,
-    or loaded in it.  Statistics are a sample and may be stale: a wrong guess
-    costs only the next snapshot's deduplication, never correctness."""
+    in a hundred out of place.)  Of a key of several columns, the leading one
+    must be unique in the sample (n_distinct -1): its correlation says nothing
+    of the order within a run of equal values, which ANALYZE ranks by position
+    (a key (day, uuid) appended day by day scores 1).  So: tables only ever
+    appended to in key order, or loaded in it.  Statistics are a sample and may
+    be stale: a wrong guess costs only the next snapshot's deduplication (and
+    memory in a diff --rows against it), never correctness."""
     keyed = [t for t in tables if t.key and not t.condition and t.columns]
     if not keyed:
         return set()
     rows = conn.execute("""
-        SELECT k.oid FROM unnest(%s::pg_catalog.oid[], %s::pg_catalog.text[]) AS k(oid, col)
+        SELECT k.oid FROM unnest(%s::pg_catalog.oid[], %s::pg_catalog.text[], %s::pg_catalog.int4[])
+                          AS k(oid, col, columns)
         JOIN pg_catalog.pg_class c ON c.oid = k.oid
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_catalog.pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname
                                   AND s.attname = k.col AND NOT s.inherited
-        WHERE s.correlation >= %s AND pg_catalog.pg_stat_get_tuples_updated(k.oid) = 0
+        WHERE s.correlation >= %s AND (k.columns = 1 OR s.n_distinct = -1)
+          AND pg_catalog.pg_stat_get_tuples_updated(k.oid) = 0
           AND pg_catalog.pg_stat_get_tuples_deleted(k.oid) = 0""",
-        ([t.oid for t in keyed], [t.key[0] for t in keyed], KEY_ORDER_CORRELATION)).fetchall()
+        ([t.oid for t in keyed], [t.key[0] for t in keyed], [len(t.key) for t in keyed],
+         KEY_ORDER_CORRELATION)).fetchall()
     return {r[0] for r in rows}
 
 

@@ -8,9 +8,9 @@
    covers, after the -n/-N/-t/-T filters, so the data we read matches the DDL.
 3. The leader takes ACCESS SHARE locks on those tables and checks that none
    was truncated or rewritten since the snapshot began.
-4. Each table's COPY stream (key order where the table has a key, but for its
-   first snapshot here, read in physical order where that is key order
-   anyway) is chunked, hashed, deduplicated and stored, by ``jobs``
+4. Each table's COPY stream (key order where the table has a key, but for one
+   the previous snapshot does not hold, read in physical order where the
+   statistics say that is key order anyway) is chunked, hashed, deduplicated and stored, by ``jobs``
    connections that all read the exported snapshot.  A table larger than its
    share is split into key ranges (block ranges, in physical order) read at
    once; the later ranges wait in spool files until the table's writer
@@ -222,7 +222,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
         post_data=vault.write_stream([post_sql], prev and prev.schema.post_data)[0])
     prev_tables = {(t.schema, t.name): t.data for t in prev.tables} if prev else {}
-    # A table with no earlier version here has nothing to deduplicate against: read it
+    # A table the previous snapshot does not hold (its first, usually) has nothing to
+    # deduplicate or delta against (that snapshot is where both come from): read it
     # in physical order, as pg_dump does, when its heap is in key order anyway (the
     # index scan of a key-ordered read costs the server a fifth more).  Its later
     # snapshots read it in key order, which is then the same bytes, and stays stable

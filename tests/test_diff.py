@@ -3,6 +3,7 @@
 import json
 from collections import Counter
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,6 +108,19 @@ def test_merge_join_orders_keys_as_postgres_does(tmp_path):
               ["bytes"])
     d = row_diff(vault, a, b)
     assert sorted((r.op, r.key["k"]) for r in d.rows) == [("delete", "a"), ("update", "é")]
+
+
+@pytest.mark.parametrize("physical", [False, True])
+def test_equal_keys_of_another_text_match_in_either_order(tmp_path, physical):
+    """numeric 5.0 and 5.00 are one key to PostgreSQL: an update, whether diff merges
+    or (a stream in physical order) matches by key; char(n) likewise without its
+    trailing blanks."""
+    vault = Vault.create(str(tmp_path / "r"), chunker=SMALL)
+    for kind, old, new in (("numeric", "5.0", "5.00"), ("bpchar", "ab ", "ab")):
+        a = entry(vault, ["1\tx", f"{old}\tx", "7\tx"], ["k", "v"], ["k"], [kind], physical)
+        b = entry(vault, ["1\tx", f"{new}\ty", "7\tx"], ["k", "v"], ["k"], [kind])
+        d = row_diff(vault, a, b)
+        assert [(r.op, r.key) for r in d.rows] == [("update", {"k": old})], kind
 
 
 @given(text=st.binary(max_size=300).map(lambda b: b.replace(b"\r", b"\n")),

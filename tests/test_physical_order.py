@@ -137,19 +137,21 @@ def test_a_first_snapshot_out_of_key_order_diffs_and_verifies(pg, db, repo):
 
 
 def test_statistics_choose_the_order(pg, db):
-    """pgsource.in_key_order: correlation of the key's leading column, no update or
-    delete counted; no statistics, no guess."""
+    """pgsource.in_key_order: correlation of the key's leading column (unique, if the
+    key has more), no update or delete counted; no statistics, no guess."""
     pg.execute(db, """
         CREATE TABLE fresh (id int PRIMARY KEY);
         INSERT INTO fresh SELECT generate_series(1, 5000);
         CREATE TABLE analyzed (a int, b int, PRIMARY KEY (a, b));
-        INSERT INTO analyzed SELECT g / 10, g % 10 FROM generate_series(1, 5000) g;
+        INSERT INTO analyzed SELECT g, g % 10 FROM generate_series(1, 5000) g;
+        CREATE TABLE runs (day int, u uuid, PRIMARY KEY (day, u));
+        INSERT INTO runs SELECT g / 100, md5(g::text)::uuid FROM generate_series(1, 5000) g;
         CREATE TABLE backwards (id int PRIMARY KEY);
         INSERT INTO backwards SELECT generate_series(5000, 1, -1);
         CREATE TABLE deleted (id int PRIMARY KEY);
         INSERT INTO deleted SELECT generate_series(1, 5000);
         DELETE FROM deleted WHERE id = 7;
-        ANALYZE analyzed, backwards, deleted""")
+        ANALYZE analyzed, runs, backwards, deleted""")
     for _ in range(100):
         if pg.query(db, "SELECT pg_stat_get_tuples_deleted('deleted'::regclass)")[0][0]:
             break
@@ -157,7 +159,7 @@ def test_statistics_choose_the_order(pg, db):
     with pg.connect(db) as conn:
         oids = [r[0] for r in conn.execute(
             "SELECT oid FROM pg_class WHERE relname IN "
-            "('fresh', 'analyzed', 'backwards', 'deleted') ORDER BY relname").fetchall()]
+            "('fresh', 'analyzed', 'runs', 'backwards', 'deleted') ORDER BY relname").fetchall()]
         tables = pgsource.table_infos(conn, oids)
         chosen = pgsource.in_key_order(conn, tables)
     assert sorted(t.name for t in tables if t.oid in chosen) == ["analyzed"]
