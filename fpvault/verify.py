@@ -22,7 +22,10 @@ Every problem is attributed to the snapshots and tables it affects.
 from __future__ import annotations
 
 import random
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import blake3
 import psycopg
@@ -33,6 +36,50 @@ from .errors import RepositoryDamaged
 from .gc import read_pack_trailer, snapshot_streams, with_bases
 from .manifest import Snapshot, TableEntry
 from .vault import Vault
+
+
+# Pack trailers and chunk lists are read by this many threads at once: on a remote
+# backend each is a round trip or more (a trailer takes four: size, head, tail,
+# trailer), and one after another they added up to most of a verify (S3 with 20 ms
+# of latency, 40 snapshots: docs/benchmarks.md, "verify on S3").
+SMALL_READ_THREADS = 8
+# And whole packs (--read-data) by this many, each holding one pack (up to
+# packs.PACK_TARGET_SIZE) while it checks it: a remote backend's downloads overlap,
+# and on any backend the decoding runs on more than one core.
+READ_THREADS = 2
+
+
+@dataclass
+class _PackRead:
+    """What reading one pack found (verify's read_pack)."""
+    read: bool = False
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    bad: list[tuple[bytes, str]] = field(default_factory=list)
+    deltas: list[tuple[bytes, packs.BlobEntry]] = field(default_factory=list)
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
+    """fn(item) for each item, in order, run by ``pool`` at most ``ahead`` beyond the
+    one the caller waits for (their results wait in memory until taken)."""
+    pending: deque[Future] = deque()
+    todo = iter(items)
+
+    def more() -> None:
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                return
+
+    try:
+        more()
+        while pending:
+            result = pending.popleft().result()
+            more()
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
 
 
 @dataclass
@@ -79,19 +126,18 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     # complete once are not walked again for the next snapshot that shares them.
     complete: set[bytes] = set()
     say("checking snapshots")
-    for snap in snapshots:
-        for what, ids in _snapshot_refs(vault, snap, report):
-            for blob_id in ids:
-                if blob_id in complete:
-                    continue
-                needed = with_bases(index, {blob_id})
-                missing = [blob for blob in needed if blob not in index]
-                for blob in missing:
-                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
-                                           f"{blob.hex()[:16]} is not in the index")
-                    report.hit(snap.id, what)
-                if not missing:
-                    complete |= needed
+    for snap, what, ids in _snapshot_refs(vault, snapshots, report):
+        for blob_id in ids:
+            if blob_id in complete:
+                continue
+            needed = with_bases(index, {blob_id})
+            missing = [blob for blob in needed if blob not in index]
+            for blob in missing:
+                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
+                                       f"{blob.hex()[:16]} is not in the index")
+                report.hit(snap.id, what)
+            if not missing:
+                complete |= needed
     del complete
 
     # Damaged blobs, and why; the snapshots they belong to are named at the end (a map
@@ -107,59 +153,85 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         by_pack.setdefault(pack_id, []).append(entry)
     present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")}
     report.packs = len(present)
-    for pack_id, entries in sorted(by_pack.items()):
-        name = packs.pack_name(pack_id)
+    for pack_id in sorted(by_pack):
         if pack_id.hex() not in present:
+            entries = by_pack[pack_id]
             report.problems.append(f"pack {pack_id.hex()[:16]} is missing ({len(entries)} blobs)")
             for e in entries:
                 damaged(e.id, f"its data was in missing pack {pack_id.hex()[:16]}")
-            continue
-        try:
-            trailer = {e.id: e for e in read_pack_trailer(backend, name, vault.codec)}
-        except (RepositoryDamaged, packs.PackFormatError) as exc:
-            report.problems.append(f"pack {pack_id.hex()[:16]} is damaged: {exc}")
-            for e in entries:
-                damaged(e.id, f"its pack {pack_id.hex()[:16]} is damaged")
-            continue
-        for e in entries:
-            if trailer.get(e.id) != e:
-                report.problems.append(f"pack {pack_id.hex()[:16]} does not hold blob "
-                                       f"{e.id.hex()[:16]} where the index says")
-                damaged(e.id, "the index and its pack disagree")
 
-    def check(members: list[packs.BlobEntry], stored: bytes) -> None:
+    def trailer_of(pack_id: bytes):
+        try:
+            return read_pack_trailer(backend, packs.pack_name(pack_id), vault.codec)
+        except (RepositoryDamaged, packs.PackFormatError) as exc:
+            return exc
+
+    stored_packs = [p for p in sorted(by_pack) if p.hex() in present]
+    with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
+        for pack_id, trailer in zip(stored_packs, _in_order(pool, trailer_of, stored_packs,
+                                                             SMALL_READ_THREADS * 4)):
+            entries = by_pack[pack_id]
+            if isinstance(trailer, Exception):
+                report.problems.append(f"pack {pack_id.hex()[:16]} is damaged: {trailer}")
+                for e in entries:
+                    damaged(e.id, f"its pack {pack_id.hex()[:16]} is damaged")
+                continue
+            held = {e.id: e for e in trailer}
+            for e in entries:
+                if held.get(e.id) != e:
+                    report.problems.append(f"pack {pack_id.hex()[:16]} does not hold blob "
+                                           f"{e.id.hex()[:16]} where the index says")
+                    damaged(e.id, "the index and its pack disagree")
+
+    def check(members: list[packs.BlobEntry], stored: bytes) -> list[tuple[bytes, str]]:
+        """The damaged blobs of one stored range, and why (counted as checked)."""
+        out = []
         for e, exc in vault.store.decode_stored(members, stored):
-            report.blobs_checked += 1
             if exc is not None:
-                damaged(e.id, f"chunk {e.id.hex()[:16]} is damaged ({exc.why})")
+                out.append((e.id, f"chunk {e.id.hex()[:16]} is damaged ({exc.why})"))
+        return out
 
     # On a local backend deltas are checked after the packs, in chain order, with
     # ranged reads (cheap here; on a remote backend, a request each).
     local = not getattr(backend, "parallel_reads", False)
     deltas: list[tuple[bytes, packs.BlobEntry]] = []
+
+    def read_pack(pack_id: bytes) -> _PackRead:
+        """Read one pack whole and check what it stores, but for the deltas a local
+        backend checks afterwards (in a reader thread: zstd and BLAKE3 release the GIL)."""
+        result = _PackRead()
+        try:
+            data = backend.get(packs.pack_name(pack_id))
+        except RepositoryDamaged as exc:
+            result.problems.append(f"pack {pack_id.hex()[:16]}: {exc}")
+            return result
+        result.read = True
+        if blake3.blake3(data).digest() != pack_id:
+            result.problems.append(f"pack {pack_id.hex()[:16]} does not match its hash")
+        for (offset, length), members in packs.stored_ranges(by_pack[pack_id]).items():
+            if members[0].encoding == packs.DELTA and local:
+                result.deltas.append((pack_id, members[0]))
+                continue
+            # A frame's blobs share their stored bytes: decoded once for all.
+            result.bad += check(members, data[offset:offset + length])
+            result.checked += len(members)
+        return result
+
     if read_data or subset is not None:
         chosen = sorted(by_pack)
         if subset is not None:
             n = max(1, round(len(chosen) * subset / 100)) if chosen else 0
             chosen = sorted(random.sample(chosen, min(n, len(chosen))))
-        for i, pack_id in enumerate(chosen):
-            if pack_id.hex() not in present:
-                continue
-            say(f"reading pack {i + 1}/{len(chosen)}")
-            try:
-                data = backend.get(packs.pack_name(pack_id))
-            except RepositoryDamaged as exc:
-                report.problems.append(f"pack {pack_id.hex()[:16]}: {exc}")
-                continue
-            report.packs_read += 1
-            if blake3.blake3(data).digest() != pack_id:
-                report.problems.append(f"pack {pack_id.hex()[:16]} does not match its hash")
-            for (offset, length), members in packs.stored_ranges(by_pack[pack_id]).items():
-                if members[0].encoding == packs.DELTA and local:
-                    deltas.append((pack_id, members[0]))
-                    continue
-                # A frame's blobs share their stored bytes: decoded once for all.
-                check(members, data[offset:offset + length])
+        chosen = [p for p in chosen if p.hex() in present]
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
+            for i, result in enumerate(_in_order(pool, read_pack, chosen, READ_THREADS)):
+                say(f"read pack {i + 1}/{len(chosen)}")
+                report.packs_read += result.read
+                report.blobs_checked += result.checked
+                report.problems += result.problems
+                for blob, why in result.bad:
+                    damaged(blob, why)
+                deltas += result.deltas
         # Deltas, chain by chain: in pack order every snapshot's pack would decode its
         # deltas' bases (and the frames they are in) once more for each dependent.
         rank = {pack_id: i for i, pack_id in enumerate(sorted(by_pack))}
@@ -170,7 +242,9 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
             except RepositoryDamaged as exc:
                 report.problems.append(f"pack {pack_id.hex()[:16]}: {exc}")
                 continue
-            check([e], stored)
+            report.blobs_checked += 1
+            for blob, why in check([e], stored):
+                damaged(blob, why)
 
     if bad:
         _name_victims(vault, snapshots, bad, report)
@@ -204,23 +278,33 @@ def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> in
             | e.generation)
 
 
-def _snapshot_refs(vault: Vault, snap: Snapshot, report: Report, *, victims: bool = False):
-    """(what, blob ids of its chunks) of each stream of ``snap``; an unreadable chunk
-    list is reported and skipped.  With ``victims`` (naming the streams damage hits),
-    the list's own id comes first and nothing is reported."""
-    for what, stream in snapshot_streams(snap):
-        list_id = bytes.fromhex(stream.list)
-        head = [list_id] if victims else []
+def _snapshot_refs(vault: Vault, snaps: list[Snapshot], report: Report, *,
+                   victims: bool = False):
+    """(snapshot, what, blob ids of its chunks) of each stream of each of ``snaps``;
+    an unreadable chunk list is reported and skipped.  With ``victims`` (naming the
+    streams damage hits), the list's own id comes first and nothing is reported.
+    The lists are read by a few threads ahead (on a remote backend, a request each)."""
+    items = [(snap, what, bytes.fromhex(stream.list))
+             for snap in snaps for what, stream in snapshot_streams(snap)]
+
+    def fetch(item):
         try:
-            refs = vault.store.get_list(list_id)
+            return vault.store.get_list(item[2])
         except RepositoryDamaged as exc:
-            if not victims:
-                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
-                                       f"unreadable ({exc})")
-                report.hit(snap.id, what)
-            yield what, head
-            continue
-        yield what, head + [ref.id for ref in refs]
+            return exc
+
+    with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
+        for (snap, what, list_id), refs in zip(items, _in_order(pool, fetch, items,
+                                                                SMALL_READ_THREADS * 2)):
+            head = [list_id] if victims else []
+            if isinstance(refs, RepositoryDamaged):
+                if not victims:
+                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
+                                           f"unreadable ({refs})")
+                    report.hit(snap.id, what)
+                yield snap, what, head
+                continue
+            yield snap, what, head + [ref.id for ref in refs]
 
 
 def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list[str]],
@@ -228,13 +312,12 @@ def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list
     """Report each damaged blob once for every snapshot stream that needs it (itself,
     or as a delta base, or as its chunk list)."""
     index = vault.index
-    for snap in snapshots:
-        for what, ids in _snapshot_refs(vault, snap, report, victims=True):
-            hits = {blob for i in ids for blob in with_bases(index, {i}) if blob in bad}
-            for blob in sorted(hits):
-                for why in bad[blob]:
-                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: {why}")
-                report.hit(snap.id, what)
+    for snap, what, ids in _snapshot_refs(vault, snapshots, report, victims=True):
+        hits = {blob for i in ids for blob in with_bases(index, {i}) if blob in bad}
+        for blob in sorted(hits):
+            for why in bad[blob]:
+                report.problems.append(f"snapshot {snap.id[:8]}, {what}: {why}")
+            report.hit(snap.id, what)
 
 
 def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report: Report) -> None:

@@ -3,6 +3,7 @@
 Each request is forwarded to the upstream server unless the fault plan says
 otherwise for it: answer 503 SlowDown or 500 InternalError, drop the
 connection without an answer, or stall (read the request, answer nothing).
+``delay`` adds a round trip's latency to every request (bench/verify_bench.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class FaultProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.plan = lambda method, n: None   # -> None | "503" | "500" | "drop" | "stall"
+        self.delay = 0.0   # seconds added to every request, as a network's round trip
         self.requests = 0
         self.faults = 0
         self._lock = threading.Lock()
@@ -41,6 +43,8 @@ class FaultProxy:
                     fault = proxy.plan(self.command, proxy.requests)
                     if fault:
                         proxy.faults += 1
+                if proxy.delay:
+                    time.sleep(proxy.delay)
                 if fault == "drop":
                     self.close_connection = True
                     self.connection.close()
