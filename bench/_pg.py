@@ -353,6 +353,23 @@ def tree_bytes(path: str | os.PathLike) -> int:
     return total
 
 
+def moto_server():
+    """(moto's S3 server on a free local port, started; the port).  stop() it when done."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    return server, port
+
+
+def s3_client(port: int):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
+                        aws_access_key_id="bench", aws_secret_access_key="bench")
+
+
 def pin_fpvault() -> tuple[str, str]:
     """Freeze the fpvault sources under measurement; return (their dir, version).
 

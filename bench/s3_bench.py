@@ -27,8 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _pg import (Cluster, Conditions, build_bench_db, churn, fpvault_bin, free_port, human, machine,  # noqa: E402
-                 pin_fpvault, timed, today, write_section)
+from _pg import (Cluster, Conditions, build_bench_db, churn, fpvault_bin, human, machine,  # noqa: E402
+                 moto_server, pin_fpvault, s3_client, timed, today, write_section)
 
 from fpvault.crypto import Crypto, Plain, new_master  # noqa: E402
 
@@ -63,20 +63,14 @@ def main() -> None:
     conditions = Conditions()
     # Measure a frozen copy of the sources: the working tree may be edited meanwhile.
     _, version = pin_fpvault()
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, port = moto_server()
     fv = fpvault_bin()
     results = {}
     try:
         with Cluster() as cluster, tempfile.TemporaryDirectory(prefix="fpvault-bench-") as tmp:
             build_bench_db(cluster, "bench", args.scale)
             cluster.execute("bench", "CREATE DATABASE scratch_template TEMPLATE template0")
-            s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                              aws_access_key_id="bench", aws_secret_access_key="bench")
+            s3 = s3_client(port)
             base_env = cluster.env()
             base_env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                             AWS_DEFAULT_REGION="us-east-1",

@@ -27,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))   # the S3 proxy of the tests
 
-from _pg import (Cluster, Conditions, fpvault_bin, free_port, machine, pin_fpvault,  # noqa: E402
-                 timed, today, write_section)
+from _pg import (Cluster, Conditions, fpvault_bin, machine, moto_server, pin_fpvault,  # noqa: E402
+                 s3_client, timed, today, write_section)
 from s3faults import FaultProxy  # noqa: E402
 
 
@@ -43,12 +43,7 @@ def main() -> None:
     started = time.monotonic()
     conditions = Conditions()
     _, version = pin_fpvault()
-    from moto.server import ThreadedMotoServer
-    import boto3
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server, port = moto_server()
     proxy = FaultProxy(port)
     fv = fpvault_bin()
     try:
@@ -57,9 +52,7 @@ def main() -> None:
             cluster.execute("small", "CREATE TABLE t (id int PRIMARY KEY, v text); "
                                      f"INSERT INTO t SELECT g, md5(g::text) "
                                      f"FROM generate_series(1, {args.rows}) g")
-            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                         aws_access_key_id="bench", aws_secret_access_key="bench"
-                         ).create_bucket(Bucket="verify-bench")
+            s3_client(port).create_bucket(Bucket="verify-bench")
             env = cluster.env()
             env.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                        AWS_DEFAULT_REGION="us-east-1",
