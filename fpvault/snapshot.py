@@ -24,7 +24,8 @@ the tables are taken from the previous snapshot without reading them, if the
 catalog says the same of them and their chunks are all in the index.
 Otherwise, on the same running server with the same schema, a table whose
 every row is older than the previous snapshot's xmin, as many rows as it
-counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY);
+counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY, by
+the connection that would read the table, so that -j runs the scans at once);
 "the same schema" but for large objects' entries
 (pgtools.without_large_objects), and not for a table whose values print
 catalog names (pgsource.print_catalog_names).  A large object with as many
@@ -246,21 +247,24 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     # composite type changes a table's text without touching its rows.
     look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
     reuse = _reusable_tables(vault, prev, tables) if unchanged or look else {}
+    looks: dict[int, Look] = {}
     if look:
         # A value naming a role, or an object outside the dump, prints its new name
         # after a rename that no row records: such tables are read.
         names = pgsource.print_catalog_names(leader, [t.oid for t in tables])
         # Nor is a look enough for the rows a condition chooses: it may choose other
         # rows of the same (or another) table.
-        reuse = _unchanged_tables(leader, history[-2:], mark,
-                                  [t for t in tables if t.oid not in names and not t.condition],
-                                  reuse)
+        looks = _looks(history[-2:], mark,
+                       [t for t in tables if t.oid not in names and not t.condition], reuse)
+        reuse = {}
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]
-    entries += _copy_tables(vault, leader, conninfo, snapshot_name, encoding, reader,
-                            [t for t in tables if t.oid not in reuse], jobs, progress,
-                            prev_tables)
+    copied, looked = _copy_tables(vault, leader, conninfo, snapshot_name, encoding, reader,
+                                  [t for t in tables if t.oid not in reuse], jobs, progress,
+                                  prev_tables, looks)
+    entries += copied
+    reuse |= looked
 
     sequences = []
     for oid in seq_oids:
@@ -343,11 +347,24 @@ def _same_server(a: XactMark, b: XactMark) -> bool:
         b.system, b.timeline, b.started, b.database_oid)
 
 
-def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], mark: XactMark,
-                      tables: list[pgsource.TableInfo],
-                      reusable: dict[int, TableEntry]) -> dict[int, TableEntry]:
-    """Of the reusable tables, those whose rows are the ones the previous snapshot
-    (``last[-1]``; ``last`` is the latest one or two) saw, by pgsource.rows_unchanged.
+@dataclass
+class Look:
+    """A table that may be taken from the previous snapshot unread: ``old`` is its
+    entry there, if pgsource.rows_unchanged(``before``, ``newest``) says its rows
+    are the ones that snapshot read.  The reader that gets the table looks first."""
+    old: TableEntry
+    before: int
+    newest: int
+
+    def unchanged(self, conn: psycopg.Connection, table: pgsource.TableInfo) -> bool:
+        return pgsource.rows_unchanged(conn, table, self.old.rows, self.before, self.newest)
+
+
+def _looks(last: list[Snapshot], mark: XactMark, tables: list[pgsource.TableInfo],
+           reusable: dict[int, TableEntry]) -> dict[int, Look]:
+    """Of the reusable tables, those worth a look (Look): each is then taken unread if
+    its rows are the ones the previous snapshot (``last[-1]``; ``last`` is the latest
+    one or two) saw, and read otherwise.
 
     A table whose rows had changed in the previous snapshot, against the one before,
     is read without a look: what changes between two snapshots mostly changes again,
@@ -359,8 +376,7 @@ def _unchanged_tables(conn: psycopg.Connection, last: list[Snapshot], mark: Xact
         old = reusable.get(t.oid)
         if old is None or earlier.get(t.oid, old.data.hash) != old.data.hash:
             continue
-        if pgsource.rows_unchanged(conn, t, old.rows, before, newest):
-            out[t.oid] = old
+        out[t.oid] = Look(old, before, newest)
     return out
 
 
@@ -461,21 +477,35 @@ def copy_out(conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
 def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
                  encoding: str, reader: pgsource.PsqlReader | None,
                  tables: list[pgsource.TableInfo], jobs: int, progress: Progress,
-                 previous: dict[tuple[str, str], Stream]) -> list[TableEntry]:
+                 previous: dict[tuple[str, str], Stream], looks: dict[int, Look]
+                 ) -> tuple[list[TableEntry], dict[int, TableEntry]]:
+    """Read and store the tables, but for those whose Look finds them unchanged:
+    (the entries of all of them, the entries taken unread by oid).  The looks
+    run on the connections that read, each table's just before it would be read."""
+    looked: dict[int, TableEntry] = {}
+
+    def look_or_copy(conn: psycopg.Connection, table: pgsource.TableInfo, *split) -> TableEntry:
+        look = looks.get(table.oid)
+        if look is not None and look.unchanged(conn, table):
+            looked[table.oid] = look.old
+            return _reused_entry(table, look.old, progress)
+        return _copy_table(vault, conn, reader, table, progress, previous, *split)
+
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
     if jobs == 1 or not todo:
-        return [_copy_table(vault, leader, reader, t, progress, previous) for t in todo]
+        return [look_or_copy(leader, t) for t in todo], looked
 
     # A table larger than its share of the work is read in key ranges by several
     # connections at once.  Their spools go first in the queue: every spool is being
-    # read before any table's writer can wait for one, so nothing waits forever.
+    # read before any table's writer can wait for one, so nothing waits forever.  (Not
+    # a table to look at first: mostly it has not changed.)
     share = sum(t.size for t in todo) / jobs
     spools: list[Spool] = []
     tasks: list[tuple[pgsource.TableInfo, list[Spool], tuple | None]] = []
     for table in todo:
         parts = (min(jobs, math.ceil(table.size / share))
-                 if share and table.size >= SPLIT_MIN_BYTES else 1)
+                 if share and table.size >= SPLIT_MIN_BYTES and table.oid not in looks else 1)
         if table.physical:
             parts = min(parts, max(1, CORES // 2))
         ranges = ((pgsource.block_ranges if table.physical else pgsource.key_ranges)(
@@ -510,7 +540,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             if isinstance(task, Spool):
                 task.fill(conn, reader, progress)
                 continue
-            entry = _copy_table(vault, conn, reader, table, progress, previous, *task[1:], stop)
+            entry = look_or_copy(conn, table, *task[1:], stop)
             with lock:
                 results.append(entry)
 
@@ -538,7 +568,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     finally:
         for spool in spools:
             spool.close()
-    return results
+    return results, looked
 
 
 def lock_conflict(table: pgsource.TableInfo) -> SnapshotFailed:

@@ -3,6 +3,7 @@ previous snapshot and as many (pgsource.rows_unchanged).  Each test compares wha
 snap stored with what reading every table (--reread) stores at the same moment."""
 
 import json
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -30,11 +31,11 @@ def tables(repo, sid):
     return {t.name: (t.data.hash, t.rows) for t in Vault.open(repo).resolve(sid)[1].tables}
 
 
-def snap_and_compare(pg, repo, db, monkeypatch):
+def snap_and_compare(pg, repo, db, monkeypatch, *args):
     """Snap; the tables it read; and check that what it stored is what a full read
     stores now (nothing changes in between: the test is the only writer)."""
     seen = reads(monkeypatch)
-    doc = snap(pg, repo, db)
+    doc = snap(pg, repo, db, *args)
     read = sorted(seen)
     full = snap(pg, repo, db, "--reread")
     assert tables(repo, doc["id"]) == tables(repo, full["id"])
@@ -56,6 +57,25 @@ def test_a_changed_table_is_read_and_the_rest_taken(pg, db, repo, monkeypatch, c
     snap(pg, repo, db)
     pg.execute(db, change)
     assert snap_and_compare(pg, repo, db, monkeypatch) == ["a"]
+
+
+def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
+    """With -j, a table is looked at by the connection that would read it, so the
+    scans run at once; what is stored is as with -j 1."""
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db, "-j", "3")
+    pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
+    pids = []
+    real = pgsource.rows_unchanged
+
+    def spy(conn, *args):
+        pids.append(conn.info.backend_pid)
+        time.sleep(0.3)     # long enough for every connection to take a table
+        return real(conn, *args)
+
+    monkeypatch.setattr(pgsource, "rows_unchanged", spy)
+    assert snap_and_compare(pg, repo, db, monkeypatch, "-j", "3") == ["a"]
+    assert len(pids) == 3 and len(set(pids)) == 3
 
 
 def test_rewrites_and_freezing_keep_the_rows(pg, db, repo, monkeypatch):
