@@ -51,7 +51,7 @@ def test_chunks_end_at_row_ends_when_rows_are_short(data):
 def test_boundaries_survive_an_edit_far_away(seed, where):
     rnd = random.Random(seed)
     lines = [b"%d\t%s\n" % (i, rnd.randbytes(rnd.randint(5, 60)).hex().encode())
-             for i in range(3000)]
+             for i in range(6000)]
     before = b"".join(lines)
     i = int(len(lines) * where)
     lines[i] = b"%d\tchanged\n" % i
@@ -65,10 +65,13 @@ def test_boundaries_survive_an_edit_far_away(seed, where):
             break
         prefix.append(c)
     assert b[:len(prefix)] == prefix
-    # And most chunks after the edit are shared again (resynchronisation).
-    tail_a, tail_b = set(a[len(prefix) + 4:]), set(b[len(prefix) + 4:])
-    if tail_a:
-        assert len(tail_a & tail_b) >= len(tail_a) * 0.8
+    # And the cuts resynchronise after the edit: a bounded number of chunks differ,
+    # however long the rest.  (How many is geometric: in 1500 random cases 1 for
+    # 58%, at most 14; a share of the tail, as this test once asked, fails when the
+    # edit is near the end.)  The tail is longer than that, so a chunker that never
+    # resynchronised would fail this.
+    assert len(a) - len(prefix) > 40
+    assert len(set(a) - set(b)) <= 32
 
 
 def test_a_row_longer_than_the_slack_is_cut_inside():
