@@ -2,7 +2,10 @@
 
 Table level: two snapshots' entries for a table are *unchanged* when their
 chunk list ids are equal (the same stream, byte for byte), which is decided
-from the manifests alone, without reading data.
+from the manifests alone, without reading data.  Where one side is stored in
+physical order (TableEntry.physical) and both have as many rows, the same rows
+may lie in another order: the differing chunks are then read (as for
+``--rows``) to tell.
 
 Schema level: the schema text (pg_restore's SQL, which heads every object
 with ``-- Name: …; Type: …; Schema: …``) is split into *objects*; objects
@@ -308,12 +311,19 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
         if wanted is not None and key not in wanted:
             continue
         x, y = ta.get(key), tb.get(key)
+        found = None
         if x is None:
             status = "added"
         elif y is None:
             status = "removed"
         elif x.data.list == y.data.list:
             status = "unchanged"
+        elif (x.physical or y.physical) and (x.columns, x.rows) == (y.columns, y.rows):
+            # As many rows, one side stored in physical order: perhaps the same rows in
+            # another order (a first snapshot not quite in key order, then one in key
+            # order).  Only the rows can tell; the differing chunks are read.
+            found = row_diff(vault, x, y, a.source.encoding)
+            status = "changed" if found.inserted or found.deleted or found.updated else "unchanged"
         else:
             status = "changed"
         t = y or x
@@ -329,7 +339,7 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
         else:
             td.schema_changed = True
         if rows and status == "changed":
-            td.rows = row_diff(vault, x, y, a.source.encoding)
+            td.rows = found or row_diff(vault, x, y, a.source.encoding)
         out.append(td)
 
     seqs = []
