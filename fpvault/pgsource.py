@@ -559,6 +559,20 @@ def lock_tables(conn: psycopg.Connection, tables: list[TableInfo], nowait: bool 
                 names, sql.SQL(" NOWAIT" if nowait else "")))
 
 
+def lock_tables_nowait(conn: psycopg.Connection, tables: list[TableInfo]) -> bool:
+    """lock_tables with NOWAIT, in a savepoint: False, and the transaction (and its
+    snapshot) as it was, if another session holds or awaits a conflicting lock."""
+    conn.execute("SAVEPOINT fpvault_lock")
+    try:
+        lock_tables(conn, tables, nowait=True)
+    except psycopg.errors.LockNotAvailable:
+        conn.execute("ROLLBACK TO SAVEPOINT fpvault_lock")
+        conn.execute("RELEASE SAVEPOINT fpvault_lock")
+        return False
+    conn.execute("RELEASE SAVEPOINT fpvault_lock")
+    return True
+
+
 def rewritten_since_snapshot(conn: psycopg.Connection, oids: list[int]) -> list[str]:
     """Tables truncated or rewritten after our snapshot began.
 

@@ -518,31 +518,54 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             tasks.append((table, [], None))
     queue: list = [*spools, *tasks]
 
-    lock = threading.Lock()
+    lock = threading.Condition()
     results: list[TableEntry] = []
     stop = threading.Event()
+    # Tables to look at that a worker could not lock: the leader, which holds every
+    # lock, looks at them itself, as it did at all of them before -j looked at once.
+    for_leader: list = []
+    busy = [0]   # workers with a task, which may yet hand it to the leader
+
+    def take(is_leader: bool):
+        with lock:
+            while True:
+                if is_leader and for_leader:
+                    return for_leader.pop(0)
+                if queue:
+                    busy[0] += not is_leader
+                    return queue.pop(0)
+                if not is_leader or not busy[0] or stop.is_set():
+                    return None
+                lock.wait(0.1)
 
     def work(conn: psycopg.Connection, is_leader: bool) -> None:
-        while not stop.is_set():
-            with lock:
-                if not queue:
+        while not stop.is_set() and (task := take(is_leader)) is not None:
+            try:
+                run(conn, is_leader, task)
+            finally:
+                if not is_leader:
+                    with lock:
+                        busy[0] -= 1
+                        lock.notify_all()
+
+    def run(conn: psycopg.Connection, is_leader: bool, task) -> None:
+        table = task.table if isinstance(task, Spool) else task[0]
+        if not is_leader:
+            # The leader holds the locks; a worker that must wait for one means someone
+            # asked for an exclusive lock in between (pg_dump's parallel.c avoids the
+            # same deadlock this way).
+            if not pgsource.lock_tables_nowait(conn, [table]):
+                if table.oid in looks and not isinstance(task, Spool):
+                    with lock:
+                        for_leader.append(task)
                     return
-                task = queue.pop(0)
-            table = task.table if isinstance(task, Spool) else task[0]
-            if not is_leader:
-                # The leader holds the locks; a worker that must wait for one means someone
-                # asked for an exclusive lock in between (pg_dump's parallel.c avoids the
-                # same deadlock this way).
-                try:
-                    pgsource.lock_tables(conn, [table], nowait=True)
-                except psycopg.errors.LockNotAvailable as exc:
-                    raise lock_conflict(table) from exc
-            if isinstance(task, Spool):
-                task.fill(conn, reader, progress)
-                continue
-            entry = look_or_copy(conn, table, *task[1:], stop)
-            with lock:
-                results.append(entry)
+                raise lock_conflict(table)
+        if isinstance(task, Spool):
+            task.fill(conn, reader, progress)
+            return
+        entry = look_or_copy(conn, table, *task[1:], stop)
+        with lock:
+            results.append(entry)
 
     def worker() -> None:
         conn = pgsource.connect(conninfo, "for a parallel worker")

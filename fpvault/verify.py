@@ -153,12 +153,6 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         by_pack.setdefault(pack_id, []).append(entry)
     present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")}
     report.packs = len(present)
-    for pack_id in sorted(by_pack):
-        if pack_id.hex() not in present:
-            entries = by_pack[pack_id]
-            report.problems.append(f"pack {pack_id.hex()[:16]} is missing ({len(entries)} blobs)")
-            for e in entries:
-                damaged(e.id, f"its data was in missing pack {pack_id.hex()[:16]}")
 
     def trailer_of(pack_id: bytes):
         try:
@@ -166,11 +160,19 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         except (RepositoryDamaged, packs.PackFormatError) as exc:
             return exc
 
+    # In pack order, as one pack after another would report them.
     stored_packs = [p for p in sorted(by_pack) if p.hex() in present]
     with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-        for pack_id, trailer in zip(stored_packs, _in_order(pool, trailer_of, stored_packs,
-                                                             SMALL_READ_THREADS * 4)):
+        trailers = _in_order(pool, trailer_of, stored_packs, SMALL_READ_THREADS * 4)
+        for pack_id in sorted(by_pack):
             entries = by_pack[pack_id]
+            if pack_id.hex() not in present:
+                report.problems.append(f"pack {pack_id.hex()[:16]} is missing "
+                                       f"({len(entries)} blobs)")
+                for e in entries:
+                    damaged(e.id, f"its data was in missing pack {pack_id.hex()[:16]}")
+                continue
+            trailer = next(trailers)
             if isinstance(trailer, Exception):
                 report.problems.append(f"pack {pack_id.hex()[:16]} is damaged: {trailer}")
                 for e in entries:
@@ -222,10 +224,14 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         if subset is not None:
             n = max(1, round(len(chosen) * subset / 100)) if chosen else 0
             chosen = sorted(random.sample(chosen, min(n, len(chosen))))
-        chosen = [p for p in chosen if p.hex() in present]
+        stored = [p for p in chosen if p.hex() in present]
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-            for i, result in enumerate(_in_order(pool, read_pack, chosen, READ_THREADS)):
-                say(f"read pack {i + 1}/{len(chosen)}")
+            results = _in_order(pool, read_pack, stored, READ_THREADS)
+            for i, pack_id in enumerate(chosen):
+                if pack_id.hex() not in present:
+                    continue
+                say(f"reading pack {i + 1}/{len(chosen)}")
+                result = next(results)
                 report.packs_read += result.read
                 report.blobs_checked += result.checked
                 report.problems += result.problems

@@ -178,6 +178,21 @@ def test_truncated_and_deleted_packs(history, repo):
     assert r.code == 3
 
 
+def test_pack_problems_are_reported_in_pack_order(history, repo):
+    """verify reads trailers and packs in threads; what it reports comes in pack
+    order all the same, missing packs among the rest."""
+    packs = sorted(Path(repo, "data").glob("*/*"), key=lambda p: p.name)
+    assert len(packs) >= 3
+    packs[0].write_bytes(packs[0].read_bytes()[:-20])     # no trailer
+    packs[-1].unlink()
+    for extra in ([], ["--read-data"]):
+        r = run("verify", "-r", repo, "--json", *extra)
+        assert r.code == 3
+        named = [p.split()[1] for p in json.loads(r.out)["problems"]
+                 if p.startswith("pack ") and (" is damaged" in p or " is missing" in p)]
+        assert named == [packs[0].name[:16], packs[-1].name[:16]], r.out
+
+
 def test_deleted_index_is_repaired_from_packs(history, repo):
     ids, scripts = history
     for f in (Path(repo) / "index").iterdir():

@@ -3,6 +3,7 @@ previous snapshot and as many (pgsource.rows_unchanged).  Each test compares wha
 snap stored with what reading every table (--reread) stores at the same moment."""
 
 import json
+import threading
 import time
 
 import pytest
@@ -76,6 +77,41 @@ def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
     monkeypatch.setattr(pgsource, "rows_unchanged", spy)
     assert snap_and_compare(pg, repo, db, monkeypatch, "-j", "3") == ["a"]
     assert len(pids) == 3 and len(set(pids)) == 3
+
+
+def test_ddl_queued_on_unchanged_tables_does_not_fail_a_parallel_snapshot(pg, db, repo,
+                                                                          monkeypatch):
+    """A worker cannot lock a table behind an ALTER queued after the leader's lock; the
+    leader, which holds every lock, looks at that table itself (as it looked at all
+    of them before -j looked at once), and the unchanged ones are taken unread."""
+    pg.execute(db, SCHEMA)
+    snap(pg, repo, db, "-j", "2")
+    pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
+    waiting = []
+
+    def alter(table):
+        with pg.connect(db) as conn:
+            conn.execute("SET lock_timeout = '60s'")
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN z int")
+
+    real = pgsource.rewritten_since_snapshot
+
+    def locks_taken(conn, oids):   # the leader holds its locks now: queue DDL behind them
+        for table in ("b", "c"):
+            waiting.append(threading.Thread(target=alter, args=(table,)))
+            waiting[-1].start()
+        with pg.connect(db) as other:
+            while other.execute("SELECT count(*) FROM pg_locks l JOIN pg_database d "
+                                "ON d.oid = l.database AND d.datname = current_database() "
+                                "WHERE NOT l.granted").fetchone()[0] < 2:
+                time.sleep(0.02)
+        return real(conn, oids)
+
+    monkeypatch.setattr(pgsource, "rewritten_since_snapshot", locks_taken)
+    doc = snap(pg, repo, db, "-j", "2")
+    for thread in waiting:
+        thread.join()
+    assert doc["tables_reused"] == 2
 
 
 def test_rewrites_and_freezing_keep_the_rows(pg, db, repo, monkeypatch):
