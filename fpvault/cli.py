@@ -256,8 +256,8 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     and the schema are read as always.  Tables with a key are read in key
     order; a table the previous snapshot does not hold (usually its first
     snapshot) is read as its heap lies, as pg_dump reads it, when the
-    server's statistics say that is key order anyway.  Text output ends with the snapshot id on its own line
-    (printed even with -q).
+    server's statistics say that is key order anyway.  Text output ends with
+    the snapshot id on its own line (printed even with -q).
     """
     vault = ctx.open(create=True)
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None

@@ -567,6 +567,3 @@ def _hunks(la: list[ChunkRef], lb: list[ChunkRef]) -> Iterator[tuple[list[bytes]
             yield ha, hb
         i += 1 if i < len(la) else 0   # step over one shared chunk on each side
         j += 1 if j < len(lb) else 0
-
-
-

@@ -763,7 +763,11 @@ def key_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
         k, k, sql.SQL(table.qname))).fetchone()
     if lo is None or hi - lo < parts * 2:
         return None
-    bounds = [lo + (hi - lo + 1) * i // parts for i in range(1, parts)]
+    return _ranges([lo + (hi - lo + 1) * i // parts for i in range(1, parts)])
+
+
+def _ranges(bounds: list[int]) -> list[tuple[int | None, int | None]]:
+    """Adjacent ranges split at ``bounds``, the first and last unbounded."""
     edges: list[int | None] = [None, *bounds, None]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -790,8 +794,9 @@ def in_key_order(conn: psycopg.Connection, tables: list[TableInfo]) -> set[int]:
     if not keyed:
         return set()
     rows = conn.execute("""
-        SELECT k.oid FROM unnest(%s::pg_catalog.oid[], %s::pg_catalog.text[], %s::pg_catalog.int4[])
-                          AS k(oid, col, columns)
+        SELECT k.oid
+        FROM unnest(%s::pg_catalog.oid[], %s::pg_catalog.text[], %s::pg_catalog.int4[])
+             AS k(oid, col, columns)
         JOIN pg_catalog.pg_class c ON c.oid = k.oid
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_catalog.pg_stats s ON s.schemaname = n.nspname AND s.tablename = c.relname
@@ -818,8 +823,7 @@ def block_ranges(conn: psycopg.Connection, table: TableInfo, parts: int
                           (table.oid,)).fetchone()[0]
     if blocks < parts * 2:
         return None
-    edges: list[int | None] = [None, *(blocks * i // parts for i in range(1, parts)), None]
-    return list(zip(edges[:-1], edges[1:]))
+    return _ranges([blocks * i // parts for i in range(1, parts)])
 
 
 def copy_out(conn: psycopg.Connection, table: TableInfo,

@@ -10,10 +10,10 @@
    was truncated or rewritten since the snapshot began.
 4. Each table's COPY stream (key order where the table has a key, but for one
    the previous snapshot does not hold, read in physical order where the
-   statistics say that is key order anyway) is chunked, hashed, deduplicated and stored, by ``jobs``
-   connections that all read the exported snapshot.  A table larger than its
-   share is split into key ranges (block ranges, in physical order) read at
-   once; the later ranges wait in spool files until the table's writer
+   statistics say that is key order anyway) is chunked, hashed, deduplicated
+   and stored, by ``jobs`` connections that all read the exported snapshot.  A
+   table larger than its share is split into key ranges (block ranges, in
+   physical order) read at once; the later ranges wait in spool files until the table's writer
    reaches them, so its stream is the same as if one connection had read it.
 5. Sequence states and large objects are read by the leader.
 
@@ -61,8 +61,9 @@ from .vault import Vault, client_hostname, now_iso
 PG_CLASS = 1259
 PG_LARGEOBJECT = 2613
 # With -j N, a table larger than its share of the work (all tables' size / N) and at
-# least this big is read in key ranges by several connections at once (a single integer
-# key is needed), so that one table does not serialize the snapshot.
+# least this big is read in ranges by several connections at once (key ranges need a
+# single integer key; block ranges, in physical order, any), so that one table does
+# not serialize the snapshot.
 SPLIT_MIN_BYTES = 64 * 1024 * 1024
 # A table read in physical order is split in at most (this machine's cores / 2)
 # parts: a sequential scan keeps its backend far less busy than a key-order read,
@@ -246,7 +247,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     # Otherwise each table is looked at, if the schema is as it was: an enum label or a
     # composite type changes a table's text without touching its rows.
     look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
-    reuse = _reusable_tables(vault, prev, tables) if unchanged or look else {}
+    reusable = _reusable_tables(vault, prev, tables) if unchanged or look else {}
+    reuse = reusable if unchanged else {}
     looks: dict[int, Look] = {}
     if look:
         # A value naming a role, or an object outside the dump, prints its new name
@@ -255,8 +257,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         # Nor is a look enough for the rows a condition chooses: it may choose other
         # rows of the same (or another) table.
         looks = _looks(history[-2:], mark,
-                       [t for t in tables if t.oid not in names and not t.condition], reuse)
-        reuse = {}
+                       [t for t in tables if t.oid not in names and not t.condition],
+                       reusable)
 
     progress.start(len(tables), sum(t.size for t in tables))
     entries = [_reused_entry(t, reuse[t.oid], progress) for t in tables if t.oid in reuse]
@@ -396,15 +398,20 @@ def _reusable_tables(vault: Vault, prev: Snapshot, tables: list[pgsource.TableIn
     return out
 
 
-def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress) -> TableEntry:
-    progress.table_done(table.qname)
+def _entry(table: pgsource.TableInfo, rows: int, data: Stream, physical: bool) -> TableEntry:
+    """The manifest's entry for ``table``, whose stream is ``data``."""
     return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
                       columns=table.columns, key=table.key, key_kinds=table.key_kinds,
-                      rows=old.rows, data=old.data, relkind=table.relkind,
+                      rows=rows, data=data, relkind=table.relkind,
                       persistence=table.persistence, parent=table.parent,
                       related_oids=table.related_oids, owned_sequences=table.owned_sequences,
                       extension=table.extension, condition=table.condition,
-                      physical=old.physical)
+                      physical=physical)
+
+
+def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress) -> TableEntry:
+    progress.table_done(table.qname)
+    return _entry(table, old.rows, old.data, old.physical)
 
 
 def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
@@ -524,28 +531,30 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     # Tables to look at that a worker could not lock: the leader, which holds every
     # lock, looks at them itself, as it did at all of them before -j looked at once.
     for_leader: list = []
-    busy = [0]   # workers with a task, which may yet hand it to the leader
+    busy = 0   # workers with a task, which may yet hand it to the leader
 
     def take(is_leader: bool):
+        nonlocal busy
         with lock:
             while True:
                 if is_leader and for_leader:
                     return for_leader.pop(0)
                 if queue:
-                    busy[0] += not is_leader
+                    busy += not is_leader
                     return queue.pop(0)
-                if not is_leader or not busy[0] or stop.is_set():
+                if not is_leader or not busy or stop.is_set():
                     return None
                 lock.wait(0.1)
 
     def work(conn: psycopg.Connection, is_leader: bool) -> None:
+        nonlocal busy
         while not stop.is_set() and (task := take(is_leader)) is not None:
             try:
                 run(conn, is_leader, task)
             finally:
                 if not is_leader:
                     with lock:
-                        busy[0] -= 1
+                        busy -= 1
                         lock.notify_all()
 
     def run(conn: psycopg.Connection, is_leader: bool, task) -> None:
@@ -630,10 +639,4 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
         raise SnapshotFailed(f"Reading {table.qname} failed: {pgsource.pg_message(exc)}. "
                              "No snapshot was written.") from exc
     progress.table_done(table.qname)
-    return TableEntry(schema=table.schema, name=table.name, qname=table.qname, oid=table.oid,
-                      columns=table.columns, key=table.key, key_kinds=table.key_kinds,
-                      rows=sum(rows), data=stream,
-                      relkind=table.relkind, persistence=table.persistence, parent=table.parent,
-                      related_oids=table.related_oids, owned_sequences=table.owned_sequences,
-                      extension=table.extension, condition=table.condition,
-                      physical=table.physical)
+    return _entry(table, sum(rows), stream, table.physical)

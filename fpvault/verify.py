@@ -186,7 +186,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                     damaged(e.id, "the index and its pack disagree")
 
     def check(members: list[packs.BlobEntry], stored: bytes) -> list[tuple[bytes, str]]:
-        """The damaged blobs of one stored range, and why (counted as checked)."""
+        """The damaged blobs of one stored range, and why."""
         out = []
         for e, exc in vault.store.decode_stored(members, stored):
             if exc is not None:
