@@ -51,19 +51,24 @@ def _candidates(name: str, min_major: int) -> list[str]:
     # The server's own major first, then newer ones.
     for major, d in sorted(majors, key=lambda md: (md[0] < min_major, md[0])):
         found.append(os.path.join(d, name))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
-            if out:
-                found.append(os.path.join(out, name))
-        except (OSError, subprocess.SubprocessError):
-            pass
+    bindir = _pg_config_bindir(shutil.which("pg_config"))
+    if bindir:
+        found.append(os.path.join(bindir, name))
     on_path = shutil.which(name)
     if on_path:
         found.append(on_path)
     return found
+
+
+@functools.lru_cache(maxsize=None)
+def _pg_config_bindir(pg_config: str | None) -> str | None:
+    if not pg_config:
+        return None
+    try:
+        return subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def _probe(path: str) -> Tool | None:
@@ -79,11 +84,20 @@ def _probe(path: str) -> Tool | None:
 @functools.lru_cache(maxsize=None)
 def _probe_file(path: str, _mtime: int, _size: int) -> Tool | None:
     """Version of the tool at ``path`` (cached while the file is unchanged)."""
+    procs = []
     try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
-        helptext = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30).stdout
+        # Both at once: each costs a few milliseconds, before every snapshot.
+        for arg in ("--version", "--help"):
+            procs.append(subprocess.Popen([path, arg], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True))
+        out, helptext = (p.communicate(timeout=30)[0] for p in procs)
     except (OSError, subprocess.SubprocessError):
         return None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     m = re.search(r"\)\s+(\d+)(?:\.(\d+))?", out)
     if not m:
         return None

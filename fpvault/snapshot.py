@@ -148,39 +148,33 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     server_num = leader.info.server_version
     server_major = server_num // 10000
     pg_dump = pgtools.find_tool("pg_dump", server_major, f"for a PostgreSQL {server_major} server")
-    pg_restore = pgtools.find_tool("pg_restore", pg_dump.major, "to read pg_dump's archive")
-    server = pgsource.server_identity(leader)
-    snapshot_name = pgsource.begin_snapshot(leader)
-    mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
-                     database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
-            if server else None)
-    safe, env = pgsource.tool_conninfo(conninfo)
-    psql = pgtools.find_psql(pg_dump)
+    # Each tool run costs a few milliseconds before the first row is read (in a snap of
+    # an unchanged database, that is most of its time): what can, runs side by side.
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="fpvault-tools") as tools:
+        # pg_restore and psql are needed once the schema is dumped: find them meanwhile.
+        find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
+                                    "to read pg_dump's archive")
+        find_psql = tools.submit(pgtools.find_psql, pg_dump)
+        server = pgsource.server_identity(leader)
+        snapshot_name = pgsource.begin_snapshot(leader)
+        mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
+                         database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
+                if server else None)
+        safe, env = pgsource.tool_conninfo(conninfo)
+        with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
+            archive_path = os.path.join(tmp, "schema.dump")
+            _dump_schema(pg_dump, archive_path, snapshot_name, encoding, filters, safe, env)
+            pg_restore = find_restore.result()
+            toc_job = tools.submit(pgtools.archive_toc, pg_restore, archive_path)
+            pre_job, post_job = (tools.submit(pgtools.archive_sql, pg_restore, archive_path,
+                                              section) for section in ("pre-data", "post-data"))
+            with open(archive_path, "rb") as f:
+                archive = f.read()
+            wait([toc_job, pre_job, post_job])   # all done with the archive before it goes
+            toc, pre_sql, post_sql = toc_job.result(), pre_job.result(), post_job.result()
+        psql = find_psql.result()
     reader = (pgsource.PsqlReader(psql.path, safe, env, snapshot_name, encoding)
               if psql is not None else None)
-
-    with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
-        archive_path = os.path.join(tmp, "schema.dump")
-        try:
-            pgtools.run_tool(pg_dump, [
-                "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
-                f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
-                # The archive's SET client_encoding must be the one the data is read in
-                # (PGCLIENTENCODING would otherwise choose it).
-                f"--encoding={encoding}",
-                *filters.pg_dump_args(), f"--dbname={safe}"], env=env, what="dumping the schema")
-        except ToolError as exc:
-            text = str(exc)
-            if "permission denied" in text or "connection to server" in text:
-                # The database refused pg_dump: exit 5, like our own reads.
-                raise DatabaseError(f"{text}. Snap as a role that can read every table, or "
-                                    "narrow it with -n/-t. No snapshot was written.") from exc
-            raise
-        toc = pgtools.archive_toc(pg_restore, archive_path)
-        with open(archive_path, "rb") as f:
-            archive = f.read()
-        pre_sql = pgtools.archive_sql(pg_restore, archive_path, "pre-data")
-        post_sql = pgtools.archive_sql(pg_restore, archive_path, "post-data")
 
     class_oids = sorted({e.oid for e in toc if e.catalog == PG_CLASS})
     lo_oids = []
@@ -313,6 +307,26 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     # The manifest is written; only now does the snapshot's transaction end.
     leader.execute("COMMIT")
     return SnapResult(sid, snap, bytes_read, store.stats.bytes_added, time.monotonic() - started)
+
+
+def _dump_schema(pg_dump: pgtools.Tool, archive_path: str, snapshot_name: str, encoding: str,
+                 filters: Filters, conninfo: str, env: dict[str, str]) -> None:
+    """pg_dump's archive of the schema (pre- and post-data), as of the snapshot."""
+    try:
+        pgtools.run_tool(pg_dump, [
+            "--format=custom", "--compress=0", "--section=pre-data", "--section=post-data",
+            f"--snapshot={snapshot_name}", "--no-sync", f"--file={archive_path}",
+            # The archive's SET client_encoding must be the one the data is read in
+            # (PGCLIENTENCODING would otherwise choose it).
+            f"--encoding={encoding}",
+            *filters.pg_dump_args(), f"--dbname={conninfo}"], env=env, what="dumping the schema")
+    except ToolError as exc:
+        text = str(exc)
+        if "permission denied" in text or "connection to server" in text:
+            # The database refused pg_dump: exit 5, like our own reads.
+            raise DatabaseError(f"{text}. Snap as a role that can read every table, or "
+                                "narrow it with -n/-t. No snapshot was written.") from exc
+        raise
 
 
 def _version_text(num: int) -> str:

@@ -123,6 +123,11 @@ def test_missing_and_old_pg_dump(pg, db, repo, tmp_path):
     fake.chmod(0o755)
     r = run("snap", "-r", repo, "-d", pg.dsn(db), env={"FPVAULT_PG_BINDIR": str(empty)})
     assert r.code == 1 and "only older ones" in r.err and "9.6" in r.err
+    # pg_dump alone: pg_restore is looked for while pg_dump runs, and still missed.
+    fake.unlink()
+    fake.symlink_to(pg.tool("pg_dump"))
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), env={"FPVAULT_PG_BINDIR": str(empty)})
+    assert r.code == 1 and "pg_restore was not found" in r.err, r.err
     assert listed(repo) == []
 
 
