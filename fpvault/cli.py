@@ -249,11 +249,11 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
 
     Creates the default repository on first use.  Tables whose rows have not
     changed since the previous snapshot of the database are taken from it
-    without reading them: all of them, without a look, if no transaction has
-    ended on the server since; otherwise a table whose every row is older than
-    that snapshot, as many as it counted (one scan of the table, no COPY);
-    large objects likewise, where the role may read pg_largeobject.  Sequences
-    and the schema are read as always.  Tables with a key are read in key
+    without reading them: all of them, and the schema, without a look or
+    pg_dump, if no transaction has ended on the server since; otherwise a
+    table whose every row is older than that snapshot, as many as it counted
+    (one scan of the table, no COPY); large objects likewise, where the role
+    may read pg_largeobject.  Sequences are read as always.  Tables with a key are read in key
     order; a table the previous snapshot does not hold (usually its first
     snapshot) is read as its heap lies, as pg_dump reads it, when the
     server's statistics say that is key order anyway.  Text output ends with

@@ -19,9 +19,12 @@
 
 *Unchanged.*  When this snapshot sees the same transactions running as the
 previous snapshot of the database did, on the same running server
-(manifest.XactMark), no transaction has ended since, so no row has changed:
-the tables are taken from the previous snapshot without reading them, if the
-catalog says the same of them and their chunks are all in the index.
+(manifest.XactMark), no transaction has ended since, so no row and no
+catalog entry has changed: the snapshot is the previous one but for its
+sequences (``_nothing_since``, ``_quiet``), and steps 2 to 4 are skipped.
+Where it was not read quite the same way (another pg_dump version), the
+schema is dumped and the tables are taken from it without reading them, if
+the catalog says the same of them and their chunks are all in the index.
 Otherwise, on the same running server with the same schema, a table whose
 every row is older than the previous snapshot's xmin, as many rows as it
 counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY, by
@@ -30,8 +33,8 @@ the connection that would read the table, so that -j runs the scans at once);
 (pgtools.without_large_objects), and not for a table whose values print
 catalog names (pgsource.print_catalog_names).  A large object with as many
 pages as then, all older, likewise (pgsource.large_object_pages).  Sequences
-are always read (nextval logs only every 32nd value); the schema is always
-dumped.  ``--reread`` reads everything anyway.
+are always read (nextval logs only every 32nd value).  ``--reread`` reads
+everything anyway.
 6. The chunk store is flushed (packs, then index), and the manifest written
    last.  Any failure before that leaves no snapshot: blobs already written
    are unreferenced, and prune removes them.
@@ -54,8 +57,8 @@ import zstandard
 from . import pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, Stopped, ToolError, first_cause
 from .errors import RepositoryDamaged
-from .manifest import (LargeObject, SchemaBlobs, SequenceState, Snapshot, Source, Stream,
-                       TableEntry, XactMark)
+from .manifest import (FORMAT_VERSION, LargeObject, SchemaBlobs, SequenceState, Snapshot,
+                       Source, Stream, TableEntry, XactMark)
 from .vault import Vault, client_hostname, now_iso
 
 PG_CLASS = 1259
@@ -148,6 +151,20 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     server_num = leader.info.server_version
     server_major = server_num // 10000
     pg_dump = pgtools.find_tool("pg_dump", server_major, f"for a PostgreSQL {server_major} server")
+    server = pgsource.server_identity(leader)
+    snapshot_name = pgsource.begin_snapshot(leader)
+    mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
+                     database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
+            if server else None)
+    safe, env = pgsource.tool_conninfo(conninfo)
+    history = previous_snapshots(vault, leader.info.dbname, str(leader.info.port))
+    prev = history[-1] if history else None
+    user = leader.execute("SELECT current_user").fetchone()[0]
+    if (not reread and prev is not None
+            and _nothing_since(vault, prev, mark, user, filters, encoding, pg_dump)):
+        return _quiet(vault, leader, prev, mark, tags,
+                      _source(leader, conninfo, user, encoding, pg_dump), progress, started)
+
     # Each tool run costs a few milliseconds before the first row is read (in a snap of
     # an unchanged database, that is most of its time): what can, runs side by side.
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="fpvault-tools") as tools:
@@ -155,12 +172,6 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
-        server = pgsource.server_identity(leader)
-        snapshot_name = pgsource.begin_snapshot(leader)
-        mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
-                         database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
-                if server else None)
-        safe, env = pgsource.tool_conninfo(conninfo)
         with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
             archive_path = os.path.join(tmp, "schema.dump")
             _dump_schema(pg_dump, archive_path, snapshot_name, encoding, filters, safe, env)
@@ -211,8 +222,6 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     vault.upgrade()
     store = vault.store
     store.size_caches(jobs, snapshot=True)
-    history = previous_snapshots(vault, leader.info.dbname, str(leader.info.port))
-    prev = history[-1] if history else None
     schema = SchemaBlobs(
         archive=vault.write_stream([archive], prev and prev.schema.archive)[0],
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
@@ -229,7 +238,6 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     for t in tables:
         t.physical = t.oid in ordered
     prev_los = {lo.oid: lo for lo in prev.large_objects} if prev else {}
-    user = leader.execute("SELECT current_user").fetchone()[0]
     # The same role: what it may read (privileges, row level security) was proved by
     # reading, and only a catalog change, which ends a transaction, changes it.
     # Read the same way: the settings decide how the same rows print.
@@ -288,19 +296,69 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         lo_read += stream.bytes
     progress.finish()
 
-    store.flush()
+    bytes_read = sum(e.data.bytes for e in entries if e.oid not in reuse) + lo_read
+    return _save(vault, leader, Snapshot(
+        time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
+        source=_source(leader, conninfo, user, encoding, pg_dump), filters=filters.as_dict(),
+        schema=schema, tables=sorted(entries, key=lambda e: (e.schema, e.name)),
+        sequences=sequences, large_objects=large_objects, xact=mark,
+        tables_reused=len(reuse), session=dict(pgsource.SESSION_SETTINGS)), bytes_read, started)
+
+
+def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: str,
+                   filters: Filters, encoding: str, pg_dump: pgtools.Tool) -> bool:
+    """Whether ``prev``, the previous snapshot of the database, is this one but for
+    its sequences: no transaction has ended since (the same XactMark: no row and no
+    catalog entry can have changed), it was read as this one would be (role,
+    settings, filters, pg_dump version, format), and all it refers to is stored."""
+    return (prev.version == FORMAT_VERSION and mark is not None and prev.xact == mark
+            and prev.source.user == user and prev.session == pgsource.SESSION_SETTINGS
+            and prev.filters == filters.as_dict() and prev.source.encoding == encoding
+            and prev.source.pg_dump_version == pg_dump.version
+            and all(_all_stored(vault, stream) for stream in (
+                prev.schema.archive, prev.schema.pre_data, prev.schema.post_data,
+                *(t.data for t in prev.tables), *(lo.data for lo in prev.large_objects))))
+
+
+def _quiet(vault: Vault, leader: psycopg.Connection, prev: Snapshot,
+           mark: XactMark, tags, source: Source, progress: Progress, started: float
+           ) -> SnapResult:
+    """The snapshot when nothing has happened since ``prev`` (``_nothing_since``): its
+    schema, tables and large objects, without running pg_dump or reading the
+    catalog; only the sequences are read (nextval ends no transaction)."""
+    vault.upgrade()
+    progress.start(len(prev.tables), 0)
+    for t in prev.tables:
+        progress.table_done(t.qname)
+    sequences = []
+    for seq in prev.sequences:
+        last_value, is_called = pgsource.sequence_state(leader, seq.qname)
+        sequences.append(SequenceState(qname=seq.qname, oid=seq.oid, last_value=last_value,
+                                       is_called=is_called))
+    progress.finish()
+    return _save(vault, leader, Snapshot(
+        time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
+        source=source, filters=prev.filters, schema=prev.schema, tables=prev.tables,
+        sequences=sequences, large_objects=prev.large_objects, xact=mark,
+        tables_reused=len(prev.tables), session=dict(pgsource.SESSION_SETTINGS)), 0, started)
+
+
+def _source(leader: psycopg.Connection, conninfo: str, user: str, encoding: str,
+            pg_dump: pgtools.Tool) -> Source:
     params = pgsource.conninfo_params(conninfo)
     info = leader.info
-    source = Source(host=info.host if not info.host.startswith("/") else params.get("host", "local"),
-                    port=str(info.port), database=info.dbname, user=user,
-                    server_version=_version_text(server_num), server_version_num=server_num,
-                    encoding=encoding, pg_dump_version=pg_dump.version)
-    snap = Snapshot(time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
-                    source=source, filters=filters.as_dict(), schema=schema,
-                    tables=sorted(entries, key=lambda e: (e.schema, e.name)),
-                    sequences=sequences, large_objects=large_objects, xact=mark,
-                    tables_reused=len(reuse), session=dict(pgsource.SESSION_SETTINGS))
-    bytes_read = sum(e.data.bytes for e in entries if e.oid not in reuse) + lo_read
+    server_num = info.server_version
+    return Source(host=info.host if not info.host.startswith("/") else params.get("host", "local"),
+                  port=str(info.port), database=info.dbname, user=user,
+                  server_version=_version_text(server_num), server_version_num=server_num,
+                  encoding=encoding, pg_dump_version=pg_dump.version)
+
+
+def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
+          bytes_read: int, started: float) -> SnapResult:
+    """Flush the chunk store and write the manifest; only then end the transaction."""
+    store = vault.store
+    store.flush()
     snap.seconds = round(time.monotonic() - started, 3)
     snap.bytes_added = store.stats.bytes_added
     sid = vault.save_snapshot(snap)

@@ -280,3 +280,63 @@ def test_tables_read_with_other_settings_are_read_again(pg, db, repo, monkeypatc
     assert doc["tables_reused"] == 0 and sorted(seen) == ["refs", "t"]
     monkeypatch.undo()
     assert snap(pg, repo, db)["tables_reused"] == 2    # and from then on, as before
+
+
+def test_nothing_committed_takes_the_schema_too(pg, db, repo, monkeypatch):
+    """With no transaction ended since the previous snapshot, not even pg_dump runs:
+    the schema is that snapshot's, and only the sequences are read.  A pg_dump of
+    another version, or DDL, dumps the schema again."""
+    pg.execute(db, SCHEMA)
+    dumps = []
+    real_dump = snapshot._dump_schema
+
+    def counted_dump(*args):
+        dumps.append(args)
+        return real_dump(*args)
+
+    monkeypatch.setattr(snapshot, "_dump_schema", counted_dump)
+    for _ in range(10):
+        first = snap(pg, repo, db)
+        dumps.clear()
+        pg.execute(db, "SELECT nextval('s')")   # the 3rd value: logged ahead with the 1st
+        second = snap(pg, repo, db)
+        one, two = manifest(repo, first["id"]), manifest(repo, second["id"])
+        if one.xact == two.xact:
+            break
+        pg.execute(db, "SELECT setval('s', 2)")
+    else:
+        raise AssertionError("transactions kept ending between two snapshots")
+    assert dumps == [] and second["tables_reused"] == 3 and second["bytes_read"] == 0
+    assert second["bytes_added"] < 16 * 1024
+    assert (two.schema, two.tables, two.large_objects) == (one.schema, one.tables,
+                                                           one.large_objects)
+    assert two.source == one.source and two.filters == one.filters
+    (seq,) = two.sequences
+    assert (seq.last_value, seq.is_called) == (3, True)
+    target = pg.createdb()
+    assert run("restore", second["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    for q in ("SELECT count(*), md5(string_agg(v, ',' ORDER BY id)) FROM a",
+              "SELECT last_value FROM s", "SELECT convert_from(lo_get(4242), 'UTF8')"):
+        assert pg.query(target, q) == pg.query(db, q), q
+
+    # Another pg_dump version may print the schema otherwise: it is dumped.
+    real_find = snapshot.pgtools.find_tool
+
+    def newer_pg_dump(name, *args):
+        tool = real_find(name, *args)
+        return dataclasses.replace(tool, version=tool.version + ".1") if name == "pg_dump" \
+            else tool
+
+    monkeypatch.setattr(snapshot.pgtools, "find_tool", newer_pg_dump)
+    dumps.clear()
+    third = quiet_snap(pg, repo, db)
+    assert len(dumps) == 1 and third["tables_reused"] == 3
+    monkeypatch.setattr(snapshot.pgtools, "find_tool", real_find)
+    # DDL ends a transaction: the schema is dumped and the new table read.
+    pg.execute(db, "CREATE TABLE c (id int PRIMARY KEY); INSERT INTO c VALUES (7)")
+    dumps.clear()
+    seen = reads(monkeypatch)
+    fourth = snap(pg, repo, db)
+    assert len(dumps) == 1 and "c" in seen   # (another schema: every table is read)
+    assert "CREATE TABLE public.c" in Vault.open(repo).read_bytes(
+        manifest(repo, fourth["id"]).schema.pre_data).decode()
