@@ -26,6 +26,9 @@ point leaves something the next command can use:
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import packs
@@ -270,11 +273,10 @@ def repair_index(vault: Vault) -> RepairStats:
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     unreadable: list[bytes] = []
-    for name in sorted(backend.list("data/")):
-        try:
-            pack_entries = read_pack_trailer(backend, name, vault.codec)
-        except (RepositoryDamaged, packs.PackFormatError) as exc:
-            stats.unreadable.append(f"{name}: {exc}")
+    names = sorted(backend.list("data/"))
+    for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec)):
+        if isinstance(pack_entries, Exception):
+            stats.unreadable.append(f"{name}: {pack_entries}")
             unreadable.append(bytes.fromhex(name.rsplit("/", 1)[-1]))
             continue
         entries.append((bytes.fromhex(name.rsplit("/", 1)[-1]), pack_entries))
@@ -300,6 +302,51 @@ def repair_index(vault: Vault) -> RepairStats:
             stats.index_files_removed += 1
     vault.reset_index(None)
     return stats
+
+
+# Pack trailers (and verify's chunk lists) are read by this many threads at once: on
+# a remote backend each is a round trip or more (a trailer takes four: size, head,
+# tail, trailer), and one after another they added up to most of a verify or a
+# repair (S3 with 20 ms of latency, 40 snapshots: docs/benchmarks.md, "verify on S3").
+SMALL_READ_THREADS = 8
+
+
+def in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
+    """fn(item) for each item, in order, run by ``pool`` at most ``ahead`` beyond the
+    one the caller waits for (their results wait in memory until taken)."""
+    pending: deque[Future] = deque()
+    todo = iter(items)
+
+    def more() -> None:
+        for item in todo:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                return
+
+    try:
+        more()
+        while pending:
+            result = pending.popleft().result()
+            more()
+            yield result
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def read_pack_trailers(backend, names: list[str], codec=None
+                       ) -> Iterator[list[BlobEntry] | Exception]:
+    """``read_pack_trailer`` of each pack named, in order, several at once: for a pack
+    whose trailer cannot be read, the exception instead."""
+    def one(name: str) -> list[BlobEntry] | Exception:
+        try:
+            return read_pack_trailer(backend, name, codec)
+        except (RepositoryDamaged, packs.PackFormatError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS,
+                            thread_name_prefix="fpvault-trailers") as pool:
+        yield from in_order(pool, one, names, SMALL_READ_THREADS * 4)
 
 
 def read_pack_trailer(backend, name: str, codec=None) -> list[BlobEntry]:

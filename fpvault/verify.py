@@ -21,11 +21,10 @@ Every problem is attributed to the snapshots and tables it affects.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import blake3
 import psycopg
@@ -33,16 +32,11 @@ import psycopg
 from . import packs, pgsource
 from . import restore as restore_mod
 from .errors import RepositoryDamaged
-from .gc import read_pack_trailer, snapshot_streams, with_bases
+from .gc import SMALL_READ_THREADS, in_order, read_pack_trailers, snapshot_streams, with_bases
 from .manifest import Snapshot, TableEntry
 from .vault import Vault
 
 
-# Pack trailers and chunk lists are read by this many threads at once: on a remote
-# backend each is a round trip or more (a trailer takes four: size, head, tail,
-# trailer), and one after another they added up to most of a verify (S3 with 20 ms
-# of latency, 40 snapshots: docs/benchmarks.md, "verify on S3").
-SMALL_READ_THREADS = 8
 # And whole packs (--read-data) by this many, each holding one pack (up to
 # packs.PACK_TARGET_SIZE) while it checks it: a remote backend's downloads overlap,
 # and on any backend the decoding runs on more than one core.
@@ -57,29 +51,6 @@ class _PackRead:
     problems: list[str] = field(default_factory=list)
     bad: list[tuple[bytes, str]] = field(default_factory=list)
     deltas: list[tuple[bytes, packs.BlobEntry]] = field(default_factory=list)
-
-
-def _in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
-    """fn(item) for each item, in order, run by ``pool`` at most ``ahead`` beyond the
-    one the caller waits for (their results wait in memory until taken)."""
-    pending: deque[Future] = deque()
-    todo = iter(items)
-
-    def more() -> None:
-        for item in todo:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > ahead:
-                return
-
-    try:
-        more()
-        while pending:
-            result = pending.popleft().result()
-            more()
-            yield result
-    finally:
-        for f in pending:
-            f.cancel()
 
 
 @dataclass
@@ -154,16 +125,11 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")}
     report.packs = len(present)
 
-    def trailer_of(pack_id: bytes):
-        try:
-            return read_pack_trailer(backend, packs.pack_name(pack_id), vault.codec)
-        except (RepositoryDamaged, packs.PackFormatError) as exc:
-            return exc
-
     # In pack order, as one pack after another would report them.
     stored_packs = [p for p in sorted(by_pack) if p.hex() in present]
-    with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-        trailers = _in_order(pool, trailer_of, stored_packs, SMALL_READ_THREADS * 4)
+    trailers = read_pack_trailers(backend, [packs.pack_name(p) for p in stored_packs],
+                                  vault.codec)
+    with contextlib.closing(trailers):
         for pack_id in sorted(by_pack):
             entries = by_pack[pack_id]
             if pack_id.hex() not in present:
@@ -226,7 +192,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
             chosen = sorted(random.sample(chosen, min(n, len(chosen))))
         stored = [p for p in chosen if p.hex() in present]
         with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-            results = _in_order(pool, read_pack, stored, READ_THREADS)
+            results = in_order(pool, read_pack, stored, READ_THREADS)
             for i, pack_id in enumerate(chosen):
                 if pack_id.hex() not in present:
                     continue
@@ -300,7 +266,7 @@ def _snapshot_refs(vault: Vault, snaps: list[Snapshot], report: Report, *,
             return exc
 
     with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-        for (snap, what, list_id), refs in zip(items, _in_order(pool, fetch, items,
+        for (snap, what, list_id), refs in zip(items, in_order(pool, fetch, items,
                                                                 SMALL_READ_THREADS * 2)):
             head = [list_id] if victims else []
             if isinstance(refs, RepositoryDamaged):
