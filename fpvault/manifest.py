@@ -104,13 +104,16 @@ class XactMark(msgspec.Struct, kw_only=True):
     snapshot once that transaction has ended.  A transaction that ends moves
     the snapshot's ``xmax`` (one past the newest ended xid) or leaves its list of
     running xids.  So a later snapshot of the same running server (same system,
-    timeline and start: a restart may empty unlogged tables without any
-    transaction) with the same ``xids`` sees the same rows: no transaction ended
-    in between (snapshot.py, "Unchanged")."""
+    timeline and start, and no crash recovery since: either may empty unlogged
+    tables without any transaction) with the same ``xids`` sees the same rows:
+    no transaction ended in between (snapshot.py, "Unchanged")."""
 
     system: str          # pg_control_system().system_identifier
     timeline: int
     started: str         # pg_postmaster_start_time()
+    # pg_stat_get_bgwriter_stat_reset_time(): a crash restart, which keeps the
+    # postmaster's start time, resets it ("" in marks written before it was recorded)
+    recovered: str = ""
     database_oid: int
     xids: str            # txid_current_snapshot() of the snapshot: xmin:xmax:running
 
@@ -153,6 +156,9 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     # snapshots written before it was recorded, which left search_path and TimeZone
     # to the environment.
     session: dict[str, str] = {}
+    # What wrote it, e.g. "fpvault 0.2.0" ("" before it was recorded): a snapshot is
+    # taken whole from the previous one only if the same release wrote that.
+    program: str = ""
 
     @property
     def rows(self) -> int:

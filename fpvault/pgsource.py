@@ -176,20 +176,29 @@ class ServerIdentity:
     timeline: int
     started: str
     database_oid: int
+    recovered: str   # when the statistics were last reset: crash recovery resets them
 
 
 def server_identity(conn: psycopg.Connection) -> ServerIdentity | None:
-    """Which server, timeline and postmaster start this is; None on a standby, or if
-    the server does not say (call it outside a transaction: an error here aborts
-    nothing)."""
+    """Which server, timeline and postmaster start this is, and since when it runs
+    without a crash; None on a standby, or if the server does not say (call it
+    outside a transaction: an error here aborts nothing).
+
+    After a crash (a backend killed, say), the postmaster stays and restarts the
+    rest: its start time is the same, but recovery emptied the unlogged tables,
+    and may have lost commits made with synchronous_commit off, without any
+    transaction ending.  It also resets the cumulative statistics, so their
+    reset time tells.  (pg_stat_reset_shared() moves it too: a snapshot then
+    reads what it would have taken unread, which is only slower.)"""
     try:
         row = conn.execute("""
             SELECT pg_catalog.pg_is_in_recovery(),
                    (SELECT system_identifier::text FROM pg_catalog.pg_control_system()),
                    pg_catalog.pg_postmaster_start_time()::text,
                    (SELECT oid::bigint FROM pg_catalog.pg_database
-                     WHERE datname = pg_catalog.current_database())""").fetchone()
-        in_recovery, system, started, db_oid = row
+                     WHERE datname = pg_catalog.current_database()),
+                   pg_catalog.pg_stat_get_bgwriter_stat_reset_time()::text""").fetchone()
+        in_recovery, system, started, db_oid, recovered = row
         if in_recovery or not system:
             return None
         # The timeline is the first 8 hex digits of the current WAL segment's name.
@@ -197,7 +206,7 @@ def server_identity(conn: psycopg.Connection) -> ServerIdentity | None:
                                "pg_catalog.pg_current_wal_lsn())").fetchone()[0]
     except psycopg.Error:
         return None
-    return ServerIdentity(system, int(segment[:8], 16), started, int(db_oid))
+    return ServerIdentity(system, int(segment[:8], 16), started, int(db_oid), recovered or "")
 
 
 def snapshot_xids(conn: psycopg.Connection) -> str:

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import psycopg
 import zstandard
 
-from . import pgsource, pgtools
+from . import __version__, pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, Stopped, ToolError, first_cause
 from .errors import RepositoryDamaged
 from .manifest import (FORMAT_VERSION, LargeObject, SchemaBlobs, SequenceState, Snapshot,
@@ -111,6 +111,9 @@ class Progress:
     def finish(self) -> None: ...
 
 
+PROGRAM = f"fpvault {__version__}"
+
+
 @dataclass
 class SnapResult:
     id: str
@@ -154,7 +157,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     server = pgsource.server_identity(leader)
     snapshot_name = pgsource.begin_snapshot(leader)
     mark = (XactMark(system=server.system, timeline=server.timeline, started=server.started,
-                     database_oid=server.database_oid, xids=pgsource.snapshot_xids(leader))
+                     recovered=server.recovered, database_oid=server.database_oid,
+                     xids=pgsource.snapshot_xids(leader))
             if server else None)
     safe, env = pgsource.tool_conninfo(conninfo)
     history = previous_snapshots(vault, leader.info.dbname, str(leader.info.port))
@@ -250,7 +254,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     # composite type changes a table's text without touching its rows.
     look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
     reusable = _reusable_tables(vault, prev, tables) if unchanged or look else {}
-    reuse = reusable if unchanged else {}
+    # (But for a table whose rows a condition chooses, which may choose others now.)
+    reuse = {oid: e for oid, e in reusable.items() if not e.condition} if unchanged else {}
     looks: dict[int, Look] = {}
     if look:
         # A value naming a role, or an object outside the dump, prints its new name
@@ -310,11 +315,15 @@ def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: st
     """Whether ``prev``, the previous snapshot of the database, is this one but for
     its sequences: no transaction has ended since (the same XactMark: no row and no
     catalog entry can have changed), it was read as this one would be (role,
-    settings, filters, pg_dump version, format), and all it refers to is stored."""
-    return (prev.version == FORMAT_VERSION and mark is not None and prev.xact == mark
+    settings, filters, pg_dump version, by this release of fpvault), it has no
+    table whose rows a condition chooses, and all it refers to is stored."""
+    return (prev.version == FORMAT_VERSION and prev.program == PROGRAM
+            and mark is not None and prev.xact == mark
             and prev.source.user == user and prev.session == pgsource.SESSION_SETTINGS
             and prev.filters == filters.as_dict() and prev.source.encoding == encoding
             and prev.source.pg_dump_version == pg_dump.version
+            # The rows a condition chooses may change without a transaction (now()).
+            and not any(t.condition for t in prev.tables)
             and all(_all_stored(vault, stream) for stream in (
                 prev.schema.archive, prev.schema.pre_data, prev.schema.post_data,
                 *(t.data for t in prev.tables), *(lo.data for lo in prev.large_objects))))
@@ -361,6 +370,7 @@ def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
     store.flush()
     snap.seconds = round(time.monotonic() - started, 3)
     snap.bytes_added = store.stats.bytes_added
+    snap.program = PROGRAM
     sid = vault.save_snapshot(snap)
     # The manifest is written; only now does the snapshot's transaction end.
     leader.execute("COMMIT")
@@ -417,8 +427,8 @@ def _same_schema(vault: Vault, prev: Snapshot, schema: SchemaBlobs, pre_sql: byt
 
 def _same_server(a: XactMark, b: XactMark) -> bool:
     """The same database on the same server since the same start: xids only count up."""
-    return (a.system, a.timeline, a.started, a.database_oid) == (
-        b.system, b.timeline, b.started, b.database_oid)
+    return (a.system, a.timeline, a.started, a.recovered, a.database_oid) == (
+        b.system, b.timeline, b.started, b.recovered, b.database_oid)
 
 
 @dataclass
