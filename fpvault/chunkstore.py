@@ -624,27 +624,34 @@ class ChunkStore:
     def prefetch_bases(self, likely: list[bytes], pool: Executor) -> None:
         """Read ahead what storing deltas against ``likely`` (the next chunks of a
         stream's previous version) will decode: the ancestor ``_delta`` would pick
-        for each, and what decoding that needs, in coalesced ranged reads run on
-        ``pool``.  On a remote backend this turns a round trip per changed chunk
-        into a few per window."""
-        need: list[bytes] = []
-        seen: set[bytes] = set()
+        for each, and what decoding that needs (``prefetch``).  On a remote backend
+        this turns a round trip per changed chunk into a few per window."""
+        ancestors = []
         for blob in likely:
             found = self.index.blobs.get(blob)
-            if found is None:
+            if found is not None:
+                generation = found[1].generation + 1
+                ancestors.append(self.ancestor(blob, generation & (generation - 1)))
+        self.prefetch(ancestors, pool)
+
+    def prefetch(self, blobs: list[bytes | None], pool: Executor) -> None:
+        """Read ahead the stored bytes of ``blobs`` and of what decoding them needs
+        (their bases, and theirs), but for what is cached, in coalesced ranged
+        reads run on ``pool``.  They wait (up to PREFETCH_BYTES) to be decoded."""
+        need: list[bytes] = []
+        seen: set[bytes] = set()
+        todo = list(blobs)
+        while todo:
+            b = todo.pop()
+            if (b is None or b in seen or self._cache.get(b) is not None
+                    or self._unchecked.get(b) is not None):
                 continue
-            generation = found[1].generation + 1
-            todo = [self.ancestor(blob, generation & (generation - 1))]
-            while todo:
-                b = todo.pop()
-                if b is None or b in seen or self._cache.get(b) is not None:
-                    continue
-                seen.add(b)
-                bases = self.index.blobs.bases(b)
-                if bases is None:
-                    continue
-                need.append(b)
-                todo.extend(bases)
+            seen.add(b)
+            bases = self.index.blobs.bases(b)
+            if bases is None:
+                continue
+            need.append(b)
+            todo.extend(bases)
         if not need:
             return
 

@@ -176,6 +176,13 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         result.read = True
         if blake3.blake3(data).digest() != pack_id:
             result.problems.append(f"pack {pack_id.hex()[:16]} does not match its hash")
+        if not local:
+            # The bases its deltas decode against are in other packs: a ranged read
+            # each, one after another, unless read ahead together.  (A damaged one
+            # is named when its delta is decoded.)
+            with contextlib.suppress(RepositoryDamaged):
+                vault.store.prefetch([b for e in by_pack[pack_id] if e.encoding == packs.DELTA
+                                      for b in e.bases], vault.read_pool())
         for (offset, length), members in packs.stored_ranges(by_pack[pack_id]).items():
             if members[0].encoding == packs.DELTA and local:
                 result.deltas.append((pack_id, members[0]))

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import run
 from test_delta import rows_text
+from fpvault import verify as verify_mod
 from fpvault.locks import Lock
 from fpvault.vault import Vault, backend_for
 
@@ -184,31 +185,64 @@ def test_metadata_cache_follows_the_remote(pg, db, s3_server):
     assert sorted(p.name for p in (cache / "snapshots").iterdir()) == [ids[1]]
 
 
-def test_delta_bases_are_read_ahead_in_few_requests(s3_server):
-    """A snapshot after scattered changes fetches the delta bases of a window of chunks in
-    a few ranged GETs, not one round trip per changed chunk; and stores the same bytes."""
-    url = s3_server()
+def first_version(url: str) -> tuple[dict[int, str], object]:
+    """A new repository at ``url`` holding one stream of 150,000 random rows."""
     vault = Vault.create(url)
     rnd = random.Random(5)
     rows = {i: rnd.randbytes(20).hex() for i in range(150000)}
-    first, _ = vault.write_stream([rows_text(rows)])
+    stream, _ = vault.write_stream([rows_text(rows)])
     vault.store.flush()
-    for k in range(7, 150000, 100):               # 1% of rows, scattered: every chunk changes
-        rows[k] = "changed" + rows[k][7:]
-    second_text = rows_text(rows)
+    return rows, stream
 
-    fresh = Vault.open(url)                        # nothing decoded or cached yet
-    gets = []
-    real_get = fresh.store.backend.get
+
+def pack_reads(vault: Vault) -> list[str]:
+    """The names of the packs ``vault`` reads from now on, once per GET."""
+    gets: list[str] = []
+    real_get = vault.store.backend.get
 
     def counting_get(name, *args):
         if name.startswith("data/"):
             gets.append(name)
         return real_get(name, *args)
 
-    fresh.store.backend.get = counting_get
+    vault.store.backend.get = counting_get
+    return gets
+
+
+def test_delta_bases_are_read_ahead_in_few_requests(s3_server):
+    """A snapshot after scattered changes fetches the delta bases of a window of chunks in
+    a few ranged GETs, not one round trip per changed chunk; and stores the same bytes."""
+    url = s3_server()
+    rows, first = first_version(url)
+    for k in range(7, 150000, 100):               # 1% of rows, scattered: every chunk changes
+        rows[k] = "changed" + rows[k][7:]
+    second_text = rows_text(rows)
+
+    fresh = Vault.open(url)                        # nothing decoded or cached yet
+    gets = pack_reads(fresh)
     second, _ = fresh.write_stream([second_text], first)
     fresh.store.flush()
     assert fresh.store.stats.deltas_added >= 60, fresh.store.stats
     assert len(gets) <= fresh.store.stats.deltas_added / 10, (len(gets), fresh.store.stats)
     assert Vault.open(url).read_bytes(second) == second_text
+
+
+def test_verify_reads_delta_bases_ahead(s3_server):
+    """verify --read-data reads each pack whole, and the bases its deltas decode against
+    from other packs ahead, in coalesced ranged GETs: not one per delta."""
+    url = s3_server()
+    rows, stream = first_version(url)
+    deltas = 0
+    for version in range(6):                       # 1% of rows each time, scattered
+        for k in range(7 + version, 150000, 100):
+            rows[k] = f"changed{version}" + rows[k][8:]
+        vault = Vault.open(url)
+        stream, _ = vault.write_stream([rows_text(rows)], stream)
+        vault.store.flush()
+        deltas += vault.store.stats.deltas_added
+    checker = Vault.open(url)
+    gets = pack_reads(checker)
+    report = verify_mod.verify(checker, read_data=True)
+    assert report.ok, report.problems
+    assert report.blobs_checked == len(checker.index.blobs)
+    assert deltas >= 400 and len(gets) <= deltas / 4, (len(gets), deltas)
