@@ -637,7 +637,10 @@ class ChunkStore:
     def prefetch(self, blobs: list[bytes | None], pool: Executor) -> None:
         """Read ahead the stored bytes of ``blobs`` and of what decoding them needs
         (their bases, and theirs), but for what is cached, in coalesced ranged
-        reads run on ``pool``.  They wait (up to PREFETCH_BYTES) to be decoded."""
+        reads run on ``pool``.  They wait to be decoded, up to PREFETCH_BYTES
+        in all; one call reads ahead at most half that (two readers may share
+        it), the first of them in pack order: the rest is read when needed, as
+        it would be without a read-ahead, rather than read ahead and dropped."""
         need: list[bytes] = []
         seen: set[bytes] = set()
         todo = list(blobs)
@@ -660,7 +663,14 @@ class ChunkStore:
             return pack_id, e.offset
 
         need.sort(key=where)
-        for got in pool.map(self._read_stored, self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN)):
+        runs, budget = [], PREFETCH_BYTES // 2
+        for run in self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN):
+            first, last = self.index.blobs[run[0]][1], self.index.blobs[run[-1]][1]
+            budget -= last.offset + last.length - first.offset
+            if budget < 0:
+                break
+            runs.append(run)
+        for got in pool.map(self._read_stored, runs):
             with self._lock:
                 for _, pack_id, e, stored in got:
                     key = (pack_id, e.offset)
