@@ -639,8 +639,8 @@ class ChunkStore:
         (their bases, and theirs), but for what is cached, in coalesced ranged
         reads run on ``pool``.  They wait to be decoded, up to PREFETCH_BYTES
         in all; one call reads ahead at most half that (two readers may share
-        it), the first of them in pack order: the rest is read when needed, as
-        it would be without a read-ahead, rather than read ahead and dropped."""
+        it) but one run, the first in pack order: the rest is read when needed,
+        as it would be without a read-ahead, rather than read ahead and dropped."""
         need: list[bytes] = []
         seen: set[bytes] = set()
         todo = list(blobs)
@@ -667,7 +667,7 @@ class ChunkStore:
         for run in self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN):
             first, last = self.index.blobs[run[0]][1], self.index.blobs[run[-1]][1]
             budget -= last.offset + last.length - first.offset
-            if budget < 0:
+            if budget < 0 and runs:
                 break
             runs.append(run)
         for got in pool.map(self._read_stored, runs):

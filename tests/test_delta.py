@@ -234,3 +234,30 @@ def test_an_unchanged_stream_is_matched_not_cut(tmp_path, monkeypatch):
     assert 1 <= len(cuts) <= 4 < changed.chunks
     vault.store.flush()
     assert vault.read_bytes(changed) == b"".join(rows)
+
+
+def test_read_ahead_of_delta_bases_stays_within_its_budget(tmp_path, monkeypatch):
+    """Bases read ahead beyond what waits for decoding would be dropped unread and read
+    again: one read-ahead takes at most half the budget, and the rest is read when
+    needed, the same bytes either way."""
+    from concurrent.futures import ThreadPoolExecutor
+    from fpvault import chunkstore
+
+    monkeypatch.setattr(chunkstore, "PREFETCH_BYTES", 12 * 1024 * 1024)
+    vault = Vault.create(str(tmp_path / "repo"))
+    rnd = random.Random(7)
+    rows = {i: rnd.randbytes(20).hex() for i in range(300000)}   # 7 MiB stored
+    first, _ = vault.write_stream([rows_text(rows)])
+    vault.store.flush()
+    for k in range(3, 300000, 100):
+        rows[k] = "changed" + rows[k][7:]
+    second, _ = vault.write_stream([rows_text(rows)], first)
+    vault.store.flush()
+    fresh = Vault.open(str(tmp_path / "repo"))
+    refs = fresh.store.get_list(bytes.fromhex(second.list))
+    bases = [b for ref in refs for b in (fresh.index.blobs.bases(ref.id) or [])]
+    assert len(bases) >= 20
+    with ThreadPoolExecutor(2) as pool:
+        fresh.store.prefetch(bases, pool)
+    assert 0 < fresh.store._prefetched_bytes <= chunkstore.PREFETCH_BYTES // 2
+    assert fresh.read_bytes(second) == rows_text(rows)
