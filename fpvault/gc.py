@@ -131,7 +131,9 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     # A frame's blobs share their stored bytes: the frame is kept (whole, with all its
     # blobs) while any of them is live, and counted once.
     ranges: dict[bytes, dict[tuple[int, int], list[bytes]]] = {}
-    files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")}
+    # (A file there that is no pack's name is not ours to delete.)
+    files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")
+             if packs.pack_id_of(name)}
     sizes = {name: backend.size(name) for name in files.values()}
     stats.packs_before = len(files)
     stats.bytes_before = sum(sizes.values())
@@ -273,13 +275,13 @@ def repair_index(vault: Vault) -> RepairStats:
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     unreadable: list[bytes] = []
-    names = sorted(backend.list("data/"))
+    names = sorted(name for name in backend.list("data/") if packs.pack_id_of(name))
     for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec)):
         if isinstance(pack_entries, Exception):
             stats.unreadable.append(f"{name}: {pack_entries}")
-            unreadable.append(bytes.fromhex(name.rsplit("/", 1)[-1]))
+            unreadable.append(packs.pack_id_of(name))
             continue
-        entries.append((bytes.fromhex(name.rsplit("/", 1)[-1]), pack_entries))
+        entries.append((packs.pack_id_of(name), pack_entries))
         stats.packs += 1
         stats.blobs += len(pack_entries)
     if unreadable:

@@ -73,6 +73,16 @@ def pack_name(pack_id: bytes) -> str:
     return f"data/{hexid[:2]}/{hexid}"
 
 
+def pack_id_of(name: str) -> bytes | None:
+    """The pack id a name under ``data/`` spells, or None if it is no pack's name (a
+    stray file someone put there)."""
+    try:
+        pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
+    except ValueError:
+        return None
+    return pack_id if len(pack_id) == 32 and name == pack_name(pack_id) else None
+
+
 class PackBuilder:
     """Accumulates encoded blobs in memory until the pack is full."""
 

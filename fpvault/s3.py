@@ -136,6 +136,9 @@ class S3Backend:
             if code in ("NoSuchKey", "404", "NotFound") or status == 404 and code != "NoSuchBucket":
                 return ObjectMissing(f"{name} is missing from the repository at {self.url}; "
                                      "run 'fpvault verify' to see what it affects.")
+            if code == "InvalidRange" or status == 416:
+                return RepositoryDamaged(f"{name} in {self.url} is shorter than the index "
+                                         "says; run 'fpvault verify'.")
             if code == "NoSuchBucket":
                 return FpvaultError(f"The bucket {self.bucket!r} does not exist; create it first "
                                     f"(aws s3 mb s3://{self.bucket}).")

@@ -182,12 +182,7 @@ class Vault:
         packs that are not in the repository (deleted or lost by hand, never copied).
         A snapshot would take those blobs as stored and could not be restored, while
         saying it succeeded.  One listing of ``data/``."""
-        present = set()
-        for name in self.backend.list("data/"):
-            try:
-                present.add(bytes.fromhex(name.rsplit("/", 1)[-1]))
-            except ValueError:
-                continue   # not a pack
+        present = {packs.pack_id_of(name) for name in self.backend.list("data/")}
         gone, blobs = self.index.blobs.in_packs_not(present)
         if gone:
             raise RepositoryDamaged(

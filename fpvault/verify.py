@@ -122,7 +122,8 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     by_pack: dict[bytes, list[packs.BlobEntry]] = {}
     for pack_id, entry in index.blobs.values():
         by_pack.setdefault(pack_id, []).append(entry)
-    present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")}
+    present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")
+               if packs.pack_id_of(name)}
     report.packs = len(present)
 
     # In pack order, as one pack after another would report them.

@@ -197,6 +197,10 @@ def test_deleted_index_is_repaired_from_packs(history, repo):
     ids, scripts = history
     for f in (Path(repo) / "index").iterdir():
         f.unlink()
+    # A file in data/ that is no pack (a copy tool's leftover): not read, not deleted.
+    stray = Path(repo) / "data" / "00" / "notes.txt"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_text("not a pack")
     r = run("verify", "-r", repo)
     assert r.code == 3 and "not in the index" in r.err
     assert run("restore", ids[1], "-r", repo, "-o", "-").code == 3
@@ -206,6 +210,7 @@ def test_deleted_index_is_repaired_from_packs(history, repo):
     assert run("verify", "-r", repo, "--read-data").code == 0
     for sid in ids:
         assert script(repo, sid) == scripts[sid]
+    assert run("prune", "-r", repo).code == 0 and stray.read_text() == "not a pack"
 
 
 def test_repair_keeps_what_it_cannot_read_again(history, repo):

@@ -252,3 +252,20 @@ def test_verify_reads_delta_bases_ahead(s3_server):
     checker.backend.delete(max(checker.backend.list("data/"), key=checker.backend.size))
     report = verify_mod.verify(Vault.open(url), read_data=True)
     assert not report.ok and any("missing" in p for p in report.problems), report.problems
+
+
+def test_verify_reports_a_truncated_pack(s3_server):
+    """A pack cut short: S3 refuses ranged reads past its end (HTTP 416), which verify
+    reports as damage to what needs them, as it does a missing pack."""
+    url = s3_server()
+    rows, first = first_version(url)
+    for k in range(7, 150000, 100):
+        rows[k] = "changed" + rows[k][7:]
+    vault = Vault.open(url)
+    vault.write_stream([rows_text(rows)], first)
+    vault.store.flush()
+    name = max(vault.backend.list("data/"), key=vault.backend.size)   # the first version's
+    vault.backend.put(name, vault.backend.get(name)[:vault.backend.size(name) // 2])
+    report = verify_mod.verify(Vault.open(url), read_data=True)
+    assert not report.ok
+    assert any(name.rsplit("/", 1)[-1][:16] in p for p in report.problems), report.problems
