@@ -869,6 +869,36 @@ class ChunkStore:
     def get_list(self, blob: bytes) -> list[ChunkRef]:
         return decode_list(blob, self.get(blob))
 
+    def complete_lists(self, list_ids: Iterable[bytes]) -> set[bytes]:
+        """Of these chunk lists, those that are stored intact and whose chunks are all
+        indexed.  The lists are read in runs of neighbours: on a remote backend a
+        few ranged reads, not a round trip for each (a snapshot holds one list per
+        table and large object, and 150 tables took 11 s on S3 at 20 ms)."""
+        def where(blob: bytes) -> tuple[bytes, int]:
+            pack_id, e = self.index.blobs[blob]
+            return pack_id, e.offset
+
+        ids = sorted({blob for blob in list_ids if blob in self.index}, key=where)
+        complete = set()
+        for run in self.runs(ids, REMOTE_RUN_GAP, REMOTE_RUN_SPAN):
+            try:
+                got = list(zip(run, self.get_run(run)))
+            except RepositoryDamaged:   # which of them: one at a time
+                got = []
+                for blob in run:
+                    try:
+                        got.append((blob, self.get(blob)))
+                    except RepositoryDamaged:
+                        continue
+            for blob, data in got:
+                try:
+                    refs = decode_list(blob, data)
+                except RepositoryDamaged:
+                    continue
+                if all(ref.id in self.index for ref in refs):
+                    complete.add(blob)
+        return complete
+
 
 class ChunkRef(NamedTuple):
     """One entry of a chunk list."""

@@ -289,11 +289,12 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                  leader, lo_oids, prev.xact.xmin if same_server else None,
                  mark.xmax if mark else 0)
              if lo_oids and not unchanged else None)
+    stored_los = _stored_lists(vault, [prev_los[oid].data for oid in lo_oids if oid in prev_los])
     for oid in lo_oids:
         old = prev_los.get(oid)
         now = pages.get(oid) if pages else None
         if (old is not None and (unchanged or (now is not None and now == (old.pages, True)))
-                and _all_stored(vault, old.data)):
+                and old.data.list in stored_los):
             large_objects.append(LargeObject(oid=oid, data=old.data, pages=old.pages))
             continue
         stream, _ = vault.write_stream(pgsource.large_object(leader, oid), old and old.data)
@@ -317,16 +318,18 @@ def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: st
     catalog entry can have changed), it was read as this one would be (role,
     settings, filters, pg_dump version, by this release of fpvault), it has no
     table whose rows a condition chooses, and all it refers to is stored."""
-    return (prev.version == FORMAT_VERSION and prev.program == PROGRAM
+    if not (prev.version == FORMAT_VERSION and prev.program == PROGRAM
             and mark is not None and prev.xact == mark
             and prev.source.user == user and prev.session == pgsource.SESSION_SETTINGS
             and prev.filters == filters.as_dict() and prev.source.encoding == encoding
             and prev.source.pg_dump_version == pg_dump.version
             # The rows a condition chooses may change without a transaction (now()).
-            and not any(t.condition for t in prev.tables)
-            and all(_all_stored(vault, stream) for stream in (
-                prev.schema.archive, prev.schema.pre_data, prev.schema.post_data,
-                *(t.data for t in prev.tables), *(lo.data for lo in prev.large_objects))))
+            and not any(t.condition for t in prev.tables)):
+        return False
+    streams = [prev.schema.archive, prev.schema.pre_data, prev.schema.post_data,
+               *(t.data for t in prev.tables), *(lo.data for lo in prev.large_objects)]
+    stored = _stored_lists(vault, streams)
+    return all(stream.list in stored for stream in streams)
 
 
 def _quiet(vault: Vault, leader: psycopg.Connection, prev: Snapshot,
@@ -401,12 +404,10 @@ def _version_text(num: int) -> str:
     return f"{num // 10000}.{num % 10000}" if num >= 100000 else str(num)
 
 
-def _all_stored(vault: Vault, stream: Stream) -> bool:
-    try:
-        refs = vault.store.get_list(bytes.fromhex(stream.list))
-    except RepositoryDamaged:
-        return False
-    return all(ref.id in vault.store.index for ref in refs)
+def _stored_lists(vault: Vault, streams: list[Stream]) -> set[str]:
+    """The chunk list ids (hex) of those of these streams whose chunks are all stored."""
+    return {blob.hex() for blob in vault.store.complete_lists(
+        bytes.fromhex(stream.list) for stream in streams)}
 
 
 def _same_schema(vault: Vault, prev: Snapshot, schema: SchemaBlobs, pre_sql: bytes,
@@ -475,9 +476,10 @@ def _reusable_tables(vault: Vault, prev: Snapshot, tables: list[pgsource.TableIn
         if (e is not None and (e.schema, e.name, e.columns, e.key, e.key_kinds, e.relkind,
                                e.persistence, e.parent, e.extension, e.condition)
                 == (t.schema, t.name, t.columns, t.key, t.key_kinds, t.relkind, t.persistence,
-                    t.parent, t.extension, t.condition) and _all_stored(vault, e.data)):
+                    t.parent, t.extension, t.condition)):
             out[t.oid] = e
-    return out
+    stored = _stored_lists(vault, [e.data for e in out.values()])
+    return {oid: e for oid, e in out.items() if e.data.list in stored}
 
 
 def _entry(table: pgsource.TableInfo, rows: int, data: Stream, physical: bool) -> TableEntry:
