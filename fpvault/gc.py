@@ -56,23 +56,24 @@ def snapshot_streams(snap: Snapshot) -> list[tuple[str, Stream]]:
 
 
 def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
-    live: set[bytes] = set()
-    seen_lists: set[bytes] = set()
+    first_use: dict[bytes, tuple[Snapshot, str]] = {}   # list id -> who needs it, for messages
     for snap in snapshots:
         for what, stream in snapshot_streams(snap):
-            list_id = bytes.fromhex(stream.list)
-            if list_id in seen_lists:
-                continue
-            seen_lists.add(list_id)
-            live.add(list_id)
-            try:
-                refs = vault.store.get_list(list_id)
-            except RepositoryDamaged as exc:
-                raise RepositoryDamaged(
-                    f"Snapshot {snap.id[:8]}, {what}: its chunk list cannot be read ({exc}). "
-                    "Prune stopped without deleting anything; run 'fpvault verify' and "
-                    "'fpvault repair index'.") from exc
-            live.update(ref.id for ref in refs)
+            first_use.setdefault(bytes.fromhex(stream.list), (snap, what))
+    live: set[bytes] = set(first_use)
+    read = set()
+    for list_id, refs in vault.store.read_lists(first_use):
+        read.add(list_id)
+        if isinstance(refs, RepositoryDamaged):
+            snap, what = first_use[list_id]
+            raise RepositoryDamaged(
+                f"Snapshot {snap.id[:8]}, {what}: its chunk list cannot be read ({refs}). "
+                "Prune stopped without deleting anything; run 'fpvault verify' and "
+                "'fpvault repair index'.") from refs
+        live.update(ref.id for ref in refs)
+    if read != set(first_use):   # never delete what a list not read would have kept
+        raise RepositoryDamaged(f"{len(set(first_use) - read)} chunk lists were not read; prune "
+                                "stopped without deleting anything.")
     return with_bases(vault.store.index, live)
 
 

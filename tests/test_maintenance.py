@@ -420,3 +420,23 @@ def test_out_of_space_during_snap_leaves_repository_valid(pg, history, repo, mon
     for sid in ids:
         assert script(repo, sid) == scripts[sid]
     assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
+
+
+def test_prune_stops_at_a_chunk_list_it_cannot_read(history, repo):
+    """Prune reads every snapshot's chunk lists (a run of neighbours at a time) to
+    know what is live: one it cannot read stops it, naming the snapshot and the
+    table, before anything is deleted."""
+    ids, _ = history
+    vault = Vault.open(repo)
+    snap = vault.resolve(ids[-1])[1]
+    table = next(t for t in snap.tables if t.name == "big")
+    pack_id, e = vault.index.blobs[bytes.fromhex(table.data.list)]
+    pack = Path(repo) / "data" / pack_id.hex()[:2] / pack_id.hex()
+    data = bytearray(pack.read_bytes())
+    data[e.offset + e.length // 2] ^= 0x55
+    pack.write_bytes(bytes(data))
+    before = sorted(p.name for p in (Path(repo) / "data").rglob("*") if p.is_file())
+    r = run("forget", ids[0], "-r", repo, "--prune")
+    assert r.code == 3 and "chunk list cannot be read" in r.err, r.err
+    assert f"Snapshot {ids[-1][:8]}" in r.err and "big" in r.err, r.err
+    assert sorted(p.name for p in (Path(repo) / "data").rglob("*") if p.is_file()) == before
