@@ -58,6 +58,11 @@ MAX_PENDING_UPLOADS = 2
 # Delta bases read ahead on a remote backend (``prefetch_bases``): their stored bytes
 # wait here until decoded, at most this much.
 PREFETCH_BYTES = 32 * 1024 * 1024
+# Small reads (pack trailers, chunk lists) are made by this many threads at once from
+# a remote backend: each is a round trip or more (a trailer takes four: size, head,
+# tail, trailer), and one after another they added up to most of a verify or a
+# repair (S3 with 20 ms of latency, 40 snapshots: docs/benchmarks.md, "verify on S3").
+SMALL_READ_THREADS = 8
 # New chunks of a stream that are not stored as deltas are compressed together, in
 # zstd frames of about this much plaintext: 64 KiB chunks compressed one by one stored
 # the bench database's first snapshot 30% larger than 4 MiB frames (docs/benchmarks.md,
@@ -584,6 +589,11 @@ class ChunkStore:
         pack_id, e = self._locate(blob)
         return self._checked(blob, e, lambda: self._plaintext(pack_id, e))
 
+    def _where(self, blob: bytes) -> tuple[bytes, int]:
+        """Where an indexed blob is stored: (pack id, offset), to sort reads by."""
+        pack_id, e = self.index.blobs[blob]
+        return pack_id, e.offset
+
     def _locate(self, blob: bytes) -> tuple[bytes, BlobEntry]:
         try:
             return self.index.blobs[blob]
@@ -657,12 +667,7 @@ class ChunkStore:
             todo.extend(bases)
         if not need:
             return
-
-        def where(b: bytes) -> tuple[bytes, int]:
-            pack_id, e = self.index.blobs[b]
-            return pack_id, e.offset
-
-        need.sort(key=where)
+        need.sort(key=self._where)
         runs, budget = [], PREFETCH_BYTES // 2
         for run in self.runs(need, REMOTE_RUN_GAP, REMOTE_RUN_SPAN):
             first, last = self.index.blobs[run[0]][1], self.index.blobs[run[-1]][1]
@@ -872,18 +877,16 @@ class ChunkStore:
     def read_lists(self, list_ids: Iterable[bytes]
                    ) -> Iterator[tuple[bytes, list[ChunkRef] | RepositoryDamaged]]:
         """Each of these chunk lists (once, in pack order), or why it cannot be read.
-        They are read in runs of neighbours: on a remote backend a few ranged reads,
-        not a round trip each (a snapshot holds one list per table and large
-        object: a quiet snapshot of 150 tables took 11 s on S3 at 20 ms a request)."""
-        def where(blob: bytes) -> tuple[bytes, int]:
-            pack_id, e = self.index.blobs[blob]
-            return pack_id, e.offset
-
+        Neighbours are read together (a list written after a small table lies next
+        to the one before it), and on a remote backend several runs at once: not a
+        round trip after another for each (a quiet snapshot of 150 tables took 12 s
+        on S3 at 20 ms a request)."""
         wanted = set(list_ids)
-        indexed = sorted((blob for blob in wanted if blob in self.index), key=where)
+        indexed = sorted((blob for blob in wanted if blob in self.index), key=self._where)
         runs = self.runs(indexed, REMOTE_RUN_GAP, REMOTE_RUN_SPAN)
         runs += [[blob] for blob in wanted if blob not in self.index]   # get() says why
-        for run in runs:
+
+        def read_run(run: list[bytes]) -> list[tuple[bytes, list[ChunkRef] | RepositoryDamaged]]:
             try:
                 got = list(zip(run, self.get_run(run) if len(run) > 1 else [self.get(run[0])]))
             except RepositoryDamaged:   # which of them: one at a time
@@ -892,12 +895,24 @@ class ChunkStore:
                     try:
                         got.append((blob, self.get(blob)))
                     except RepositoryDamaged as exc:
-                        yield blob, exc
+                        got.append((blob, exc))
+            out = []
             for blob, data in got:
                 try:
-                    yield blob, decode_list(blob, data)
+                    out.append((blob, data if isinstance(data, RepositoryDamaged)
+                                else decode_list(blob, data)))
                 except RepositoryDamaged as exc:
-                    yield blob, exc
+                    out.append((blob, exc))
+            return out
+
+        if not getattr(self.backend, "parallel_reads", False) or len(runs) < 2:
+            for run in runs:
+                yield from read_run(run)
+            return
+        with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS,
+                                thread_name_prefix="fpvault-lists") as pool:
+            for got in pool.map(read_run, runs):
+                yield from got
 
     def complete_lists(self, list_ids: Iterable[bytes]) -> set[bytes]:
         """Of these chunk lists, those that are stored intact and whose chunks are all

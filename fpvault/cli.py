@@ -253,10 +253,10 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     pg_dump, if no transaction has ended on the server since; otherwise a
     table whose every row is older than that snapshot, as many as it counted
     (one scan of the table, no COPY); large objects likewise, where the role
-    may read pg_largeobject.  Sequences are read as always.  Tables with a key are read in key
-    order; a table the previous snapshot does not hold (usually its first
-    snapshot) is read as its heap lies, as pg_dump reads it, when the
-    server's statistics say that is key order anyway.  Text output ends with
+    may read pg_largeobject.  Sequences are read as always.  Tables with a
+    key are read in key order; a table the previous snapshot does not hold
+    (usually its first snapshot) is read as its heap lies, as pg_dump reads
+    it, when the server's statistics say that is key order anyway.  Text output ends with
     the snapshot id on its own line (printed even with -q).
     """
     vault = ctx.open(create=True)

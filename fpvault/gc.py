@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from . import packs
 from .backend import LocalBackend
-from .chunkstore import INDEX_PREFIX, Index, encode_index
+from .chunkstore import INDEX_PREFIX, SMALL_READ_THREADS, Index, encode_index
 from .errors import RepositoryDamaged
 from .manifest import Snapshot, Stream
 from .packs import BlobEntry
@@ -276,13 +276,15 @@ def repair_index(vault: Vault) -> RepairStats:
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     unreadable: list[bytes] = []
-    names = sorted(name for name in backend.list("data/") if packs.pack_id_of(name))
+    ids = {name: pack_id for name in backend.list("data/")
+           if (pack_id := packs.pack_id_of(name)) is not None}
+    names = sorted(ids)
     for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec)):
         if isinstance(pack_entries, Exception):
             stats.unreadable.append(f"{name}: {pack_entries}")
-            unreadable.append(packs.pack_id_of(name))
+            unreadable.append(ids[name])
             continue
-        entries.append((packs.pack_id_of(name), pack_entries))
+        entries.append((ids[name], pack_entries))
         stats.packs += 1
         stats.blobs += len(pack_entries)
     if unreadable:
@@ -305,13 +307,6 @@ def repair_index(vault: Vault) -> RepairStats:
             stats.index_files_removed += 1
     vault.reset_index(None)
     return stats
-
-
-# Pack trailers (and verify's chunk lists) are read by this many threads at once: on
-# a remote backend each is a round trip or more (a trailer takes four: size, head,
-# tail, trailer), and one after another they added up to most of a verify or a
-# repair (S3 with 20 ms of latency, 40 snapshots: docs/benchmarks.md, "verify on S3").
-SMALL_READ_THREADS = 8
 
 
 def in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:

@@ -32,7 +32,8 @@ import psycopg
 from . import packs, pgsource
 from . import restore as restore_mod
 from .errors import RepositoryDamaged
-from .gc import SMALL_READ_THREADS, in_order, read_pack_trailers, snapshot_streams, with_bases
+from .chunkstore import SMALL_READ_THREADS
+from .gc import in_order, read_pack_trailers, snapshot_streams, with_bases
 from .manifest import Snapshot, TableEntry
 from .vault import Vault
 
