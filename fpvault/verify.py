@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import blake3
 import psycopg
@@ -32,13 +34,15 @@ import psycopg
 from . import packs, pgsource
 from . import restore as restore_mod
 from .errors import RepositoryDamaged
-from .chunkstore import SMALL_READ_THREADS
+from .chunkstore import ChunkRef
 from .gc import in_order, read_pack_trailers, snapshot_streams, with_bases
 from .manifest import Snapshot, TableEntry
 from .vault import Vault
 
 
-# And whole packs (--read-data) by this many, each holding one pack (up to
+T = TypeVar("T")
+
+# Whole packs (--read-data) by this many, each holding one pack (up to
 # packs.PACK_TARGET_SIZE) while it checks it: a remote backend's downloads overlap,
 # and on any backend the decoding runs on more than one core.
 READ_THREADS = 2
@@ -94,22 +98,34 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         report.hit(sid, "manifest")
     report.snapshots = len(snapshots) + len(vault.damaged_snapshots)
 
-    # Every blob each snapshot needs must be indexed.  A chunk and its bases found
-    # complete once are not walked again for the next snapshot that shares them.
+    # Every blob each snapshot needs must be indexed.  Each chunk list is read once,
+    # however many snapshots share it, and a chunk and its bases found complete once
+    # are not walked again for the next list that holds them.
     complete: set[bytes] = set()
-    say("checking snapshots")
-    for snap, what, ids in _snapshot_refs(vault, snapshots, report):
-        for blob_id in ids:
-            if blob_id in complete:
+
+    def missing_of(_list_id: bytes, refs: list[ChunkRef]) -> list[bytes]:
+        out = []
+        for ref in refs:
+            if ref.id in complete:
                 continue
-            needed = with_bases(index, {blob_id})
+            needed = with_bases(index, {ref.id})
             missing = [blob for blob in needed if blob not in index]
-            for blob in missing:
-                report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
-                                       f"{blob.hex()[:16]} is not in the index")
-                report.hit(snap.id, what)
+            out += missing
             if not missing:
-                complete |= needed
+                complete.update(needed)
+        return out
+
+    say("checking snapshots")
+    for snap, what, _, found in _per_stream(vault, snapshots, missing_of):
+        if isinstance(found, RepositoryDamaged):
+            report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
+                                   f"unreadable ({found})")
+            report.hit(snap.id, what)
+            continue
+        for blob in found:
+            report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk "
+                                   f"{blob.hex()[:16]} is not in the index")
+            report.hit(snap.id, what)
     del complete
 
     # Damaged blobs, and why; the snapshots they belong to are named at the end (a map
@@ -259,33 +275,21 @@ def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> in
             | e.generation)
 
 
-def _snapshot_refs(vault: Vault, snaps: list[Snapshot], report: Report, *,
-                   victims: bool = False):
-    """(snapshot, what, blob ids of its chunks) of each stream of each of ``snaps``;
-    an unreadable chunk list is reported and skipped.  With ``victims`` (naming the
-    streams damage hits), the list's own id comes first and nothing is reported.
-    The lists are read by a few threads ahead (on a remote backend, a request each)."""
-    items = [(snap, what, bytes.fromhex(stream.list))
-             for snap in snaps for what, stream in snapshot_streams(snap)]
-
-    def fetch(item):
-        try:
-            return vault.store.get_list(item[2])
-        except RepositoryDamaged as exc:
-            return exc
-
-    with ThreadPoolExecutor(max_workers=SMALL_READ_THREADS, thread_name_prefix="fpvault-verify") as pool:
-        for (snap, what, list_id), refs in zip(items, in_order(pool, fetch, items,
-                                                                SMALL_READ_THREADS * 2)):
-            head = [list_id] if victims else []
-            if isinstance(refs, RepositoryDamaged):
-                if not victims:
-                    report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
-                                           f"unreadable ({refs})")
-                    report.hit(snap.id, what)
-                yield snap, what, head
-                continue
-            yield snap, what, head + [ref.id for ref in refs]
+def _per_stream(vault: Vault, snaps: list[Snapshot],
+                inspect: Callable[[bytes, list[ChunkRef]], T]
+                ) -> Iterator[tuple[Snapshot, str, bytes, T | RepositoryDamaged]]:
+    """(snapshot, what, list id, finding) for each stream of each of ``snaps``, in
+    order: what ``inspect`` found in its chunk list, or why the list cannot be read.  Each
+    distinct list is read and inspected once (an unchanged table's is shared by every
+    snapshot since it last changed), neighbours together and, on a remote backend, by
+    a few threads (ChunkStore.read_lists); only the findings are kept."""
+    streams = [(snap, what, bytes.fromhex(stream.list))
+               for snap in snaps for what, stream in snapshot_streams(snap)]
+    found: dict[bytes, T | RepositoryDamaged] = {}
+    for list_id, refs in vault.store.read_lists(list_id for _, _, list_id in streams):
+        found[list_id] = refs if isinstance(refs, RepositoryDamaged) else inspect(list_id, refs)
+    for snap, what, list_id in streams:
+        yield snap, what, list_id, found[list_id]
 
 
 def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list[str]],
@@ -293,11 +297,18 @@ def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list
     """Report each damaged blob once for every snapshot stream that needs it (itself,
     or as a delta base, or as its chunk list)."""
     index = vault.index
-    for snap, what, ids in _snapshot_refs(vault, snapshots, report, victims=True):
-        hits = {blob for i in ids for blob in with_bases(index, {i}) if blob in bad}
-        for blob in sorted(hits):
+
+    def hits(list_id: bytes, refs: list[ChunkRef] | None) -> list[bytes]:
+        ids = {list_id, *(ref.id for ref in refs or ())}
+        return sorted(blob for blob in with_bases(index, ids) if blob in bad)
+
+    for snap, what, list_id, found in _per_stream(vault, snapshots, hits):
+        if isinstance(found, RepositoryDamaged):
+            found = hits(list_id, None)
+        for blob in found:
             for why in bad[blob]:
                 report.problems.append(f"snapshot {snap.id[:8]}, {what}: {why}")
+        if found:
             report.hit(snap.id, what)
 
 

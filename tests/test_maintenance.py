@@ -156,6 +156,29 @@ def test_damage_is_found_named_and_contained(pg, history, repo):
         assert script(repo, sid) == scripts[sid]
 
 
+def test_a_damaged_list_is_named_in_every_snapshot_that_shares_it(history, repo):
+    """verify reads a chunk list once however many snapshots hold it, and still names
+    each of them: the schema did not change, so all four share its lists."""
+    ids, _ = history
+    vault = Vault.open(repo)
+    lists = {sid: vault.resolve(sid)[1].schema.pre_data.list for sid in ids}
+    assert len(set(lists.values())) == 1
+    pack_id, e = vault.index.blobs[bytes.fromhex(lists[ids[0]])]
+    path = Path(repo) / f"data/{pack_id.hex()[:2]}/{pack_id.hex()}"
+    raw = bytearray(path.read_bytes())
+    raw[e.offset + e.length // 2] ^= 0x40
+    path.write_bytes(bytes(raw))
+    for extra in ([], ["--read-data"]):
+        r = run("verify", "-r", repo, "--json", *extra)
+        assert r.code == 3, r.err
+        doc = json.loads(r.out)
+        assert sorted(doc["affected"]) == sorted(ids), doc
+        assert all("schema (pre-data)" in doc["affected"][sid] for sid in ids), doc
+        for sid in ids:
+            assert any(p.startswith(f"snapshot {sid[:8]}, schema (pre-data)")
+                       for p in doc["problems"]), doc["problems"]
+
+
 def test_truncated_and_deleted_packs(history, repo):
     ids, scripts = history
     path, _ = _pack_of(repo, ids[0], "big")
