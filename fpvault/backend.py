@@ -48,6 +48,9 @@ class Backend(Protocol):
     def list(self, prefix: str) -> Iterator[str]:
         """Names under ``prefix`` (a folder-like path ending in ``/``)."""
 
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """(name, size) of each object under ``prefix``, from the listing itself."""
+
     def delete(self, name: str) -> None: ...
 
     def describe(self) -> str:
@@ -123,6 +126,13 @@ class LocalBackend:
             raise ObjectMissing(f"{name} is missing from the repository at {self.root}.") from exc
 
     def list(self, prefix: str) -> Iterator[str]:
+        for name, _ in self._walk(prefix, sizes=False):
+            yield name
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        return self._walk(prefix, sizes=True)
+
+    def _walk(self, prefix: str, sizes: bool) -> Iterator[tuple[str, int]]:
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         if not base.is_dir():
             return
@@ -131,7 +141,11 @@ class LocalBackend:
                 if TEMP_MARKER in filename:
                     continue
                 full = Path(dirpath) / filename
-                yield full.relative_to(self.root).as_posix()
+                try:
+                    size = full.stat().st_size if sizes else 0
+                except FileNotFoundError:
+                    continue   # deleted meanwhile
+                yield full.relative_to(self.root).as_posix(), size
 
     def delete(self, name: str) -> None:
         try:
@@ -242,6 +256,9 @@ class CachingBackend:
                 if cached not in live:
                     self.cache.delete(cached)
         return iter(names)
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        return self.inner.list_sizes(prefix)
 
     def put(self, name: str, data: bytes) -> None:
         self.inner.put(name, data)

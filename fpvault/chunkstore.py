@@ -169,13 +169,21 @@ class BlobMap:
         self._records: dict[bytes, bytes] = {}
         self._packs: list[bytes] = []
         self._pack_numbers: dict[bytes, int] = {}
+        self._ends: list[int] = []   # per pack: where the last blob indexed in it ends
 
     def __setitem__(self, blob: bytes, value: tuple[bytes, BlobEntry]) -> None:
+        """Index a blob; a blob stored twice (stored again whole after its delta's base
+        was lost) keeps the copy that needs no other blob, whichever comes last."""
         pack_id, e = value
+        old = self._records.get(blob)
+        if old is not None and e.bases and len(old) == self._SIZE:
+            return
         number = self._pack_numbers.get(pack_id)
         if number is None:
             number = self._pack_numbers[pack_id] = len(self._packs)
             self._packs.append(pack_id)
+            self._ends.append(0)
+        self._ends[number] = max(self._ends[number], e.offset + e.length)
         self._records[blob] = self._RECORD.pack(
             number, e.type, e.offset, e.length, e.raw_length, e.encoding,
             e.generation, e.start) + b"".join(e.bases)
@@ -194,18 +202,22 @@ class BlobMap:
         return self._packs[number], BlobEntry(blob, type_, offset, length, raw_length, encoding,
                                               self._bases(record), generation, start)
 
-    def in_packs_not(self, present: set[bytes]) -> tuple[list[bytes], int]:
-        """The packs not in ``present`` that hold indexed blobs, and how many blobs."""
-        gone = {n for n, pack_id in enumerate(self._packs) if pack_id not in present}
-        if not gone:
-            return [], 0
-        unpack = struct.Struct("<I").unpack_from
+    def beyond(self, sizes: dict[bytes, int]) -> tuple[list[bytes], list[bytes], int]:
+        """Packs that do not hold what the index says they do, given each pack's size
+        (``sizes``; a pack not in it is missing): (missing packs, packs shorter than
+        the end of a blob they should hold, how many blobs those packs hold)."""
+        limit = [sizes.get(pack_id, -1) for pack_id in self._packs]
+        if all(end <= size for end, size in zip(self._ends, limit)):
+            return [], [], 0
+        unpack = struct.Struct("<IBQI").unpack_from
         hit: dict[int, int] = {}
         for record in self._records.values():
-            (number,) = unpack(record)
-            if number in gone:
+            number, _, offset, length = unpack(record)
+            if offset + length > limit[number]:
                 hit[number] = hit.get(number, 0) + 1
-        return [self._packs[n] for n in sorted(hit)], sum(hit.values())
+        missing = [self._packs[n] for n in sorted(hit) if limit[n] < 0]
+        cut = [self._packs[n] for n in sorted(hit) if limit[n] >= 0]
+        return missing, cut, sum(hit.values())
 
     def bases(self, blob: bytes) -> list[bytes] | None:
         """The blob's bases (without building its entry); None if it is not indexed."""
@@ -362,8 +374,10 @@ class ChunkStore:
         """
         blob = blob or self.codec.blob_id(data)
         with self._lock:
-            if blob in self.index or blob in self._pending:
+            if blob in self._pending or self.stored(blob):
                 return blob
+            if blob in self.index:
+                similar = None   # a delta on a base the index lost: stored again, whole
             self._pending.add(blob)
         try:
             delta = self._delta(data, similar) if similar else None
@@ -393,6 +407,27 @@ class ChunkStore:
             raise
         self._add_stored(stored, [entry])
         return blob
+
+    def stored(self, blob: bytes) -> bool:
+        """Whether ``blob`` is indexed and so is every blob it is decoded against (its
+        delta bases, down their chains): only then may a snapshot take it as stored.
+        A delta whose base the index lost (an index file lost, or a pack lost and the
+        index repaired) would leave the snapshot unrestorable; ``put`` stores it again."""
+        blobs = self.index.blobs
+        todo = blobs.bases(blob)
+        if todo is None:
+            return False
+        seen: set[bytes] = set()
+        while todo:
+            base = todo.pop()
+            if base in seen:
+                continue
+            seen.add(base)
+            more = blobs.bases(base)
+            if more is None:
+                return False
+            todo += more
+        return True
 
     def write_frame(self, frame: "Frame") -> None:
         """Hand the frame's blobs to a compressor thread, to be stored as one zstd
@@ -916,10 +951,10 @@ class ChunkStore:
 
     def complete_lists(self, list_ids: Iterable[bytes]) -> set[bytes]:
         """Of these chunk lists, those that are stored intact and whose chunks are all
-        indexed (``read_lists``)."""
+        stored (``read_lists``, ``stored``)."""
         return {blob for blob, refs in self.read_lists(list_ids)
                 if not isinstance(refs, RepositoryDamaged)
-                and all(ref.id in self.index for ref in refs)}
+                and all(self.stored(ref.id) for ref in refs)}
 
 
 class ChunkRef(NamedTuple):

@@ -271,13 +271,16 @@ def repair_index(vault: Vault) -> RepairStats:
 
     A pack whose trailer cannot be read may still hold intact blobs, which the old
     index (what of it can be read) describes: those entries are kept, so that the
-    repair never makes data unreachable that was reachable before."""
+    repair never makes data unreachable that was reachable before; but not those
+    past the end of a pack cut short, so that the next snapshot stores them again."""
     backend = vault.backend
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     unreadable: list[bytes] = []
-    ids = {name: pack_id for name in backend.list("data/")
-           if (pack_id := packs.pack_id_of(name)) is not None}
+    ids, sizes = {}, {}
+    for name, size in backend.list_sizes("data/"):
+        if (pack_id := packs.pack_id_of(name)) is not None:
+            ids[name], sizes[pack_id] = pack_id, size
     names = sorted(ids)
     for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec)):
         if isinstance(pack_entries, Exception):
@@ -290,7 +293,8 @@ def repair_index(vault: Vault) -> RepairStats:
     if unreadable:
         before: dict[bytes, list[BlobEntry]] = {p: [] for p in unreadable}
         for pack_id, e in Index.load(backend, vault.codec).blobs.values():
-            if pack_id in before:
+            # (Not what lay past the end of a pack cut short: that is lost.)
+            if pack_id in before and e.offset + e.length <= sizes[pack_id]:
                 before[pack_id].append(e)
         for pack_id, kept in before.items():
             if kept:

@@ -108,12 +108,16 @@ class S3Backend:
         return int(resp["ContentLength"])
 
     def list(self, prefix: str) -> Iterator[str]:
+        for name, _ in self.list_sizes(prefix):
+            yield name
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
         paginator = self.client.get_paginator("list_objects_v2")
         pages = paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix)
         try:
             for page in pages:
                 for obj in page.get("Contents", ()):
-                    yield obj["Key"][len(self.prefix):]
+                    yield obj["Key"][len(self.prefix):], int(obj["Size"])
         except Exception as exc:  # botocore errors: say what failed
             raise self._error(exc, "listing", prefix) from exc
 

@@ -127,7 +127,7 @@ def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Fi
          jobs: int = 1, progress: Progress | None = None, reread: bool = False) -> SnapResult:
     progress = progress or Progress()
     started = time.monotonic()
-    vault.check_packs_present()
+    vault.check_index_usable()
     leader = pgsource.connect(conninfo)
     try:
         return _take(vault, leader, conninfo, tags, filters, max(1, jobs), progress, started,

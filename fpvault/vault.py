@@ -177,21 +177,36 @@ class Vault:
             self._index = Index.load(self.backend, self.codec)
         return self._index
 
-    def check_packs_present(self) -> None:
-        """Before a snapshot writes: raise RepositoryDamaged if the index names blobs in
-        packs that are not in the repository (deleted or lost by hand, never copied).
-        A snapshot would take those blobs as stored and could not be restored, while
-        saying it succeeded.  One listing of ``data/``."""
-        present = {packs.pack_id_of(name) for name in self.backend.list("data/")}
-        gone, blobs = self.index.blobs.in_packs_not(present)
-        if gone:
+    def check_index_usable(self) -> None:
+        """Before a snapshot writes: raise RepositoryDamaged unless the index can be
+        trusted to say what is stored.  A snapshot takes every blob the index names as
+        stored: one in a pack that is missing (deleted or lost by hand, never copied)
+        or cut short (a partial copy) would leave it unrestorable, while it said it
+        succeeded; and an index file that cannot be read hides which packs are
+        whose.  One listing of ``data/``, with sizes."""
+        sizes = {pack_id: size for name, size in self.backend.list_sizes("data/")
+                 if (pack_id := packs.pack_id_of(name)) is not None}
+        missing, cut, blobs = self.index.blobs.beyond(sizes)
+        where = f"the repository at {self.backend.describe()}"
+        if missing or cut:
+            first = packs.pack_name((missing or cut)[0])
+            more = ", ..." if len(missing) + len(cut) > 1 else ""
+            what = " and ".join(
+                part for part in (f"{len(missing)} pack(s) missing from {where}" if missing else "",
+                                  f"{len(cut)} pack(s) shorter than the index says" if cut else "")
+                if part)
             raise RepositoryDamaged(
-                f"{blobs} blobs the index names are in {len(gone)} pack(s) missing from the "
-                f"repository at {self.backend.describe()} ({packs.pack_name(gone[0])}"
-                f"{', ...' if len(gone) > 1 else ''}); a snapshot would take them as stored "
-                "and could not be restored. Run 'fpvault repair index' (it indexes the packs "
-                "that are there, so that the next snapshot stores the rest again), then "
-                "'fpvault verify' to see which snapshots the loss damaged. Nothing was written.")
+                f"{blobs} blobs the index names are in {what} ({first}{more}); a snapshot "
+                "would take them as stored and could not be restored. Run 'fpvault repair "
+                "index' (it indexes what the packs that are there hold, so that the next "
+                "snapshot stores the rest again), then 'fpvault verify' to see which "
+                "snapshots the loss damaged. Nothing was written.")
+        if self.index.damaged:
+            raise RepositoryDamaged(
+                f"Index file {self.index.damaged[0]} in {where} cannot be read"
+                f"{f' (and {len(self.index.damaged) - 1} more)' if len(self.index.damaged) > 1 else ''}"
+                "; run 'fpvault repair index' (it rebuilds the index from the packs), then "
+                "snap again. Nothing was written.")
 
     def reset_index(self, index: Index | None) -> None:
         """Use ``index`` (or reload it on next use): after prune or repair changed it."""
@@ -495,7 +510,7 @@ class StreamWriter:
             if blob != ref.id:
                 self._guess = False
                 return None
-            if ref.id not in self.vault.store.index:   # lost from the repository: store it again
+            if not self.vault.store.stored(ref.id):   # lost from the repository: store it again
                 self.vault.store.put(bytes(view), packs.DATA, blob=blob, frame=self.frame)
         if self.count_rows:
             self.newlines += chunker.count(b"\n", ref.size)

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -258,13 +259,36 @@ def test_repair_keeps_what_it_cannot_read_again(history, repo):
                                for p in json.loads(r.out)["problems"])
 
 
-def test_snap_refuses_while_packs_the_index_names_are_gone(pg, history, repo):
+def _same_tables(pg, a, b):
+    query = ("SELECT (SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM big), "
+             "(SELECT md5(string_agg(id || ':' || n, ',' ORDER BY id)) FROM small)")
+    assert pg.query(a, query) == pg.query(b, query)
+
+
+def _check_new_snapshot(pg, repo, db):
+    """A snapshot taken now restores the database as it is, and verify finds it whole."""
+    sid = snap(pg, repo, db)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 0, r.err
+    _same_tables(pg, db, target)
+    doc = json.loads(run("verify", "-r", repo, "--read-data", "--json").out)
+    assert sid not in doc["affected"], [p for p in doc["problems"] if sid[:8] in p]
+    return sid
+
+
+@pytest.mark.parametrize("lost", ["first", "largest"])
+def test_snap_refuses_while_packs_the_index_names_are_gone(pg, history, repo, lost):
     """Packs gone from the repository (deleted by hand, a partial copy): the index
     still names their blobs, so a snapshot would take them as stored, exit 0 and be
     as unrestorable as the old ones.  It refuses, saying what to do, and once the
-    index is repaired it stores them again."""
+    index is repaired it stores them again: also those that the packs still there
+    hold as deltas on a base that was in the lost one (the largest pack holds the
+    first version of 'big', which the later versions are deltas against)."""
     ids, scripts = history
     packs = sorted(p for p in (Path(repo) / "data").rglob("*") if p.is_file())
+    if lost == "largest":
+        packs.sort(key=lambda p: -p.stat().st_size)
     packs[0].unlink()
     db = json.loads(run("show", ids[-1], "-r", repo, "--json").out)["database"]
     for extra in ((), ("--reread",)):
@@ -273,11 +297,59 @@ def test_snap_refuses_while_packs_the_index_names_are_gone(pg, history, repo):
         assert "repair index" in r.err and "Nothing was written" in r.err
     assert listed(repo) == ids
     assert run("repair", "index", "-r", repo).code == 0
-    sid = snap(pg, repo, db)
-    restored = run("restore", sid, "-r", repo, "-o", "-")
-    assert restored.code == 0, restored.err
-    assert restored.out.count("COPY public.") == 2
+    _check_new_snapshot(pg, repo, db)
     assert run("verify", "-r", repo, "--json").code == 3   # the older ones are damaged
+
+
+def test_snap_refuses_while_a_pack_is_cut_short(pg, history, repo):
+    """A pack shorter than the index says (an interrupted copy): a snapshot would take
+    what lay past its end as stored.  snap refuses; repair index keeps what is still
+    there (the trailer is lost with the end), and the next snap stores the rest again
+    and restores.  verify names the pack as damaged while it is there; deleted and
+    the index repaired again, the next snapshot is whole."""
+    ids, _ = history
+    pack = max((p for p in (Path(repo) / "data").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    pack.write_bytes(pack.read_bytes()[:pack.stat().st_size // 2])
+    db = json.loads(run("show", ids[-1], "-r", repo, "--json").out)["database"]
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert r.code == 3 and "shorter than the index says" in r.err, r.err
+    assert "repair index" in r.err and listed(repo) == ids
+    r = run("repair", "index", "-r", repo)
+    assert r.code == 3 and "unreadable pack" in r.err, r.err
+    sid = snap(pg, repo, db)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 0, r.err
+    _same_tables(pg, db, target)
+    doc = json.loads(run("verify", "-r", repo, "--json").out)
+    assert any(pack.name[:16] in p for p in doc["problems"]), doc["problems"]
+    pack.unlink()
+    assert run("repair", "index", "-r", repo).code == 0
+    _check_new_snapshot(pg, repo, db)
+
+
+def test_snap_and_index_files_lost_or_damaged(pg, history, repo, tmp_path):
+    """An index file that cannot be read: snap refuses until the index is repaired.
+    One deleted leaves no trace, but its blobs are then simply not stored, and what
+    the other files index as deltas on them is not taken as stored either."""
+    ids, scripts = history
+    db = json.loads(run("show", ids[-1], "-r", repo, "--json").out)["database"]
+    files = sorted(p.name for p in (Path(repo) / "index").iterdir())
+    assert len(files) >= 4   # one per snapshot: the first one's indexes the bases
+    for name in files:
+        copy = tmp_path / f"copy-{name}"
+        shutil.copytree(repo, copy)
+        (copy / "index" / name).unlink()
+        _check_new_snapshot(pg, str(copy), db)
+    index_file = Path(repo) / "index" / files[0]
+    index_file.write_bytes(b"garbage")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert r.code == 3 and "cannot be read" in r.err and "repair index" in r.err, r.err
+    assert listed(repo) == ids
+    assert run("repair", "index", "-r", repo).code == 0
+    for sid in ids:
+        assert script(repo, sid) == scripts[sid]
 
 
 def test_latest_is_not_guessed_past_a_damaged_manifest(history, repo):

@@ -44,6 +44,14 @@ def test_put_get_list_delete(backend):
     assert list(backend.list("nothing/")) == []
 
 
+def test_listing_with_sizes(backend):
+    backend.put("data/ab/abcd", b"hello")
+    backend.put("data/cd/cdef", b"")
+    backend.put("index/1", b"xy")
+    assert sorted(backend.list_sizes("data/")) == [("data/ab/abcd", 5), ("data/cd/cdef", 0)]
+    assert list(backend.list_sizes("nothing/")) == []
+
+
 def test_missing_object_and_short_range_are_damage(backend):
     with pytest.raises(ObjectMissing):
         backend.get("snapshots/nope")
@@ -213,3 +221,39 @@ def test_the_compact_index_gives_back_what_it_was_given(entries):
     assert dict(blobs.items()) == want
     assert sorted(e.id for _, e in blobs.values()) == sorted(want)
     assert blobs.get(b"x" * 32) is None and b"x" * 32 not in blobs
+
+
+def test_a_blob_stored_whole_is_kept_over_a_delta_copy_in_any_order():
+    """A blob stored again whole (its delta's base was lost) and its old delta entry,
+    loaded in either order: the whole copy, which needs no other blob, is indexed."""
+    blob, base = b"b" * 32, b"a" * 32
+    delta = BlobEntry(blob, packs.DATA, 0, 10, 100, packs.DELTA, [base], 1)
+    whole = BlobEntry(blob, packs.DATA, 50, 40, 100, packs.ZSTD)
+    for order in ([(b"p" * 32, delta), (b"q" * 32, whole)],
+                  [(b"q" * 32, whole), (b"p" * 32, delta)]):
+        blobs = BlobMap()
+        for value in order:
+            blobs[blob] = value
+        assert blobs[blob] == (b"q" * 32, whole)
+        # A pack is named missing, or shorter than the end of a blob indexed in it,
+        # only if it holds one: not the pack of the delta copy.
+        assert blobs.beyond({b"q" * 32: 90}) == ([], [], 0)
+        assert blobs.beyond({b"q" * 32: 89}) == ([], [b"q" * 32], 1)
+        assert blobs.beyond({}) == ([b"q" * 32], [], 1)
+
+
+def test_a_delta_on_a_lost_base_is_not_taken_as_stored(tmp_path):
+    store = ChunkStore(LocalBackend(tmp_path), Index())
+    base = store.put(os.urandom(5000) * 4)
+    store.flush()
+    data = store.get(base)[:-100] + b"changed" * 20
+    blob = store.put(data, similar=[base])
+    store.flush()
+    assert store.index.blobs[blob][1].encoding == packs.DELTA and store.stored(blob)
+    store.index = Index()             # the base's index entry lost; the delta's kept
+    store.index.add_pack(*next((p, [e]) for p, e in [Index.load(store.backend).blobs[blob]]))
+    assert blob in store.index and not store.stored(blob)
+    assert store.put(data, similar=[base]) == blob    # stored again, whole
+    store.flush()
+    assert store.index.blobs[blob][1].encoding != packs.DELTA and store.stored(blob)
+    assert store.get(blob) == data
