@@ -637,23 +637,36 @@ CATALOG_NAME_TYPES = ("regclass", "regcollation", "regconfig", "regdictionary", 
                       "regoper", "regoperator", "regproc", "regprocedure", "regrole", "regtype")
 
 
-def print_catalog_names(conn: psycopg.Connection, oids: list[int]) -> set[int]:
-    """The tables with a column whose values print the names of catalog objects
-    (regclass, regrole, ...; also inside a domain, an array, a composite type or a
-    range): their text changes when a role, or an object outside the dump, is
-    renamed, which no row and no schema entry of the dump records."""
+def print_outside_the_dump(conn: psycopg.Connection, oids: list[int], dumped_types: set[int],
+                           dumped_tables: set[int]) -> set[int]:
+    """The tables with a column whose values print what neither their rows nor the
+    dumped schema record, so that it changes with a rename or an ALTER TYPE outside
+    them: names of catalog objects (regclass, regrole, ...), and the labels of an
+    enum or the attributes of a composite type that the dump does not define
+    (``dumped_types``: pg_type oids of its TYPE entries; ``dumped_tables``: pg_class
+    oids of its tables, whose row types it defines) because filters left it out or
+    an extension makes it.  Also inside a domain, an array, a composite type or a
+    range."""
     # The recursive query's estimate is high enough for JIT, whose compilation took
     # 35 of its 36 ms on 17 tables: off for it alone (then as it was).
     (jit,) = conn.execute("SELECT pg_catalog.current_setting('jit')").fetchone()
     conn.execute("SELECT pg_catalog.set_config('jit', 'off', true)")
     try:
-        return _catalog_name_tables(conn, oids)
+        rows = _printed_types(conn, oids)
     finally:
         conn.execute("SELECT pg_catalog.set_config('jit', %s, true)", (jit,))
+    return {rel for rel, typ, kind, typrelid, catalog_name in rows
+            if catalog_name
+            or (kind == "e" and typ not in dumped_types)
+            or (kind == "c" and typ not in dumped_types and typrelid not in dumped_tables)}
 
 
-def _catalog_name_tables(conn: psycopg.Connection, oids: list[int]) -> set[int]:
-    rows = conn.execute("""
+def _printed_types(conn: psycopg.Connection, oids: list[int]
+                   ) -> list[tuple[int, int, str, int, bool]]:
+    """(table, type, typtype, typrelid, prints catalog names) of the enum, composite
+    and reg* types the tables' columns print, down domains, arrays, composites and
+    ranges."""
+    return conn.execute("""
         WITH RECURSIVE t(rel, typ) AS (
             SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
             WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
@@ -666,11 +679,14 @@ def _catalog_name_tables(conn: psycopg.Connection, oids: list[int]) -> set[int]:
                           WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid AND a.attnum > 0
                             AND NOT a.attisdropped
                 UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r
-                          WHERE r.rngtypid = ty.oid) x(sub))
-        SELECT DISTINCT rel FROM t
-        WHERE typ IN (SELECT pg_catalog.to_regtype(n) FROM unnest(%(names)s::pg_catalog.text[]) n)
+                          WHERE r.rngtypid = ty.oid) x(sub)),
+        names AS (SELECT pg_catalog.to_regtype(n) AS typ
+                  FROM unnest(%(names)s::pg_catalog.text[]) n)
+        SELECT DISTINCT t.rel, t.typ::int8, ty.typtype::text, ty.typrelid::int8,
+               t.typ IN (SELECT typ FROM names)
+        FROM t JOIN pg_catalog.pg_type ty ON ty.oid = t.typ
+        WHERE ty.typtype IN ('e', 'c') OR t.typ IN (SELECT typ FROM names)
         """, {"oids": oids, "names": list(CATALOG_NAME_TYPES)}).fetchall()
-    return {r[0] for r in rows}
 
 
 # age() counts back from the newest xid in 32 bits: compare only snapshots this close.

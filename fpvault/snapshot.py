@@ -31,7 +31,8 @@ counted, is taken from it too (pgsource.rows_unchanged: one scan, no COPY, by
 the connection that would read the table, so that -j runs the scans at once);
 "the same schema" but for large objects' entries
 (pgtools.without_large_objects), and not for a table whose values print
-catalog names (pgsource.print_catalog_names).  A large object with as many
+catalog names, or an enum or composite type the dump leaves out
+(pgsource.print_outside_the_dump).  A large object with as many
 pages as then, all older, likewise (pgsource.large_object_pages).  Sequences
 are always read (nextval logs only every 32nd value).  ``--reread`` reads
 everything anyway.
@@ -62,6 +63,7 @@ from .manifest import (FORMAT_VERSION, LargeObject, SchemaBlobs, SequenceState, 
 from .vault import Vault, client_hostname, now_iso
 
 PG_CLASS = 1259
+PG_TYPE = 1247
 PG_LARGEOBJECT = 2613
 # With -j N, a table larger than its share of the work (all tables' size / N) and at
 # least this big is read in ranges by several connections at once (key ranges need a
@@ -259,8 +261,12 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     looks: dict[int, Look] = {}
     if look:
         # A value naming a role, or an object outside the dump, prints its new name
-        # after a rename that no row records: such tables are read.
-        names = pgsource.print_catalog_names(leader, [t.oid for t in tables])
+        # after a rename that no row records, and an enum or composite type the dump
+        # does not define (filters left it out) may have been altered: such tables
+        # are read.
+        names = pgsource.print_outside_the_dump(
+            leader, [t.oid for t in tables], {e.oid for e in toc if e.catalog == PG_TYPE},
+            set(class_oids))
         # Nor is a look enough for the rows a condition chooses: it may choose other
         # rows of the same (or another) table.
         looks = _looks(history[-2:], mark,
