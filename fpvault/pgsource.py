@@ -35,6 +35,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import DatabaseError, SnapshotFailed
+from .pgtools import python_codec
 
 # Every reading session's settings.  An empty search_path, as pg_dump's own session
 # has: reg* values (regclass, regtype, ...) print schema-qualified, as a restore, whose
@@ -969,8 +970,11 @@ class PsqlReader:
                   f"LOCK TABLE {table.qname} IN ACCESS SHARE MODE NOWAIT",
                   table.copy_statement(key_range).as_string(None),
                   "COMMIT"]
+        # In the session's client encoding, which the script sets first: a LATIN1 table's
+        # name sent as UTF-8 names no table.  (SQL_ASCII: names are read as UTF-8.)
+        codec = "utf-8" if self.encoding == "SQL_ASCII" else python_codec(self.encoding)
         return "".join(line + ("\n" if line.startswith("\\") else ";\n")
-                       for line in lines).encode()
+                       for line in lines).encode(codec)
 
     def copy_out(self, table: TableInfo, key_range: tuple[int | None, int | None] | None = None,
                  rows: list[int] | None = None) -> Iterator[bytearray]:

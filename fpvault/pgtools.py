@@ -209,12 +209,42 @@ def without_large_objects(sql: bytes) -> bytes:
     return b"".join(out)
 
 
-def archive_toc(pg_restore: Tool, archive_path: str) -> list[TocEntry]:
+def archive_toc(pg_restore: Tool, archive_path: str, codec: str = "utf-8") -> list[TocEntry]:
+    """The archive's list of entries; ``codec``: Python's for the database's encoding,
+    which pg_restore prints the names in."""
     out = run_tool(pg_restore, ["-l", archive_path], what="listing the schema archive")
     entries = []
-    for line in out.decode("utf-8", "replace").splitlines():
+    for line in out.decode(codec, "replace").splitlines():
         m = re.match(r"^(\d+); (\d+) (\d+) (.*)$", line)
         if m:
             entries.append(TocEntry(line, int(m.group(1)), int(m.group(2)), int(m.group(3)),
                                     m.group(4)))
     return entries
+
+
+# PostgreSQL's names of its server encodings (pg_encoding_to_char) that are not also
+# Python's: LATINn are ISO 8859 parts, WINnnnn Windows code pages.
+_PG_CODECS = {"SQL_ASCII": "latin-1", "UTF8": "utf-8", "EUC_CN": "gb2312", "UHC": "cp949",
+              "SJIS": "shift_jis", "KOI8R": "koi8-r", "KOI8U": "koi8-u",
+              "LATIN1": "iso8859-1", "LATIN2": "iso8859-2", "LATIN3": "iso8859-3",
+              "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+              "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
+              "LATIN10": "iso8859-16"}
+
+
+def python_codec(encoding: str) -> str:
+    """Python's codec for a PostgreSQL encoding name (SQL_ASCII: its bytes as latin-1,
+    which keeps every byte; one Python lacks, such as MULE_INTERNAL: UTF-8)."""
+    import codecs
+
+    name = encoding.upper()
+    codec = _PG_CODECS.get(name)
+    if codec is None:
+        if name.startswith("WIN"):
+            codec = "cp" + name[3:]                   # WIN1251 -> cp1251, WIN866 -> cp866
+        else:
+            codec = name.lower().replace("iso_8859_", "iso8859-")   # EUC_JP, ISO_8859_5
+    try:
+        return codecs.lookup(codec).name
+    except LookupError:
+        return "utf-8"

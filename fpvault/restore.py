@@ -34,6 +34,7 @@ from typing import BinaryIO, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from . import pgtools
+from .pgtools import python_codec
 from .errors import (DatabaseError, RepositoryDamaged, RestoreFailed, Stopped, UsageError,
                      first_cause)
 from .chunkstore import ChunkRef
@@ -188,8 +189,11 @@ def _archive_sections(vault: Vault, sid: str, snap: Snapshot,
         use_list = None
         if keep is not None:
             use_list = os.path.join(tmp, "toc.list")
-            toc = pgtools.archive_toc(pg_restore, archive)
-            with open(use_list, "w", encoding="utf-8") as f:
+            # Names are printed in the database's encoding: decoded as UTF-8, a LATIN1
+            # table's comment or grant would not match its name, and be left out.
+            codec = python_codec(snap.source.encoding)
+            toc = pgtools.archive_toc(pg_restore, archive, codec)
+            with open(use_list, "w", encoding=codec, errors="replace") as f:
                 for e in keep(toc):
                     f.write(e.line + "\n")
         kw = {"no_owner": no_owner, "no_privileges": no_privileges, "use_list": use_list}
@@ -454,34 +458,6 @@ def entry_table(entry: bytes, encoding: str = "UTF8") -> str | None:
     """``entry`` is SQL in the database's ``encoding``, as pg_dump wrote it."""
     m = _ENTRY_TABLE.search(entry)
     return (m.group(1) or m.group(2)).decode(python_codec(encoding)) if m else None
-
-
-# PostgreSQL's names of its server encodings (pg_encoding_to_char) that are not also
-# Python's: LATINn are ISO 8859 parts, WINnnnn Windows code pages.
-_PG_CODECS = {"SQL_ASCII": "latin-1", "UTF8": "utf-8", "EUC_CN": "gb2312", "UHC": "cp949",
-              "SJIS": "shift_jis", "KOI8R": "koi8-r", "KOI8U": "koi8-u",
-              "LATIN1": "iso8859-1", "LATIN2": "iso8859-2", "LATIN3": "iso8859-3",
-              "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
-              "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15",
-              "LATIN10": "iso8859-16"}
-
-
-def python_codec(encoding: str) -> str:
-    """Python's codec for a PostgreSQL encoding name (SQL_ASCII: its bytes as latin-1,
-    which keeps every byte; one Python lacks, such as MULE_INTERNAL: UTF-8)."""
-    import codecs
-
-    name = encoding.upper()
-    codec = _PG_CODECS.get(name)
-    if codec is None:
-        if name.startswith("WIN"):
-            codec = "cp" + name[3:]                   # WIN1251 -> cp1251, WIN866 -> cp866
-        else:
-            codec = name.lower().replace("iso_8859_", "iso8859-")   # EUC_JP, ISO_8859_5
-    try:
-        return codecs.lookup(codec).name
-    except LookupError:
-        return "utf-8"
 
 
 def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
