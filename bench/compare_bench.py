@@ -75,6 +75,7 @@ def main() -> None:
         os.makedirs(repos["pg_dump -Fc"])
         sh(f"restic init -q -r {repos['restic']}", env)
         sh(f"borg init -e none {repos['borg']}", env)
+        sh(f"{fv} -q -r {repos['fpvault']} init", env)
         sizes = {k: [] for k in repos}
         times = {k: [] for k in repos}
         for i in range(args.snaps):

@@ -51,6 +51,7 @@ def main() -> None:
         env = cluster.env()
         build_bench_db(cluster, "bench", args.scale)
         repo = str(Path(tmp) / "repo")
+        timed([fv, "-r", repo, "init"], env=env, rss=False)
         first = json.loads(timed([fv, "-r", repo, "snap", "-d", "dbname=bench", "--json"], env=env).stdout)
         touched = churn(cluster, "bench")
         second = json.loads(timed([fv, "-r", repo, "snap", "-d", "dbname=bench", "--json"], env=env).stdout)

@@ -46,6 +46,7 @@ def main() -> None:
         env = cluster.env()
         build_bench_db(cluster, "bench", args.scale)
         repo = str(Path(tmp) / "repo")
+        timed([fv, "-r", repo, "init"], env=env, rss=False)
         snap_times = []
         for i in range(args.snaps):
             if i:

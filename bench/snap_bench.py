@@ -127,6 +127,7 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
     parts = {}
     for group, sel in (("pgbench", ["-n", "public"]), ("factory_pulse", ["-N", "public"])):
         repo = os.path.join(work, f"part-{group}")
+        timed([fp, "-q", "-r", repo, "init"], env, rss=False)
         timed([fp, "-q", "-r", repo, "snap", "-d", dsn, *sel], env, rss=False)
         dump = os.path.join(work, f"part-{group}.fc")
         timed([pg_dump, "-Fc", "-f", dump, *sel, "-d", dsn], env, rss=False)
@@ -137,6 +138,8 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
     repos = [os.path.join(work, f"repo{i}") for i in range(args.runs)]
     repos_j2 = [os.path.join(work, f"repo-j2-{i}") for i in range(args.runs)]
     dumps = [os.path.join(work, f"dump{i}.fc") for i in range(args.runs)]
+    for repo in repos + repos_j2:   # (snap makes only the default repository itself)
+        timed([fp, "-q", "-r", repo, "init"], env, rss=False)
 
     def measured(cmd: list[str]) -> Run:
         cpu = pg.server_cpu_settled()
@@ -249,9 +252,12 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
     # Peak RSS at a second size: the same snapshot of a smaller database.
     log(f"peak RSS at scale {args.small_scale}")
     build_bench_db(pg, "bench_small", args.small_scale)
-    small = [timed([fp, "-q", "-r", os.path.join(work, f"small{j}"), "snap", "-d",
-                    pg.dsn("bench_small"), *extra, "--json"], env) for j, extra in
-             enumerate((jobs, ["-j", "2"]))]
+    small = []
+    for j, extra in enumerate((jobs, ["-j", "2"])):
+        repo = os.path.join(work, f"small{j}")
+        timed([fp, "-q", "-r", repo, "init"], env, rss=False)
+        small.append(timed([fp, "-q", "-r", repo, "snap", "-d", pg.dsn("bench_small"), *extra,
+                            "--json"], env))
 
     # -- the report
     s1, d1 = med(stored1), med(dump1_size)

@@ -59,6 +59,7 @@ def main() -> None:
                        FPVAULT_S3_ENDPOINT=f"http://127.0.0.1:{proxy.port}",
                        XDG_CACHE_HOME=str(Path(tmp) / "cache"))
             repo = "s3://verify-bench/repo"
+            timed([fv, "-r", repo, "init"], env=env, rss=False)
             for i in range(args.snaps):
                 cluster.execute("small", f"UPDATE t SET v = md5(v) WHERE id % 40 = {i % 40}")
                 timed([fv, "-r", repo, "snap", "-q", "-d", "dbname=small"], env=env, rss=False)

@@ -11,10 +11,12 @@ import errno
 import json
 import os
 import secrets
+import signal
 import stat
 import sys
 import threading
 import time
+import traceback
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +25,7 @@ import click
 from .errors import FpvaultError, RepositoryDamaged
 from .manifest import Snapshot
 from .locks import Lock
-from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id
+from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id, utc_iso
 
 
 class Ctx:
@@ -259,7 +261,9 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     it, when the server's statistics say that is key order anyway.  Text output ends with
     the snapshot id on its own line (printed even with -q).
     """
-    vault = ctx.open(create=True)
+    # Only the default repository is made on first use: a -r or FPVAULT_REPO that names
+    # none is a typo, or a backup disk not mounted, not a place to start a new history.
+    vault = ctx.open(create=ctx.repo is None and not os.environ.get("FPVAULT_REPO"))
     progress = TermProgress() if (sys.stderr.isatty() and not ctx.quiet) else None
     from . import snapshot as snapshot_mod
     filters = snapshot_mod.Filters(schemas, exclude_schemas, tables, exclude_tables)
@@ -642,9 +646,12 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
             chosen = {}
             vault.snapshots()
             damaged = {sid for sid, _ in vault.damaged_snapshots}
+            healthy = [s.id for s in vault.snapshots()]
             for ref in snapshots:
                 hits = [d for d in damaged if d.startswith(ref.lower()) and len(ref) >= 4]
-                if len(hits) == 1:
+                # Only the damaged one: resolve() would refuse it; one a healthy
+                # snapshot's id shares is ambiguous, which resolve() says.
+                if len(hits) == 1 and not any(h.startswith(ref.lower()) for h in healthy):
                     chosen[hits[0]] = None
                     continue
                 sid, s = vault.resolve(ref)
@@ -654,9 +661,9 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
         else:
             decisions = retention.plan(vault.snapshots(strict=False), policy)
             groups = [{"group": g.group,
-                       "keep": [{"id": i.id, "time": i.time.isoformat(), "reasons": r}
+                       "keep": [{"id": i.id, "time": utc_iso(i.time), "reasons": r}
                                 for i, r in g.keep],
-                       "remove": [{"id": i.id, "time": i.time.isoformat()} for i in g.remove]}
+                       "remove": [{"id": i.id, "time": utc_iso(i.time)} for i in g.remove]}
                       for g in decisions]
         if not dry_run:
             for g in groups:
@@ -668,7 +675,10 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
         for g in groups:
             if g["group"]:
                 grp = g["group"]
-                info(ctx, f"{grp['database']} on {grp['host']}:{grp['port']}")
+                only = "; ".join(f"{k.replace('_', ' ')} {', '.join(v)}"
+                                 for k, v in grp["filters"].items())
+                info(ctx, f"{grp['database']} on {grp['host']}:{grp['port']}"
+                          f"{f' ({only})' if only else ''}")
             for k in g["keep"]:
                 info(ctx, f"  keep    {k['id'][:8]}  {local_time(k['time'])}  {', '.join(k['reasons'])}")
             for r in g["remove"]:
@@ -755,6 +765,9 @@ def verify(ctx: Ctx, snapshots, read_data: bool, subset: str | None, restore_tes
     """Check the repository; exit 3 on any damage, naming what it affects."""
     from . import verify as verify_mod
 
+    if read_data and subset is not None:
+        raise click.UsageError("--read-data reads every pack, --read-data-subset a sample of "
+                               "them: give one of the two.")
     fraction = None
     if subset is not None:
         try:
@@ -923,16 +936,39 @@ def keep_freed_buffers() -> None:
     mallopt(m_arena_max, 1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cron job's timeout, a service stopped): unwound as Ctrl-C is, so
+    that locks, temporary files and child processes such as pg_dump are cleaned up."""
+
+
+def _terminated(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> None:
     ctx = Ctx()
     keep_freed_buffers()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    before = None
+    if threading.current_thread() is threading.main_thread():
+        before = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        _main(ctx, argv, debug)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
+def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
     try:
         # Without standalone mode, click returns the code of an Exit (--exit-code).
         code = cli.main(args=argv, obj=ctx, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__cause__, Terminated):
+            click.echo("Terminated; nothing was committed.", err=True)
+            sys.exit(143)
         click.echo("Interrupted.", err=True)
         sys.exit(130)
     except click.ClickException as exc:
@@ -941,13 +977,16 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except FpvaultError as exc:
-        if debug:
-            raise
+        if debug:   # the traceback, and still the exit code scripts rely on
+            traceback.print_exc()
         click.echo(f"fpvault: {exc}", err=True)
         sys.exit(exc.exit_code)
     except BrokenPipeError:
         stdout_gone()
         sys.exit(1)
+    except Terminated:
+        click.echo("Terminated; nothing was committed.", err=True)
+        sys.exit(143)
     except KeyboardInterrupt:
         click.echo("Interrupted; nothing was committed.", err=True)
         sys.exit(130)

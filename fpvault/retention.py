@@ -12,8 +12,10 @@ the newest snapshot (not before now: an idle database does not lose its
 history).  ``tags`` keeps every snapshot carrying any of the tags.  A
 snapshot is kept if any rule keeps it; the reasons say which.
 
-Snapshots are grouped by source (host, port, database) and each group gets
-the policy on its own, as restic groups by host and paths.
+Snapshots are grouped by source (host, port, database) and by what was
+selected of it (snap's -n/-N/-t/-T), and each group gets the policy on its
+own, as restic groups by host and paths: a one-off snapshot of one table is
+not the newest backup of the whole database.
 """
 
 from __future__ import annotations
@@ -141,8 +143,10 @@ class GroupDecision:
     remove: list[Item]
 
 
-def group_key(source_host: str, source_port: str, database: str) -> dict[str, str]:
-    return {"host": source_host, "port": source_port, "database": database}
+def group_key(source_host: str, source_port: str, database: str,
+              filters: dict[str, list[str]] | None = None) -> dict:
+    return {"host": source_host, "port": source_port, "database": database,
+            "filters": filters or {}}
 
 
 def plan(snapshots, policy: Policy, tz: tzinfo | None = None) -> list[GroupDecision]:
@@ -150,12 +154,17 @@ def plan(snapshots, policy: Policy, tz: tzinfo | None = None) -> list[GroupDecis
     manifests with ``id``, ``time`` (ISO text), ``tags`` and ``source``."""
     groups: dict[tuple, list] = {}
     for s in snapshots:
-        groups.setdefault((s.source.host, s.source.port, s.source.database), []).append(s)
+        selected = tuple(sorted((k, tuple(v)) for k, v in (getattr(s, "filters", None)
+                                                            or {}).items()))
+        groups.setdefault((s.source.host, s.source.port, s.source.database, selected),
+                          []).append(s)
     out = []
-    for (host, port, database), members in sorted(groups.items()):
+    for (host, port, database, selected), members in sorted(groups.items()):
         items = [Item(s.id, _aware(s.time), tuple(s.tags)) for s in members]
         d = apply_policy(items, policy, tz)
-        out.append(GroupDecision(group_key(host, port, database), d.keep, d.remove))
+        out.append(GroupDecision(group_key(host, port, database,
+                                           {k: list(v) for k, v in selected}),
+                                 d.keep, d.remove))
     return out
 
 

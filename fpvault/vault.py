@@ -76,7 +76,12 @@ def cache_dir(repo_id: str) -> str:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return utc_iso(datetime.now(timezone.utc))
+
+
+def utc_iso(when: datetime) -> str:
+    """A time as manifests and --json spell it: UTC, microseconds, 'Z'."""
+    return when.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime:

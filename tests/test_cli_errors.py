@@ -48,6 +48,36 @@ def test_wrong_repository_path(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_snap_makes_no_repository_where_one_is_named(pg, db, tmp_path):
+    """A -r or FPVAULT_REPO that names no repository (a typo, a backup disk not
+    mounted) is an error, not a new history; only the default one is made."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    for how in ({"args": ["-r", str(tmp_path / "typo")]},
+                {"env": {"FPVAULT_REPO": str(tmp_path / "typo")}}):
+        r = run("snap", "-d", pg.dsn(db), *how.get("args", []), env=how.get("env"))
+        assert r.code == 1 and "no fpvault repository" in r.err and "fpvault init" in r.err, r.err
+        assert not (tmp_path / "typo").exists()
+    home = tmp_path / "home"
+    r = run("snap", "-q", "-d", pg.dsn(db), env={"XDG_DATA_HOME": str(home), "FPVAULT_REPO": ""})
+    assert r.code == 0, r.err
+    assert (home / "fpvault" / "config").exists()
+
+
+def test_debug_keeps_the_exit_code(tmp_path, repo):
+    r = run("--debug", "show", "latest", "-r", str(tmp_path / "nope"))
+    assert r.code == 1 and "Traceback" in r.err
+    r = run("--debug", "show", "abcdef", "-r", repo)
+    assert r.code == 2 and "Traceback" in r.err, (r.code, r.err)
+    (Path(repo) / "config").write_bytes(b"garbage")
+    r = run("--debug", "list", "-r", repo)
+    assert r.code == 3 and "Traceback" in r.err, (r.code, r.err)
+
+
+def test_verify_read_data_and_a_subset_are_one_or_the_other(repo):
+    r = run("verify", "-r", repo, "--read-data", "--read-data-subset", "10%")
+    assert r.code == 2 and "one of the two" in r.err, r.err
+
+
 def test_repo_from_environment_and_after_command(tmp_path, monkeypatch):
     path = str(tmp_path / "envrepo")
     assert run("-r", path, "init").code == 0
@@ -110,6 +140,14 @@ def test_ambiguous_prefix(pg, db, repo):
         seen[sid[:4]] = raw
     r = run("show", prefix, "-r", repo)
     assert r.code == 2 and "ambiguous" in r.err
+    # One of the two damaged: forget of the prefix is still ambiguous, not the damaged one.
+    ids = sorted(blake3.blake3(r).hexdigest() for r in (seen[prefix], raw))
+    path = Path(repo) / SNAPSHOTS / ids[0]
+    path.write_bytes(path.read_bytes()[:-8] + b"damaged!")
+    r = run("forget", prefix, "-r", repo, "--dry-run", "--json")
+    assert r.code == 2 and "ambiguous" in r.err, (r.code, r.out, r.err)
+    r = run("forget", ids[0][:12], "-r", repo, "--dry-run", "--json")
+    assert r.code == 0 and json.loads(r.out)["groups"][0]["remove"][0]["id"] == ids[0], r.err
 
 
 def test_missing_and_old_pg_dump(pg, db, repo, tmp_path):

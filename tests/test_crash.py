@@ -228,3 +228,31 @@ def test_killed_after_each_write_or_delete(pg, db, repo, tmp_path, command):
             assert r.code == 0, f"{' '.join(then)} after a kill at step {at}: {r.err}"
             check(work, dict(known))
         shutil.rmtree(work)
+
+
+def test_sigterm_during_snap_cleans_up(pg, db, repo, tmp_path, monkeypatch):
+    """SIGTERM (a cron job's timeout) unwinds as Ctrl-C does: exit 143, no snapshot,
+    no lock left behind, no temporary files, no pg_dump or psql left running."""
+    pg.execute(db, "CREATE TABLE big (id int PRIMARY KEY, v text); "
+                   "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 1000000) g")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    p = cli("snap", "-r", repo, "-d", pg.dsn(db))
+    locks = os.path.join(repo, "locks")
+    deadline = time.monotonic() + 30
+    while p.poll() is None and time.monotonic() < deadline and not (
+            os.path.isdir(locks) and os.listdir(locks)):
+        time.sleep(0.002)
+    time.sleep(0.3)
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                              text=True).stdout.split()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and b"Terminated" in err, (p.returncode, err)
+    assert os.listdir(locks) == [] and os.listdir(tmp) == []
+    assert json.loads(run("list", "-r", repo, "--json").out) == []
+    for pid in children:   # pg_dump or psql, if one ran then: gone
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
+    assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0

@@ -57,6 +57,8 @@ def test_forget_by_policy_and_id_then_prune(history, repo):
     (group,) = doc["groups"]
     assert [k["id"] for k in group["keep"]] == [ids[3], ids[2]]
     assert group["keep"][0]["reasons"] == ["last snapshot"]
+    times = {s["id"]: s["time"] for s in json.loads(run("list", "-r", repo, "--json").out)}
+    assert all(x["time"] == times[x["id"]] for x in group["keep"] + group["remove"])
     assert sorted(x["id"] for x in group["remove"]) == sorted(ids[:2])
     assert listed(repo) == ids  # dry run
     before = json.loads(run("stats", "-r", repo, "--json").out)

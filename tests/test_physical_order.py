@@ -89,6 +89,7 @@ def test_first_snapshot_reads_an_ordered_heap_as_it_lies(pg, db, repo, monkeypat
     monkeypatch.setattr(snapshot, "CORES", 4)
     seen.clear()
     other = str(repo) + "-other"
+    assert run("init", "-r", other).code == 0
     snap(pg, other, db, "-j", "3")
     assert len([r for name, _, r in seen if name == "ordered"]) == 2
 

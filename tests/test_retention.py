@@ -1,11 +1,12 @@
 """The retention policy: a pure function, checked against a table of cases."""
 
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pytest
 
-from fpvault.retention import Item, Policy, apply_policy, parse_duration, subtract
+from fpvault.retention import Item, Policy, apply_policy, parse_duration, plan, subtract
 
 UTC = timezone.utc
 
@@ -98,3 +99,19 @@ def test_durations():
     for bad in ("", "7", "d", "3x", "1d1y"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+def test_a_filtered_snapshot_is_a_group_of_its_own():
+    """A one-off snapshot of one table (before a migration) is not the newest backup
+    of the whole database: --keep-last 1 keeps one of each."""
+    source = SimpleNamespace(host="h", port="5432", database="app")
+
+    def manifest(i, filters):
+        return SimpleNamespace(id=f"{i:064x}", time=f"2026-12-0{i}T10:00:00Z", tags=[],
+                               source=source, filters=filters)
+
+    snaps = [manifest(1, {}), manifest(2, {}), manifest(3, {"table": ["public.orders"]})]
+    groups = plan(snaps, Policy(last=1))
+    assert [g.group["filters"] for g in groups] == [{}, {"table": ["public.orders"]}]
+    assert [[i.id for i, _ in g.keep] for g in groups] == [[snaps[1].id], [snaps[2].id]]
+    assert [[i.id for i in g.remove] for g in groups] == [[snaps[0].id], []]

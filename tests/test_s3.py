@@ -282,6 +282,7 @@ def test_a_quiet_snapshot_of_many_tables_reads_their_lists_together(pg, db, s3_s
                    "INSERT INTO t%s SELECT g, md5(g::text) FROM generate_series(1, 50) g', i, i);"
                    " END LOOP; END $$; CHECKPOINT")
     repo = s3_server()
+    assert run("init", "-r", repo).code == 0
     assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
     gets = []
     real_get = S3Backend.get
@@ -313,6 +314,7 @@ def test_verify_reads_each_chunk_list_once(pg, db, s3_server, monkeypatch):
                    "INSERT INTO t%s SELECT g, md5(g::text) FROM generate_series(1, 50) g', i, i);"
                    " END LOOP; END $$; CREATE TABLE hot (v int)")
     repo = s3_server()
+    assert run("init", "-r", repo).code == 0
     for i in range(4):
         pg.execute(db, f"INSERT INTO hot VALUES ({i})")
         assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
