@@ -184,11 +184,10 @@ class RowChange:
     count: int = 1
 
     def as_json(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"op": self.op, "key": self.key}
-        if self.before is not None:
-            d["before"] = self.before
-        if self.after is not None:
-            d["after"] = self.after
+        # "before" and "after" on every row, as the original contract has them: null
+        # where there is none (an insert's before, a delete's after).
+        d: dict[str, Any] = {"op": self.op, "key": self.key, "before": self.before,
+                             "after": self.after}
         if self.changed is not None:
             d["changed"] = self.changed
         if self.count != 1:

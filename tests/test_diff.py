@@ -210,6 +210,10 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
         ("insert", "6000"), ("delete", "20"), ("update", "10"), ("update", "4000")}
     upd = [r for r in a["rows"] if r["key"] == {"id": "10"}][0]
     assert upd["before"]["v"] == "a10" and upd["after"]["v"] == "changed"
+    # Every row has both, as the original contract has them: null where there is none.
+    ins, dele = ([r for r in a["rows"] if r["op"] == op][0] for op in ("insert", "delete"))
+    assert ins["before"] is None and ins["after"]["id"] == "6000"
+    assert dele["after"] is None and dele["before"]["id"] == "20"
     assert upd["changed"] == ["v"]
     assert not a["schema_changed"]
     b = tables["public.b"]
