@@ -959,6 +959,14 @@ def main(argv: list[str] | None = None) -> None:
             signal.signal(signal.SIGTERM, before)
 
 
+def _interrupted(exc: BaseException | None) -> None:
+    """Ctrl-C (130) or SIGTERM (143): what was not committed is as if never begun,
+    unless the command says otherwise (a restore with -j leaves the tables it loaded)."""
+    word = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+    click.echo(" ".join([f"{word}.", *(getattr(exc, "__notes__", None) or [])]), err=True)
+    sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
 def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
     try:
         # Without standalone mode, click returns the code of an Exit (--exit-code).
@@ -966,11 +974,7 @@ def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except click.exceptions.Abort as exc:
-        if isinstance(exc.__cause__, Terminated):
-            click.echo("Terminated; nothing was committed.", err=True)
-            sys.exit(143)
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
+        _interrupted(exc.__cause__)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -984,12 +988,8 @@ def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
     except BrokenPipeError:
         stdout_gone()
         sys.exit(1)
-    except Terminated:
-        click.echo("Terminated; nothing was committed.", err=True)
-        sys.exit(143)
-    except KeyboardInterrupt:
-        click.echo("Interrupted; nothing was committed.", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except Exception as exc:  # a bug: say so plainly
         if debug:
             raise

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import DatabaseError, SnapshotFailed
+from .errors import DatabaseError, SnapshotFailed, UsageError
 from .pgtools import python_codec
 
 # Every reading session's settings.  An empty search_path, as pg_dump's own session
@@ -86,9 +86,9 @@ def normalize_conninfo(conninfo: str) -> str:
 def conninfo_params(conninfo: str) -> dict[str, str]:
     try:
         return conninfo_to_dict(normalize_conninfo(conninfo))
-    except psycopg.ProgrammingError as exc:
-        raise DatabaseError(f"Cannot read the connection string: {exc}. Give a database name, "
-                            "key=value pairs or a postgresql:// URI.") from None
+    except psycopg.ProgrammingError as exc:   # a malformed argument: a usage error
+        raise UsageError(f"Cannot read the connection string: {str(exc).strip()}. Give a "
+                         "database name, key=value pairs or a postgresql:// URI.") from None
 
 
 def safe_conninfo(conninfo: str) -> tuple[str, str | None]:
@@ -111,7 +111,7 @@ def tool_conninfo(conninfo: str) -> tuple[str, dict[str, str]]:
     return safe, env
 
 
-def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
+def connect(conninfo: str, purpose: str = "", option: str = "-d/--dbname") -> psycopg.Connection:
     params = conninfo_params(conninfo)
     try:
         conn = psycopg.connect(normalize_conninfo(conninfo), autocommit=True,
@@ -120,7 +120,7 @@ def connect(conninfo: str, purpose: str = "") -> psycopg.Connection:
         where = describe(conninfo)
         msg = pg_message(exc)
         raise DatabaseError(f"Cannot connect to {where}{' ' + purpose if purpose else ''}: {msg}. "
-                            "Check -d/--dbname and the PG* environment variables.") from None
+                            f"Check {option} and the PG* environment variables.") from None
     if conn.info.encoding == "ascii":
         # SQL_ASCII, which libpq takes by default from such a database: psycopg would
         # hand every text value over as bytes.  COPY switches back (copy_out).

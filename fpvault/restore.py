@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 
 from . import pgtools
 from .pgtools import python_codec
-from .errors import (DatabaseError, RepositoryDamaged, RestoreFailed, Stopped, UsageError,
-                     first_cause)
+from .errors import (DatabaseError, FpvaultError, RepositoryDamaged, RestoreFailed, Stopped,
+                     UsageError, first_cause)
 from .chunkstore import ChunkRef
 from .manifest import LargeObject, SequenceState, Snapshot, Stream, TableEntry
 from .vault import Vault
@@ -293,6 +293,8 @@ def table_chunks(vault: Vault, plan: Plan, table: TableEntry,
 # critical path while the other connections wait (pgbench -s 50: 84% of the data
 # in one table; docs/benchmarks.md, snap_bench).
 LOAD_SPLIT_MIN_BYTES = 64 * 1024 * 1024
+# Where the target's CONNINFO came from, for messages.
+TARGET_OPTION = "the target's CONNINFO (restore --to, verify --restore-test)"
 
 
 def _chunk_list(vault: Vault, plan: Plan, table: TableEntry) -> list[ChunkRef]:
@@ -358,7 +360,7 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
             and (len(plan.tables) > 1
                  or any(t.data.bytes >= LOAD_SPLIT_MIN_BYTES for t in plan.tables))):
         return _to_database_parallel(vault, plan, conninfo, jobs, say)
-    conn = pgsource.connect(conninfo, "to restore into")
+    conn = pgsource.connect(conninfo, "to restore into", TARGET_OPTION)
     where = pgsource.describe(conninfo)
     step = "starting"
     try:
@@ -405,9 +407,9 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
         raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
                             f"{pgsource.pg_message(exc)}. The restore was rolled back.") from exc
     except psycopg.Error as exc:
-        hint = _hint(exc)
-        raise RestoreFailed(f"Restoring {step} into {where} failed: {pgsource.pg_message(exc)}.{hint} "
-                            "The restore was rolled back; the database is as it was.") from exc
+        raise _refused(exc)(f"Restoring {step} into {where} failed: {pgsource.pg_message(exc)}."
+                            f"{_hint(exc)} The restore was rolled back; the database is as it "
+                            "was.") from exc
     finally:
         conn.close()
 
@@ -524,7 +526,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
         item = next_item()
         if item is None:
             return
-        conn = pgsource.connect(conninfo, "to restore into")
+        conn = pgsource.connect(conninfo, "to restore into", TARGET_OPTION)
         try:
             with conn.cursor() as cur:
                 if preamble:
@@ -574,7 +576,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
         finally:
             conn.close()
 
-    conn = pgsource.connect(conninfo, "to restore into")
+    conn = pgsource.connect(conninfo, "to restore into", TARGET_OPTION)
     try:
         _check_target(conn, plan, where)
         with conn.cursor() as cur:
@@ -615,13 +617,18 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
         if isinstance(exc, psycopg.OperationalError):
             raise DatabaseError(f"Lost the connection to {where} while restoring "
                                 f"{state['step']}: {pgsource.pg_message(exc)}.{partial}") from exc
-        raise RestoreFailed(f"Restoring {state['step']} into {where} failed: {pgsource.pg_message(exc)}."
-                            f"{_hint(exc)}{partial}") from exc
+        raise _refused(exc)(f"Restoring {state['step']} into {where} failed: "
+                            f"{pgsource.pg_message(exc)}.{_hint(exc)}{partial}") from exc
     except RepositoryDamaged as exc:
         if not state.get("committed"):
             raise
         raise RepositoryDamaged(f"{exc} The database now holds a partial restore (with -j, "
                                 "tables load in transactions of their own): drop it.") from exc
+    except KeyboardInterrupt as exc:   # Ctrl-C, SIGTERM: the CLI says this after its word
+        if state.get("committed"):
+            exc.add_note(f"{where} now holds a partial restore (with -j, tables load in "
+                         "transactions of their own): drop it and restore again.")
+        raise
     finally:
         conn.close()
 
@@ -631,7 +638,7 @@ def _check_target(conn: psycopg.Connection, plan: Plan, where: str) -> None:
         if plan.options.data_only:
             cur.execute("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
             if not cur.fetchone()[0]:
-                raise RestoreFailed(
+                raise DatabaseError(
                     f"A --data-only restore into {where} needs a superuser: it sets "
                     "session_replication_role = replica so that triggers do not fire and "
                     "foreign-key cycles load in any order. Connect as a superuser, or restore "
@@ -663,6 +670,13 @@ def _restore_lo(cur: psycopg.Cursor, vault: Vault, plan: Plan, lo: LargeObject) 
         offset += len(chunk)
 
 
+def _refused(exc: psycopg.Error) -> type[FpvaultError]:
+    """The database refused for lack of privilege: exit 5, as for snap; else 1."""
+    import psycopg
+
+    return DatabaseError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else RestoreFailed
+
+
 def _hint(exc: psycopg.Error) -> str:
     import psycopg
 
@@ -672,8 +686,9 @@ def _hint(exc: psycopg.Error) -> str:
                 "(pg_dumpall --globals-only has them), or restore with --no-owner "
                 "--no-privileges.")
     if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-        return (" The role you connect as lacks that privilege: restore as the owner or a "
-                "superuser, or use --no-owner.")
+        return (" The role you connect as lacks that privilege: restore as a superuser, or "
+                "as a role that may create what the snapshot holds (--no-owner "
+                "--no-privileges help only where setting an owner or a grant is refused).")
     return ""
 
 

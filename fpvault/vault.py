@@ -27,7 +27,8 @@ import zstandard
 from . import crypto, packs
 from .backend import Backend, CachingBackend, LocalBackend
 from .chunker import DEFAULT_AVG_SIZE, DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, Chunker
-from .chunkstore import REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef, ChunkStore, Frame, Index
+from .chunkstore import (INDEX_PREFIX, REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef, ChunkStore,
+                         Frame, Index)
 from .crypto import Plain
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
@@ -144,6 +145,12 @@ class Vault:
         """Open a repository; ``password`` is asked for only if it is encrypted."""
         backend = backend_for(location)
         if not backend.exists(CONFIG):
+            if any(next(iter(backend.list(prefix)), None) is not None
+                   for prefix in (SNAPSHOTS, INDEX_PREFIX, "data/")):
+                raise RepositoryDamaged(
+                    f"The repository at {backend.describe()} has lost its config file (its "
+                    "snapshots, index and packs are there). Put back the config from a copy "
+                    "of the repository; 'fpvault init' there would not read them.")
             if create:
                 return cls.create(location)
             raise RepositoryNotFound(

@@ -63,6 +63,16 @@ def test_snap_makes_no_repository_where_one_is_named(pg, db, tmp_path):
     assert (home / "fpvault" / "config").exists()
 
 
+def test_a_repository_that_lost_its_config_is_damaged_not_absent(pg, db, repo):
+    """Not 'no repository here, run init': its snapshots are there (exit 3)."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    snap(pg, repo, db)
+    (Path(repo) / "config").unlink()
+    for args in (["list"], ["snap", "-d", pg.dsn(db)], ["verify"]):
+        r = run(*args, "-r", repo)
+        assert r.code == 3 and "lost its config" in r.err, (args, r.code, r.err)
+
+
 def test_debug_keeps_the_exit_code(tmp_path, repo):
     r = run("--debug", "show", "latest", "-r", str(tmp_path / "nope"))
     assert r.code == 1 and "Traceback" in r.err
@@ -99,8 +109,10 @@ def test_unreachable_database(repo, pg):
     r = run("snap", "-r", repo, "-d", "host=127.0.0.1 port=1 dbname=x connect_timeout=3")
     assert r.code == 5
     assert "Cannot connect" in r.err and "Traceback" not in r.err
-    r = run("snap", "-r", repo, "-d", "host=127.0.0.1 port=1 ==garbage")
-    assert r.code == 5
+    for bad in ("host=127.0.0.1 port=1 ==garbage", "bogus=1"):   # malformed: a usage error
+        r = run("snap", "-r", repo, "-d", bad)
+        assert r.code == 2 and "connection string" in r.err, (r.code, r.err)
+        assert r.err.count("\n") == 1, r.err       # one line: libpq's newline dropped
     assert listed(repo) == []
     r = run("restore", "latest", "-r", repo, "--to", "host=127.0.0.1 port=1 dbname=x")
     assert r.code == 2 and "no snapshots yet" in r.err
@@ -382,3 +394,26 @@ def test_repository_files_are_not_world_readable(pg, db, repo):
     snap(pg, repo, db)
     for path in Path(repo).rglob("*"):
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+def test_interrupted_parallel_restore_says_it_is_partial(pg, db, repo, monkeypatch):
+    """restore -j loads tables in transactions of their own: interrupted after some
+    committed, it says the target holds a partial restore (exit 130)."""
+    from fpvault import restore as restore_mod
+
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1); "
+                   "CREATE TABLE u (id int PRIMARY KEY); INSERT INTO u VALUES (1); "
+                   "SELECT lo_from_bytea(7321, 'x')")
+    sid = snap(pg, repo, db)["id"]
+
+    def interrupted(*_args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore_mod, "_restore_lo", interrupted)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target), "-j", "2")
+    assert r.code == 130 and "partial restore" in r.err, (r.code, r.err)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))     # one transaction
+    assert r.code == 130 and "partial" not in r.err, (r.code, r.err)
+    assert pg.query(target, "SELECT count(*) FROM pg_class WHERE relname = 't'") == [(0,)]

@@ -249,7 +249,7 @@ def test_sigterm_during_snap_cleans_up(pg, db, repo, tmp_path, monkeypatch):
                               text=True).stdout.split()
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == 143 and b"Terminated" in err, (p.returncode, err)
+    assert p.returncode == 143 and err.strip() == b"Terminated.", (p.returncode, err)
     assert os.listdir(locks) == [] and os.listdir(tmp) == []
     assert json.loads(run("list", "-r", repo, "--json").out) == []
     for pid in children:   # pg_dump or psql, if one ran then: gone

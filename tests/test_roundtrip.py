@@ -331,9 +331,17 @@ def test_data_only_needs_superuser(pg, awkward_snap):
         conn.execute(f'ALTER DATABASE "{target}" OWNER TO fpv_plain')
     before = capture(pg, target)
     r = run("restore", sid, "-r", repo, "--data-only", "--to", pg.dsn(target, user="fpv_plain"))
-    assert r.code == 1, (r.code, r.err)
+    assert r.code == 5, (r.code, r.err)    # refused for lack of privilege, as snap is
     assert "needs a superuser" in r.err and "Traceback" not in r.err
     assert capture(pg, target) == before
+    # A whole restore the role may not make (the objects belong to other roles): exit 5,
+    # rolled back, with or without -j.
+    for extra in ((), ("-j", "2")):
+        empty = pg.createdb("rt")
+        with pg.connect() as conn:
+            conn.execute(f'ALTER DATABASE "{empty}" OWNER TO fpv_plain')
+        r = run("restore", sid, "-r", repo, "--to", pg.dsn(empty, user="fpv_plain"), *extra)
+        assert r.code == 5 and "lacks that privilege" in r.err, (extra, r.code, r.err)
 
 
 def test_force_rls_is_never_silently_filtered(pg, db, repo):
