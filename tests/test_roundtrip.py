@@ -406,6 +406,20 @@ def test_parallel_restore_builds_indexes_and_keys_at_once(pg, db, repo):
     assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "3"))
 
 
+def test_parallel_restore_is_not_misled_by_a_header_in_a_string(pg, db, repo):
+    """A policy's expression holding a line like pg_restore's entry header: cutting
+    post-data there split the statement and restore -j failed half done.  Such
+    post-data is run whole, as with one connection."""
+    pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, note text); INSERT INTO a VALUES (1, 'x'); "
+                   "CREATE TABLE b (id int PRIMARY KEY); INSERT INTO b VALUES (1); "
+                   "ALTER TABLE a ENABLE ROW LEVEL SECURITY; "
+                   "CREATE POLICY p ON a USING (note <> E'\\n--\\n-- Name: a_fake; Type: INDEX; "
+                   "Schema: public; Owner: postgres\\n--\\n')")
+    source = capture(pg, db)
+    sid = snap(repo, pg.dsn(db))
+    assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "2"))
+
+
 def all_frozen(pg, dbname: str) -> dict[str, bool]:
     """Per table of public: whether the visibility map has every page all-frozen
     (pg_visibility, from contrib)."""
