@@ -641,7 +641,8 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
     if snapshots and not policy.empty():
         raise click.UsageError("Give either snapshot ids or a policy, not both.")
     vault = ctx.open()
-    with ctx.lock(vault, exclusive=True, command="forget"):
+    # A dry run changes nothing: a shared lock, so it runs beside a snap.
+    with ctx.lock(vault, exclusive=not dry_run, command="forget"):
         if snapshots:
             chosen = {}
             vault.snapshots()
@@ -688,6 +689,10 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
         info(ctx, f"{'would remove' if dry_run else 'removed'} {removed} snapshots")
     if then_prune and not dry_run:
         stats = _run_prune(ctx, vault, dry_run=False)
+    elif then_prune:   # what the prune would do once these are forgotten
+        stats = _run_prune(ctx, vault, dry_run=True,
+                           forgotten={item["id"] for g in groups for item in g["remove"]})
+    if then_prune:
         if as_json:
             doc["prune"] = stats.as_json()
         else:
@@ -696,11 +701,12 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
         emit_json(doc)
 
 
-def _run_prune(ctx: Ctx, vault: Vault, dry_run: bool):
+def _run_prune(ctx: Ctx, vault: Vault, dry_run: bool, forgotten: set[str] = frozenset()):
     from . import gc
 
-    with ctx.lock(vault, exclusive=True, command="prune"):
-        return gc.prune(vault, dry_run=dry_run)
+    # A dry run deletes nothing: a shared lock, so it runs beside a snap.
+    with ctx.lock(vault, exclusive=not dry_run, command="prune"):
+        return gc.prune(vault, dry_run=dry_run, forgotten=forgotten)
 
 
 def _print_prune(ctx: Ctx, stats) -> None:
@@ -720,8 +726,8 @@ def prune(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
     """Delete data that no snapshot references.
 
     Takes an exclusive lock: it waits for (or refuses while) a snap runs, so
-    it never deletes what a running snap is using.  Packs mostly garbage are
-    rewritten with their live blobs.
+    it never deletes what a running snap is using (--dry-run takes a shared
+    one).  Packs mostly garbage are rewritten with their live blobs.
     """
     stats = _run_prune(ctx, ctx.open(), dry_run)
     if as_json:

@@ -109,14 +109,17 @@ class PruneStats:
             "blobs_removed", "bytes_before", "bytes_after", "seconds", "dry_run")}
 
 
-def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHOLD) -> PruneStats:
-    """Delete what no snapshot needs.  The caller holds the exclusive lock."""
+def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHOLD,
+          forgotten: set[str] = frozenset()) -> PruneStats:
+    """Delete what no snapshot needs.  The caller holds the exclusive lock (a shared
+    one for a dry run).  ``forgotten``: snapshots to count as gone (what a dry run of
+    forget --prune would leave)."""
     started = time.monotonic()
     stats = PruneStats(dry_run=dry_run)
     backend = vault.backend
     index = Index.load(backend, vault.codec, strict=True)
     vault.reset_index(index)
-    snapshots = vault.snapshots(strict=True)
+    snapshots = [s for s in vault.snapshots(strict=True) if s.id not in forgotten]
     live = live_blobs(vault, snapshots)
     missing = [b for b in live if b not in index]
     if missing:
@@ -142,6 +145,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     keep: list[bytes] = []
     repack: list[bytes] = []
     delete: list[str] = []
+    garbage = 0   # bytes repacking drops
     for pack_id, blobs in by_pack.items():
         name = packs.pack_name(pack_id)
         if name not in sizes:
@@ -161,6 +165,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
             stats.blobs_removed += len(blobs)
         elif (total - live_bytes) / max(total, 1) >= threshold:
             repack.append(pack_id)
+            garbage += total - live_bytes
             ranges[pack_id] = stored
             stats.blobs_removed += sum(len(members) for members in stored.values()
                                        if not any(blob in live for blob in members))
@@ -171,8 +176,9 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     stats.orphan_packs = len(orphans)
     stats.packs_deleted = len(delete) + len(orphans)
     stats.packs_repacked = len(repack)
-    if dry_run:
-        stats.bytes_after = stats.bytes_before - sum(sizes[n] for n in delete + orphans)
+    if dry_run:   # (repacked packs: less their garbage; trailers aside)
+        stats.bytes_after = (stats.bytes_before - sum(sizes[n] for n in delete + orphans)
+                             - garbage)
         stats.seconds = time.monotonic() - started
         return stats
 

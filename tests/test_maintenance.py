@@ -49,6 +49,25 @@ def history(pg, db, repo):
     return ids, {sid: script(repo, sid) for sid in ids}
 
 
+def test_dry_runs_say_what_forget_and_prune_would_free(history, repo):
+    """prune --dry-run counts what repacking drops, and forget --prune --dry-run
+    what the prune would do once those snapshots are gone; neither changes a file."""
+    ids, _ = history
+    files = {p: p.read_bytes() for p in Path(repo).rglob("*") if p.is_file()}
+    r = run("forget", "-r", repo, "--keep-last", "1", "--prune", "--dry-run", "--json")
+    assert r.code == 0, r.err
+    guess = json.loads(r.out)["prune"]
+    assert guess["dry_run"] and guess["bytes_after"] < guess["bytes_before"], guess
+    assert {p: p.read_bytes() for p in Path(repo).rglob("*") if p.is_file()} == files
+    r = run("forget", "-r", repo, "--keep-last", "1", "--prune", "--json")
+    done = json.loads(r.out)["prune"]
+    assert done["packs_deleted"] == guess["packs_deleted"]
+    assert done["packs_repacked"] == guess["packs_repacked"]
+    # Trailers and pack boundaries aside, the estimate is what was freed.
+    assert abs(done["bytes_after"] - guess["bytes_after"]) < 0.1 * done["bytes_before"], (
+        guess, done)
+
+
 def test_forget_by_policy_and_id_then_prune(history, repo):
     ids, scripts = history
     r = run("forget", "-r", repo, "--keep-last", "2", "--dry-run", "--json")
@@ -436,6 +455,11 @@ def test_exclusive_and_shared_locks(repo):
         r = run("prune", "-r", repo)
         assert r.code == 4
         assert "shared lock held by snap" in r.err and f"pid {os.getpid()}" in r.err
+        # Dry runs change nothing: they run beside a snap.
+        for args in (["prune", "--dry-run"], ["forget", "--keep-last", "1", "--dry-run"],
+                     ["forget", "--keep-last", "1", "--prune", "--dry-run"]):
+            r = run(*args, "-r", repo)
+            assert r.code == 0, (args, r.err)
     with Lock(vault.backend, exclusive=True, command="prune"):
         r = run("list", "-r", repo)
         assert r.code == 0   # reading the list needs no lock
