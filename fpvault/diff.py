@@ -317,10 +317,12 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
             status = "removed"
         elif x.data.list == y.data.list:
             status = "unchanged"
-        elif (x.physical or y.physical) and (x.columns, x.rows) == (y.columns, y.rows):
-            # As many rows, one side stored in physical order: perhaps the same rows in
-            # another order (a first snapshot not quite in key order, then one in key
-            # order).  Only the rows can tell; the differing chunks are read.
+        elif ((x.physical or y.physical or not x.key or not y.key)
+              and (x.columns, x.rows) == (y.columns, y.rows)):
+            # As many rows, one side stored in physical order (read so, or without a
+            # key): perhaps the same rows in another order (a first snapshot not quite
+            # in key order, then one in key order; a row of a keyless table deleted
+            # and inserted again).  Only the rows can tell; the differing chunks are read.
             found = row_diff(vault, x, y, a.source.encoding)
             status = "changed" if found.inserted or found.deleted or found.updated else "unchanged"
         else:

@@ -166,6 +166,8 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
         INSERT INTO b SELECT g, g FROM generate_series(1, 3000) g;
         CREATE TABLE bag (v text);
         INSERT INTO bag VALUES ('x'), ('x'), ('y'), ('z');
+        CREATE TABLE shuffled (v text);
+        INSERT INTO shuffled VALUES ('p'), ('q'), ('r');
         CREATE TABLE same (id int PRIMARY KEY);
         INSERT INTO same SELECT generate_series(1, 100);
         CREATE TABLE gone (id int);
@@ -183,6 +185,7 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
         UPDATE b SET n = -1 WHERE id = 7;
         DELETE FROM bag WHERE ctid = (SELECT min(ctid) FROM bag WHERE v = 'x');
         INSERT INTO bag VALUES ('w'), ('w');
+        DELETE FROM shuffled WHERE v = 'p'; INSERT INTO shuffled VALUES ('p');
         DROP TABLE gone;
         CREATE TABLE fresh (id int PRIMARY KEY); INSERT INTO fresh VALUES (1);
         ALTER TABLE same ADD COLUMN extra int;
@@ -201,7 +204,8 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
     assert {n: t["status"] for n, t in tables.items()} == {
         "public.a": "changed", "public.b": "changed", "public.bag": "changed",
         "public.same": "changed", "public.gone": "removed", "public.fresh": "added",
-        "public.pol": "unchanged", "public.bp": "changed"}
+        "public.pol": "unchanged", "public.bp": "changed",
+        "public.shuffled": "unchanged"}     # the same rows in another order: no key
     bp = tables["public.bp"]
     assert (bp["inserted"], bp["deleted"], bp["updated"]) == (0, 1, 0), bp
     a = tables["public.a"]
