@@ -850,6 +850,7 @@ def stats(ctx: Ctx, as_json: bool) -> None:
 
 
 @cli.group(epilog="Example:\n\n\b\n  fpvault key passwd")
+@common_options
 def key() -> None:
     """Manage the password of an encrypted repository."""
 
@@ -879,6 +880,7 @@ def key_passwd(ctx: Ctx, new_password_file: str | None) -> None:
 
 
 @cli.group(epilog="Example:\n\n\b\n  fpvault repair index")
+@common_options
 def repair() -> None:
     """Repair a damaged repository."""
 

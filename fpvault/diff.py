@@ -242,7 +242,7 @@ class Diff:
     from_id: str
     to_id: str
     schema_changed: bool
-    schema_diff: str
+    schema_diff: str | None     # None: not asked for (--stat)
     objects_added: list[str]
     objects_removed: list[str]
     objects_altered: list[str]
@@ -274,7 +274,7 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
     sql_a = _schema_text(vault, a)
     sql_b = _schema_text(vault, b)
     schema_changed = sql_a != sql_b
-    schema_diff = ""
+    schema_diff = "" if schema_text else None
     added: list[str] = []
     removed: list[str] = []
     altered: list[str] = []

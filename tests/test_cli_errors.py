@@ -93,6 +93,11 @@ def test_repo_from_environment_and_after_command(tmp_path, monkeypatch):
     assert run("-r", path, "init").code == 0
     r = run("list", env={"FPVAULT_REPO": path})
     assert r.code == 0 and "0 snapshots" in r.out
+    # Also between a command group and its subcommand.
+    r = run("repair", "-r", path, "index")
+    assert r.code == 0, r.err
+    r = run("key", "-r", path, "passwd")
+    assert r.code != 2 and "not encrypted" in r.err, r.err
 
 
 def test_init_twice_and_into_a_non_empty_directory(tmp_path, repo):

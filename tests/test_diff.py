@@ -242,6 +242,8 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
     assert '~ {"id": "10"} v: "a10" -> "changed"' in text.out
     stat = run("diff", old, new, "-r", repo, "--stat")
     assert "CREATE POLICY" not in stat.out and "5 tables changed, 1 added, 1 removed" in stat.out
+    brief = json.loads(run("diff", old, new, "-r", repo, "--stat", "--json").out)
+    assert brief["schema_changed"] and brief["schema_diff"] is None    # not computed
     only = json.loads(run("diff", old, new, "-r", repo, "-t", "b", "--json").out)
     assert [t["name"] for t in only["tables"]] == ["public.b"]
     assert run("diff", old, new, "-r", repo, "--exit-code", "--stat").code == 1
