@@ -202,8 +202,11 @@ def _storage_error(exc: OSError, doing: str, root: Path) -> FpvaultError:
                             "free some space (or run 'fpvault prune') and try again. "
                             "Nothing was committed.")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return FpvaultError(f"Permission denied while {doing} in {root}: {exc.strerror}. "
-                            "Check the repository's owner and mode.")
+        what = ("Read-only file system" if exc.errno == errno.EROFS else "Permission denied")
+        lock = (" (every command but list and show writes a lock there)"
+                if doing.startswith(("writing", "creating")) else "")
+        return FpvaultError(f"{what} while {doing} in {root}. Check the repository's owner "
+                            f"and mode{lock}.")
     return FpvaultError(f"Storage error while {doing} in {root}: {exc.strerror or exc}.")
 
 

@@ -261,6 +261,10 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     it, when the server's statistics say that is key order anyway.  Text output ends with
     the snapshot id on its own line (printed even with -q).
     """
+    for tag in tags:
+        if not tag.strip() or any(ord(c) < 32 or c == "\x7f" or c == "," for c in tag):
+            raise click.UsageError(f"Tag {tag!r}: a tag is a non-empty word without commas or "
+                                   "control characters (give --tag once per tag).")
     # Only the default repository is made on first use: a -r or FPVAULT_REPO that names
     # none is a typo, or a backup disk not mounted, not a place to start a new history.
     vault = ctx.open(create=ctx.repo is None and not os.environ.get("FPVAULT_REPO"))

@@ -141,10 +141,14 @@ class Lock:
                 break
             self.backend.delete(name)
             if time.monotonic() >= deadline:
+                wait = (f"Waited {self.wait:g} s; wait longer" if self.wait
+                        else "Wait for it to finish (or pass --lock-wait SECONDS)")
+                gone = ("'fpvault unlock' removes its lock" if conflict.host == socket.gethostname()
+                        else "its lock is stale 30 minutes after its last refresh, or "
+                             "'fpvault unlock --remove-all' removes it now")
                 raise RepositoryLocked(
                     f"The repository at {self.backend.describe()} is locked: {describe(conflict)}. "
-                    "Wait for it to finish (or pass --lock-wait SECONDS); if that process is "
-                    "gone, 'fpvault unlock' removes its lock.")
+                    f"{wait}; if that process is gone, {gone}.")
             time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
         self._thread = threading.Thread(target=self._refresher, daemon=True, name="lock-refresh")
         self._thread.start()
@@ -189,10 +193,17 @@ class Lock:
 
 
 def remove_stale(backend: Backend, all_locks: bool = False) -> list[LockInfo]:
-    """Delete stale locks (or every lock); return what was removed."""
+    """Delete stale locks (or every lock, and with them any file in locks/ that is no
+    lock, which every command ignores); return the locks removed."""
     removed = []
-    for held in list_locks(backend):
-        if all_locks or is_stale(held.info):
-            backend.delete(held.name)
-            removed.append(held.info)
+    held = list_locks(backend)
+    for lock in held:
+        if all_locks or is_stale(lock.info):
+            backend.delete(lock.name)
+            removed.append(lock.info)
+    if all_locks:
+        known = {lock.name for lock in held}
+        for name in backend.list(LOCKS):
+            if name not in known:
+                backend.delete(name)
     return removed

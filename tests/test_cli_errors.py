@@ -83,6 +83,13 @@ def test_debug_keeps_the_exit_code(tmp_path, repo):
     assert r.code == 3 and "Traceback" in r.err, (r.code, r.err)
 
 
+def test_bad_tags_are_usage_errors(pg, db, repo):
+    for tag in ("", " ", "a,b", "two\nlines"):
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), "--tag", tag)
+        assert r.code == 2 and "Tag" in r.err, (tag, r.err)
+    assert listed(repo) == []
+
+
 def test_verify_read_data_and_a_subset_are_one_or_the_other(repo):
     r = run("verify", "-r", repo, "--read-data", "--read-data-subset", "10%")
     assert r.code == 2 and "one of the two" in r.err, r.err

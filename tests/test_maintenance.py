@@ -496,13 +496,18 @@ def test_stale_locks_are_ignored_and_unlock_removes_them(repo):
     assert run("prune", "-r", repo).code == 0              # both stale: ignored without unlock
     live = _plant(vault, name="live", host="elsewhere")    # another host, fresh: respected
     r = run("prune", "-r", repo)
-    assert r.code == 4 and "elsewhere" in r.err
+    # Another host's lock is not stale until 30 minutes without a refresh: plain
+    # unlock would not remove it, and the message does not say it would.
+    assert r.code == 4 and "elsewhere" in r.err and "unlock --remove-all" in r.err, r.err
+    r = run("prune", "-r", repo, "--lock-wait", "0.2")
+    assert r.code == 4 and "Waited 0.2 s" in r.err and "pass --lock-wait" not in r.err, r.err
     r = run("unlock", "-r", repo)
     assert r.code == 0 and "removed 2 locks" in r.out
     names = {h.name for h in list_locks(vault.backend)}
     assert names == {live} and dead not in names and old not in names
+    vault.backend.put("locks/garbage", b"not a lock")       # ignored by all, removed by this
     assert run("unlock", "-r", repo, "--remove-all").code == 0
-    assert list_locks(vault.backend) == []
+    assert list_locks(vault.backend) == [] and list(vault.backend.list("locks/")) == []
 
 
 def test_refresh_replaces_the_lock_object(repo):
