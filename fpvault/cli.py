@@ -791,7 +791,12 @@ def verify(ctx: Ctx, snapshots, read_data: bool, subset: str | None, restore_tes
         raise click.UsageError("SNAPSHOTS name what --restore-test restores; without it verify "
                                "checks the whole repository: give --restore-test CONNINFO, or "
                                "no SNAPSHOTS.")
-    vault = ctx.open()
+    try:
+        vault = ctx.open()
+    except RepositoryDamaged as exc:
+        if as_json:   # damage too bad to check anything is still a report, for monitoring
+            emit_json(verify_mod.Report(problems=[str(exc)]).as_json())
+        raise
     for ref in snapshots:
         try:
             vault.resolve(ref)   # a reference that names nothing fails now, not after the checks

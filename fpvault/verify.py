@@ -335,6 +335,10 @@ def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report:
 
     try:
         restore_mod.to_database(vault, plan, conninfo, before_commit=check, commit=False)
+    except restore_mod.TargetNotEmpty as exc:
+        raise restore_mod.TargetNotEmpty(
+            f"{str(exc).split(';')[0]}; --restore-test needs an empty scratch database, in "
+            "which it rolls the restore back: create one (createdb NEW) and give that.") from exc
     except RepositoryDamaged as exc:
         report.problems.append(f"restore test of {sid[:8]}: {exc}")
         report.hit(sid, "restore")

@@ -71,6 +71,9 @@ def test_a_repository_that_lost_its_config_is_damaged_not_absent(pg, db, repo):
     for args in (["list"], ["snap", "-d", pg.dsn(db)], ["verify"]):
         r = run(*args, "-r", repo)
         assert r.code == 3 and "lost its config" in r.err, (args, r.code, r.err)
+    r = run("verify", "-r", repo, "--json")     # still a report, for monitoring
+    assert r.code == 3 and json.loads(r.out)["ok"] is False, r.out
+    assert "lost its config" in json.loads(r.out)["problems"][0]
 
 
 def test_debug_keeps_the_exit_code(tmp_path, repo):

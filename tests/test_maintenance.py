@@ -435,6 +435,10 @@ def test_verify_subset_and_restore_test(pg, history, repo):
     assert r.code == 2 and "No snapshot matches" in r.err
     r = run("verify", ids[0][:8], "-r", repo)
     assert r.code == 2 and "--restore-test" in r.err
+    # A scratch database that is not empty: said in verify's terms, not restore's.
+    pg.execute(scratch, "CREATE TABLE mine (id int)")
+    r = run("verify", "-r", repo, "--restore-test", pg.dsn(scratch))
+    assert r.code == 1 and "empty scratch database" in r.err and "--data-only" not in r.err, r.err
 
 
 def test_stats(history, repo):
