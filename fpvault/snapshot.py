@@ -142,6 +142,16 @@ def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Fi
                             f"{pgsource.pg_message(exc)}. Snap as a role that can read every table "
                             "(and bypass row level security), or narrow it with -n/-t. "
                             "No snapshot was written.") from exc
+    except psycopg.errors.CharacterNotInRepertoire as exc:
+        if leader.info.parameter_status("server_encoding") != "SQL_ASCII":
+            raise SnapshotFailed(f"The snapshot failed: {pgsource.pg_message(exc)}. No snapshot "
+                                 "was written.") from exc
+        # Its rows go out as stored, but names are read as UTF-8 (design.md, step 1).
+        raise SnapshotFailed(
+            f"The snapshot failed: {pgsource.pg_message(exc)}. This SQL_ASCII database has a "
+            "name (of a schema, table, column, role, ...) that is not valid UTF-8, which "
+            "fpvault cannot read: rename it, or move the database to a real encoding. No "
+            "snapshot was written.") from exc
     except psycopg.Error as exc:
         raise SnapshotFailed(f"The snapshot failed: {pgsource.pg_message(exc)}. No snapshot was "
                              "written.") from exc

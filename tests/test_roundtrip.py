@@ -563,3 +563,9 @@ def test_a_sql_ascii_database_keeps_its_bytes(pg, repo, tmp_path):
                    restore_script(pg, repo, sid, tmp_path / "ascii.sql",
                                   target=database_in(pg, "SQL_ASCII", "rs"))):
         assert [pg.query(target, q.format(t)) for t in ("t", "big")] == want
+    # A name that is not UTF-8: fpvault reads names as UTF-8, and says so.
+    with pg.connect(source) as conn:
+        conn.execute("SET client_encoding = 'SQL_ASCII'")
+        conn.execute(b'CREATE TABLE "t\xe9" (id int)')
+    r = run("snap", "-r", repo, "-d", pg.dsn(source))
+    assert r.code == 1 and "not valid UTF-8" in r.err and "rename it" in r.err, r.err
