@@ -53,8 +53,20 @@ CREATE SCHEMA fpv_owned;
 CREATE TABLE fpv_owned.prefs (k text PRIMARY KEY, v text);
 SELECT pg_catalog.pg_extension_config_dump('fpv_owned.prefs', '');
 """
+# A condition that chooses other rows as time goes by.
+RECENT_CONTROL = """\
+comment = 'fpvault tests: a configuration table whose condition calls now()'
+default_version = '1.0'
+relocatable = true
+"""
+RECENT_SCRIPT = """\
+CREATE TABLE recent (id int PRIMARY KEY, ts timestamptz NOT NULL DEFAULT now());
+INSERT INTO recent VALUES (0, '2000-01-01');
+SELECT pg_catalog.pg_extension_config_dump('recent', 'WHERE ts > now() - interval ''2 seconds''');
+"""
 EXTENSIONS = {"fpvault_cfg": (CFG_CONTROL, CFG_SCRIPT),
-              "fpvault_owned": (OWNED_CONTROL, OWNED_SCRIPT)}
+              "fpvault_owned": (OWNED_CONTROL, OWNED_SCRIPT),
+              "fpvault_recent": (RECENT_CONTROL, RECENT_SCRIPT)}
 
 
 @pytest.fixture(scope="session")
@@ -248,3 +260,32 @@ def test_a_configuration_table_with_a_condition_is_always_read(pg, ext_db, repo)
 ])
 def test_patterns_read_as_pg_dump_reads_them(pattern, qualified, expected):
     assert pgsource.name_pattern(pattern, qualified) == expected
+
+
+def test_restore_test_of_a_condition_that_chooses_other_rows_now(pg, db, repo, test_extensions,
+                                                                 monkeypatch):
+    """A configuration table whose condition calls now(): the rows it chose when snap
+    ran are restored (beside the one CREATE EXTENSION ships), and verify's restore
+    test checks they are there rather than read the table back with the condition,
+    which chooses none of them two seconds later."""
+    from fpvault import restore as restore_mod
+
+    pg.execute(db, "CREATE EXTENSION fpvault_recent; INSERT INTO recent (id) VALUES (1), (2)")
+    sid = snap(repo, pg.dsn(db))
+    assert {t["name"]: t["rows"] for t in json.loads(
+        run("show", sid, "-r", repo, "--json").out)["tables"]} == {"public.recent": 2}
+    time.sleep(2.5)
+    r = run("verify", "-r", repo, "--restore-test", pg.dsn(pg.createdb("scratch")), "--json")
+    assert r.code == 0 and json.loads(r.out)["tables_restored"] == 1, r.out + r.err
+    # And a stored row missing from the restore is found.
+    real = restore_mod.to_database
+
+    def losing(vault, plan, conninfo, before_commit=None, **kw):
+        def lose(cur):
+            cur.execute("DELETE FROM public.recent WHERE id = 2")
+            before_commit(cur)
+        return real(vault, plan, conninfo, before_commit=lose, **kw)
+
+    monkeypatch.setattr(restore_mod, "to_database", losing)
+    r = run("verify", sid, "-r", repo, "--restore-test", pg.dsn(pg.createdb("scratch")))
+    assert r.code == 3 and "1 of the 2 rows stored" in r.err, r.err
