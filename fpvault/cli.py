@@ -7,6 +7,7 @@ refused.  No traceback is shown unless ``--debug`` is given.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -35,6 +36,7 @@ class Ctx:
         self.debug = False
         self.lock_wait = 0.0
         self.password_file: str | None = None
+        self.no_lock = False
 
     def location(self) -> str:
         return self.repo or os.environ.get("FPVAULT_REPO") or default_repo()
@@ -62,8 +64,11 @@ class Ctx:
         raise FpvaultError(f"A password is needed: set {env} or pass a password file "
                            "(there is no terminal to ask on).")
 
-    def lock(self, vault: Vault, exclusive: bool, command: str) -> Lock:
-        """Shared for commands that add or read data, exclusive for those that delete."""
+    def lock(self, vault: Vault, exclusive: bool, command: str):
+        """Shared for commands that add or read data, exclusive for those that delete
+        (none with --no-lock, which only commands that read accept)."""
+        if self.no_lock:
+            return contextlib.nullcontext()
         return Lock(vault.backend, exclusive=exclusive, command=command, wait=self.lock_wait)
 
 
@@ -80,6 +85,19 @@ def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         ctx.ensure_object(Ctx).debug = True
+
+
+def _set_no_lock(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value:
+        ctx.ensure_object(Ctx).no_lock = True
+
+
+# For the commands that only read: restic's --no-lock, for a repository on read-only
+# media (a mounted backup disk, a snapshot of a file system), where no lock can be written.
+no_lock_option = click.option(
+    "--no-lock", is_flag=True, expose_value=False, callback=_set_no_lock,
+    help="Take no lock, for a repository that cannot be written (read-only media). Safe "
+         "only while no prune, forget or repair runs on it.")
 
 
 def _set_lock_wait(ctx: click.Context, _param: click.Parameter, value: float | None) -> None:
@@ -378,6 +396,7 @@ def show(ctx: Ctx, snapshot: str, as_json: bool) -> None:
               help="With --to: load tables, then build their indexes and keys, over this many "
                    "connections; a table larger than its share loads in parts at once "
                    "(faster; a failure then leaves a partial restore instead of rolling back).")
+@no_lock_option
 @common_options
 @click.pass_obj
 def restore(ctx: Ctx, snapshot: str | None, to: str | None, output: str | None,
@@ -507,6 +526,7 @@ def _open_output(output: str, path: str):
 @click.option("--stat", is_flag=True, help="Only the per-table summary, no schema text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--exit-code", is_flag=True, help="Exit 1 if the snapshots differ, 0 if not.")
+@no_lock_option
 @common_options
 @click.pass_obj
 def diff_(ctx: Ctx, a: str, b: str, rows: bool, tables, stat: bool, as_json: bool,
@@ -768,6 +788,7 @@ def unlock(ctx: Ctx, remove_all: bool) -> None:
               help="Restore into this (empty, scratch) database in a transaction, compare every "
                    "table with the manifest, and roll back.  Tests SNAPSHOTS, else the latest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@no_lock_option
 @common_options
 @click.pass_obj
 def verify(ctx: Ctx, snapshots, read_data: bool, subset: str | None, restore_test: str | None,

@@ -432,3 +432,24 @@ def test_interrupted_parallel_restore_says_it_is_partial(pg, db, repo, monkeypat
     r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))     # one transaction
     assert r.code == 130 and "partial" not in r.err, (r.code, r.err)
     assert pg.query(target, "SELECT count(*) FROM pg_class WHERE relname = 't'") == [(0,)]
+
+
+def test_a_read_only_repository_is_read_with_no_lock(pg, db, repo, monkeypatch):
+    """restore, diff and verify write a lock, which media that cannot be written
+    refuse: --no-lock reads without one (restic's --no-lock)."""
+    from fpvault import backend as backend_mod
+
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    sid = snap(pg, repo, db)["id"]
+
+    def read_only(self, name, data):
+        raise backend_mod._storage_error(OSError(errno.EROFS, "Read-only file system"),
+                                         f"writing {name}", self.root)
+
+    monkeypatch.setattr(backend_mod.LocalBackend, "put", read_only)
+    r = run("restore", sid, "-r", repo, "-o", "-")
+    assert r.code == 1 and "Read-only file system" in r.err and "lock" in r.err, r.err
+    for args in (["restore", sid, "-o", "-"], ["diff", sid, sid], ["verify", "--read-data"]):
+        r = run(*args, "-r", repo, "--no-lock")
+        assert r.code == 0, (args, r.err)
+    assert "COPY public.t" in run("restore", sid, "-r", repo, "-o", "-", "--no-lock").out
