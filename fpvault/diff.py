@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .chunkstore import ChunkRef
+from .errors import RepositoryDamaged
 from .manifest import Snapshot, TableEntry
 from .restore import python_codec, select_tables
 from .vault import Vault
@@ -323,7 +324,7 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
             # key): perhaps the same rows in another order (a first snapshot not quite
             # in key order, then one in key order; a row of a keyless table deleted
             # and inserted again).  Only the rows can tell; the differing chunks are read.
-            found = row_diff(vault, x, y, a.source.encoding)
+            found = _row_diff(vault, x, y, a.source.encoding, f"{a_id[:8]} and {b_id[:8]}")
             status = "changed" if found.inserted or found.deleted or found.updated else "unchanged"
         else:
             status = "changed"
@@ -340,7 +341,8 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
         else:
             td.schema_changed = True
         if rows and status == "changed":
-            td.rows = found or row_diff(vault, x, y, a.source.encoding)
+            td.rows = found or _row_diff(vault, x, y, a.source.encoding,
+                                         f"{a_id[:8]} and {b_id[:8]}")
         out.append(td)
 
     seqs = []
@@ -372,6 +374,15 @@ def _schema_text(vault: Vault, snap: Snapshot) -> str:
     return "\n".join(line for line in text.splitlines()
                      if not line.startswith(("-- Dumped from database version",
                                              "-- Dumped by pg_dump version")))
+
+
+def _row_diff(vault: Vault, x: TableEntry, y: TableEntry, encoding: str, ids: str) -> RowDiff:
+    """row_diff, naming the table and the snapshots in what damage stops it."""
+    try:
+        return row_diff(vault, x, y, encoding)
+    except RepositoryDamaged as exc:
+        raise RepositoryDamaged(f"Table {y.qname} of snapshots {ids} cannot be compared: {exc} "
+                                "Run 'fpvault verify' to see what else the damage affects.") from exc
 
 
 def row_diff(vault: Vault, a: TableEntry, b: TableEntry, encoding: str = "UTF8") -> RowDiff:

@@ -365,6 +365,8 @@ def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
                    "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 20000) g; "
                    "INSERT INTO b SELECT generate_series(1, 10)")
     sid = snap(pg, repo, db)["id"]
+    pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 1")
+    later = snap(pg, repo, db)["id"]
     vault = Vault.open(repo)
     (entry,) = [t for t in vault.resolve(sid)[1].tables if t.name == "a"]
     first = vault.store.get_list(bytes.fromhex(entry.data.list))[0][0]
@@ -380,6 +382,8 @@ def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
     assert pg.query(target, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
     r = run("restore", sid, "-r", repo, "-o", "-")
     assert r.code == 3 and "public.a" in r.err
+    r = run("diff", sid, later, "-r", repo, "--rows")     # the damaged chunk differs
+    assert r.code == 3 and "public.a" in r.err and later[:8] in r.err, r.err
     parallel = pg.createdb()
     r = run("restore", sid, "-r", repo, "--to", pg.dsn(parallel), "-j", "2")
     assert r.code == 3 and "public.a" in r.err and "partial restore" in r.err
