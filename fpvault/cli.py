@@ -29,12 +29,18 @@ from .locks import Lock
 from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id, utc_iso
 
 
+# A command that deletes (prune, forget) waits this long by default for the snaps,
+# restores and verifies running to finish: prune is safe while a snap runs, by waiting
+# for it (the original contract), where refusing would fail a cron job that overlaps.
+EXCLUSIVE_LOCK_WAIT = 30 * 60
+
+
 class Ctx:
     def __init__(self) -> None:
         self.repo: str | None = None
         self.quiet = False
         self.debug = False
-        self.lock_wait = 0.0
+        self.lock_wait: float | None = None   # --lock-wait; None: the command's default
         self.password_file: str | None = None
         self.no_lock = False
 
@@ -69,7 +75,10 @@ class Ctx:
         (none with --no-lock, which only commands that read accept)."""
         if self.no_lock:
             return contextlib.nullcontext()
-        return Lock(vault.backend, exclusive=exclusive, command=command, wait=self.lock_wait)
+        wait = self.lock_wait
+        if wait is None:
+            wait = EXCLUSIVE_LOCK_WAIT if exclusive else 0.0
+        return Lock(vault.backend, exclusive=exclusive, command=command, wait=wait)
 
 
 def _set_repo(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
@@ -134,7 +143,8 @@ def common_options(f):
                           "(else $FPVAULT_PASSWORD, else a prompt).")(f)
     f = click.option("--lock-wait", type=click.FloatRange(0), default=None, expose_value=False,
                      callback=_set_lock_wait, metavar="SECONDS",
-                     help="Wait this long for a conflicting lock to go away (default 0).")(f)
+                     help="Wait this long for a conflicting lock to go away (default: 0; "
+                          "forget, prune and repair 1800).")(f)
     f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
                      help="Show tracebacks.")(f)
     f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
@@ -749,9 +759,10 @@ def _print_prune(ctx: Ctx, stats) -> None:
 def prune(ctx: Ctx, dry_run: bool, as_json: bool) -> None:
     """Delete data that no snapshot references.
 
-    Takes an exclusive lock: it waits for (or refuses while) a snap runs, so
-    it never deletes what a running snap is using (--dry-run takes a shared
-    one).  Packs mostly garbage are rewritten with their live blobs.
+    Takes an exclusive lock: it waits for a snap that runs (--lock-wait, by
+    default 30 minutes), so it never deletes what a running snap is using
+    (--dry-run takes a shared one).  Packs mostly garbage are rewritten with
+    their live blobs.
     """
     stats = _run_prune(ctx, ctx.open(), dry_run)
     if as_json:

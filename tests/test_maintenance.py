@@ -456,7 +456,7 @@ def test_exclusive_and_shared_locks(repo):
     with Lock(vault.backend, exclusive=False, command="snap"):
         with Lock(vault.backend, exclusive=False, command="snap"):
             pass  # shared locks coexist
-        r = run("prune", "-r", repo)
+        r = run("prune", "-r", repo, "--lock-wait", "0")
         assert r.code == 4
         assert "shared lock held by snap" in r.err and f"pid {os.getpid()}" in r.err
         # Dry runs change nothing: they run beside a snap.
@@ -467,9 +467,23 @@ def test_exclusive_and_shared_locks(repo):
     with Lock(vault.backend, exclusive=True, command="prune"):
         r = run("list", "-r", repo)
         assert r.code == 0   # reading the list needs no lock
-        r = run("forget", "--keep-last", "1", "-r", repo)
+        r = run("forget", "--keep-last", "1", "-r", repo, "--lock-wait", "0")
         assert r.code == 4 and "exclusive lock held by prune" in r.err
     assert list_locks(vault.backend) == []
+
+
+def test_prune_waits_for_a_running_snap(repo):
+    """prune is safe while a snap runs by waiting for it (--lock-wait, default 30
+    minutes for the commands that delete), not by failing a cron job that overlaps."""
+    vault = Vault.open(repo)
+    lock = Lock(vault.backend, exclusive=False, command="snap")
+    lock.acquire()
+    import threading
+    threading.Timer(1.0, lock.release).start()
+    started = time.monotonic()
+    r = run("prune", "-r", repo)
+    assert r.code == 0, r.err
+    assert time.monotonic() - started >= 0.9
 
 
 def test_lock_wait(repo):
@@ -499,7 +513,7 @@ def test_stale_locks_are_ignored_and_unlock_removes_them(repo):
     old = _plant(vault, name="old", host="elsewhere", time=time.time() - 3600)
     assert run("prune", "-r", repo).code == 0              # both stale: ignored without unlock
     live = _plant(vault, name="live", host="elsewhere")    # another host, fresh: respected
-    r = run("prune", "-r", repo)
+    r = run("prune", "-r", repo, "--lock-wait", "0")
     # Another host's lock is not stale until 30 minutes without a refresh: plain
     # unlock would not remove it, and the message does not say it would.
     assert r.code == 4 and "elsewhere" in r.err and "unlock --remove-all" in r.err, r.err

@@ -59,7 +59,7 @@ def test_every_command(pg, db, s3_server, tmp_path, monkeypatch, where, encrypte
     assert stats["snapshots"] == 2 and stats["packs"] >= 2
 
     with Lock(backend_for(repo), exclusive=False, command="snap"):
-        r = run("prune", "-r", repo)
+        r = run("prune", "-r", repo, "--lock-wait", "0")
         assert r.code == 4 and "shared lock held by snap" in r.err
     r = run("forget", "-r", repo, "--keep-last", "1", "--prune", "--json")
     assert r.code == 0, r.err
