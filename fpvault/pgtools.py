@@ -193,34 +193,84 @@ ENTRY_HEADER = re.compile(rb"^--\n-- Name: (.*); Type: (.*); Schema: .*; Owner: 
 _LARGE_OBJECT_TYPES = {b"BLOB", b"BLOBS", b"BLOB METADATA"}
 _ABOUT_AN_OBJECT = {b"ACL", b"COMMENT", b"SECURITY LABEL"}
 
+# What can hide a line that looks like a header: a string, a quoted name, a
+# dollar-quoted body, a comment.  (A $ inside a name makes pg_dump quote it, so an
+# unquoted $ not after a name's character starts a dollar quote or is a $1.)
+_SQL_TOKEN = re.compile(rb"\n|--|/\*|[Ee]?'|\"|(?<![A-Za-z0-9_\x80-\xff$])"
+                        rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_BLOCK_COMMENT = re.compile(rb"/\*|\*/")
 
-# What an entry about a large object holds, line by line (and the comments at the end
-# of the script, when it is the last entry).
-_LARGE_OBJECT_LINE = re.compile(
-    rb"(--|SELECT pg_catalog\.lo_create\('\d+'\);|ALTER LARGE OBJECT \d+ OWNER TO "
-    rb"|COMMENT ON LARGE OBJECT \d+ IS '|(GRANT|REVOKE) .* ON LARGE OBJECT \d+ "
-    rb"|SECURITY LABEL FOR .* ON LARGE OBJECT \d+ IS ')")
+
+def entry_headers(sql: bytes) -> list[re.Match]:
+    """The entry headers of pg_restore's SQL: the lines that look like one (ENTRY_HEADER)
+    and begin outside any string, quoted name, dollar-quoted body or comment.  A
+    policy's expression or an enum label can hold text that looks like a header;
+    splitting there would cut a statement in two, and let what follows the fake
+    header run as SQL of its own (restore -j) or hide what follows it (the
+    comparison of schemas)."""
+    starts = {0}
+    pos, n = 0, len(sql)
+    while (m := _SQL_TOKEN.search(sql, pos)) is not None:
+        token, end = m.group(), m.end()
+        if token == b"\n":
+            starts.add(end)
+        elif token == b"--":
+            nl = sql.find(b"\n", end)
+            end = n if nl < 0 else nl        # the newline is a token of its own
+        elif token == b"/*":                 # they nest
+            depth = 1
+            while depth and (c := _BLOCK_COMMENT.search(sql, end)) is not None:
+                depth += 1 if c.group() == b"/*" else -1
+                end = c.end()
+            end = end if not depth else n
+        elif token.endswith(b"'"):
+            backslashes = len(token) == 2    # E'...': \' and \\ are escapes
+            while True:
+                q = sql.find(b"'", end)
+                if q < 0:
+                    end = n
+                    break
+                if backslashes:
+                    k = q
+                    while k > end and sql[k - 1] == 0x5C:
+                        k -= 1
+                    if (q - k) % 2:
+                        end = q + 1
+                        continue
+                if sql[q + 1:q + 2] == b"'":
+                    end = q + 2
+                    continue
+                end = q + 1
+                break
+        elif token == b'"':
+            while True:
+                q = sql.find(b'"', end)
+                if q < 0:
+                    end = n
+                    break
+                end = q + 1
+                if sql[end:end + 1] != b'"':
+                    break
+                end += 1
+        else:                                # $tag$ ... $tag$
+            q = sql.find(token, end)
+            end = n if q < 0 else q + len(token)
+        pos = end
+    return [m for m in ENTRY_HEADER.finditer(sql) if m.start() in starts]
 
 
-def without_large_objects(sql: bytes) -> bytes | None:
+def without_large_objects(sql: bytes) -> bytes:
     """pg_restore's SQL without the entries that only describe large objects (their
     creation and owner, comments, grants, security labels): what is left is all
-    that can change how a table's rows print.  None if that cannot be told: the
-    entries are found by the headers pg_restore writes before them, which a string
-    in the SQL (an enum label) can imitate, so an entry is left out only if every
-    line of it is one such statement (a comment of several lines is not)."""
-    heads = list(ENTRY_HEADER.finditer(sql))
+    that can change how a table's rows print."""
+    heads = entry_headers(sql)
     out = [sql[:heads[0].start()] if heads else sql]
     for m, nxt in zip(heads, [*heads[1:], None]):
         name, kind = m.group(1), m.group(2)
-        end = nxt.start() if nxt else len(sql)
         if kind in _LARGE_OBJECT_TYPES or (kind in _ABOUT_AN_OBJECT
                                            and name.startswith(b"LARGE OBJECT ")):
-            if not all(_LARGE_OBJECT_LINE.match(line)
-                       for line in sql[m.end():end].splitlines() if line.strip()):
-                return None
             continue
-        out.append(sql[m.start():end])
+        out.append(sql[m.start():nxt.start() if nxt else len(sql)])
     return b"".join(out)
 
 

@@ -436,17 +436,14 @@ def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
     """(preamble, the entries that can be built in parallel, the rest with the preamble)
     of pg_restore's post-data SQL.  Nothing is split when partitioned indexes are
     attached (INDEX ATTACH): building a parent's index locks its partitions, which
-    could deadlock against a partition's own constraint.  Nor when an entry would
-    hold an odd number of quotes: the headers the entries are found by can be
-    imitated inside a string (a policy's expression), and a cut there would split
-    a statement (a name with a quote in it costs only the parallel builds)."""
-    heads = list(pgtools.ENTRY_HEADER.finditer(post_data))
+    could deadlock against a partition's own constraint.  The entries are found by
+    their headers, outside strings and quoted names (pgtools.entry_headers): a
+    policy's expression can imitate one."""
+    heads = pgtools.entry_headers(post_data)
     types = [m.group(2).decode("utf-8", "replace") for m in heads]
     if not heads or "INDEX ATTACH" in types:
         return b"", [], post_data
     ends = [*(m.start() for m in heads[1:]), len(post_data)]
-    if any(post_data.count(b"'", m.end(), end) % 2 for m, end in zip(heads, ends)):
-        return b"", [], post_data
     preamble = post_data[:heads[0].start()]
     parallel, rest = [], [preamble]
     for m, kind, end in zip(heads, types, ends):

@@ -438,9 +438,8 @@ def _same_schema(vault: Vault, prev: Snapshot, schema: SchemaBlobs, pre_sql: byt
         before = [vault.read_bytes(prev.schema.pre_data), vault.read_bytes(prev.schema.post_data)]
     except RepositoryDamaged:
         return False
-    then = [pgtools.without_large_objects(s) for s in before]
-    now = [pgtools.without_large_objects(s) for s in (pre_sql, post_sql)]
-    return None not in then + now and then == now
+    return [pgtools.without_large_objects(s) for s in before] == \
+        [pgtools.without_large_objects(s) for s in (pre_sql, post_sql)]
 
 
 def _same_server(a: XactMark, b: XactMark) -> bool:

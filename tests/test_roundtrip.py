@@ -408,16 +408,30 @@ def test_parallel_restore_builds_indexes_and_keys_at_once(pg, db, repo):
 
 def test_parallel_restore_is_not_misled_by_a_header_in_a_string(pg, db, repo):
     """A policy's expression holding a line like pg_restore's entry header: cutting
-    post-data there split the statement and restore -j failed half done.  Such
-    post-data is run whole, as with one connection."""
-    pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, note text); INSERT INTO a VALUES (1, 'x'); "
+    post-data there split the statement, and what followed the fake header ran as
+    SQL of its own (here: CREATE TABLE pwned), with a quoted name holding a quote on
+    either side to defeat counting quotes.  Headers are only found outside strings,
+    quoted names and comments."""
+    fake = "\\n--\\n-- Name: a_fake; Type: INDEX; Schema: public; Owner: postgres\\n--\\n"
+    pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, note text, \"x'\" int); "
+                   "INSERT INTO a VALUES (1, 'x', 1); "
                    "CREATE TABLE b (id int PRIMARY KEY); INSERT INTO b VALUES (1); "
                    "ALTER TABLE a ENABLE ROW LEVEL SECURITY; "
-                   "CREATE POLICY p ON a USING (note <> E'\\n--\\n-- Name: a_fake; Type: INDEX; "
-                   "Schema: public; Owner: postgres\\n--\\n')")
+                   f"CREATE POLICY p ON a USING (\"x'\" IS NOT NULL AND note <> E'{fake}"
+                   "CREATE TABLE public.pwned (); --' AND \"x'\" > 0); "
+                   f"CREATE POLICY q ON a USING (note <> $q${fake.replace(chr(92) * 2 + 'n', chr(10))}$q$); "
+                   "COMMENT ON TABLE b IS '/* not a comment'")
     source = capture(pg, db)
     sid = snap(repo, pg.dsn(db))
-    assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "2"))
+    target = restore_into(pg, repo, sid, "-j", "2")
+    assert pg.query(target, "SELECT to_regclass('public.pwned') IS NULL") == [(True,)]
+    assert_same_database(pg, source, target)
+    from fpvault.restore import split_post_data
+    from fpvault.vault import Vault
+
+    vault = Vault.open(repo)
+    _, parallel, _ = split_post_data(vault.read_bytes(vault.resolve(sid)[1].schema.post_data))
+    assert len(parallel) == 2            # the two primary keys: still built in parallel
 
 
 def all_frozen(pg, dbname: str) -> dict[str, bool]:
@@ -569,3 +583,21 @@ def test_a_sql_ascii_database_keeps_its_bytes(pg, repo, tmp_path):
         conn.execute(b'CREATE TABLE "t\xe9" (id int)')
     r = run("snap", "-r", repo, "-d", pg.dsn(source))
     assert r.code == 1 and "not valid UTF-8" in r.err and "rename it" in r.err, r.err
+
+
+def test_entry_headers_are_found_only_outside_strings_names_and_comments():
+    from fpvault.pgtools import entry_headers
+
+    def head(name):
+        return f"--\n-- Name: {name}; Type: INDEX; Schema: public; Owner: me\n--\n"
+
+    hidden = [f"'{head('in_string')}'", f"E'it\\'s {head('in_e_string')}'",
+              f"'it''s {head('in_doubled')}'", f'"a""{head("in_name")}"',
+              f"$f${head('in_dollar')}$f$", f"$${head('in_empty_dollar')}$$",
+              f"/* /* nested */ {head('in_block')} */", f"x$y\n{head('after_dollar_in_name')}"]
+    sql = head("first") + "CREATE INDEX i ON t (c);\n"
+    for h in hidden:
+        sql += "SELECT " + h + ";\n" + head("real") + "SELECT 1;\n"
+    found = [m.group(1).decode() for m in entry_headers(sql.encode())]
+    # (An unquoted $ inside a name does not start a dollar quote: that header counts.)
+    assert found == ["first"] + ["real"] * 7 + ["after_dollar_in_name", "real"], found

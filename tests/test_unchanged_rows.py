@@ -263,7 +263,8 @@ LARGE_OBJECTS = (
     "SELECT lo_from_bytea(9004, decode(repeat('ef', 3000), 'hex')); "
     "SELECT lo_from_bytea(9005, 'to be unlinked'); "
     "SELECT lo_create(9006); "                                               # no page
-    "SELECT lo_create(9008); SELECT lo_put(9008, 10000, 'sparse'); ")        # one page, 4
+    "SELECT lo_create(9008); SELECT lo_put(9008, 10000, 'sparse'); "         # one page, 4
+    "COMMENT ON LARGE OBJECT 9001 IS E'a comment\\non two lines'; ")
 
 
 def lo_reads(monkeypatch):
