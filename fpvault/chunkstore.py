@@ -170,6 +170,11 @@ class BlobMap:
         self._packs: list[bytes] = []
         self._pack_numbers: dict[bytes, int] = {}
         self._ends: list[int] = []   # per pack: where the last blob indexed in it ends
+        # Blobs that cannot be decoded from what is indexed (undecodable), and the
+        # bases they miss; None until asked for, and again when a blob indexed could
+        # change the answer.
+        self._undecodable: set[bytes] | None = None
+        self._missing_bases: set[bytes] = set()
 
     def __setitem__(self, blob: bytes, value: tuple[bytes, BlobEntry]) -> None:
         """Index a blob; a blob stored twice (stored again whole after its delta's base
@@ -178,6 +183,10 @@ class BlobMap:
         old = self._records.get(blob)
         if old is not None and e.bases and len(old) == self._SIZE:
             return
+        if self._undecodable is not None and (
+                blob in self._missing_bases or blob in self._undecodable
+                or any(b in self._undecodable or b not in self._records for b in e.bases)):
+            self._undecodable = None
         number = self._pack_numbers.get(pack_id)
         if number is None:
             number = self._pack_numbers[pack_id] = len(self._packs)
@@ -187,6 +196,32 @@ class BlobMap:
         self._records[blob] = self._RECORD.pack(
             number, e.type, e.offset, e.length, e.raw_length, e.encoding,
             e.generation, e.start) + b"".join(e.bases)
+
+    def undecodable(self) -> set[bytes]:
+        """The indexed blobs that cannot be decoded from what is indexed: a delta one of
+        whose bases, down its chain, is not indexed (an index file lost, or a pack
+        lost and the index repaired).  Usually none: found in one pass over the
+        records with bases, and kept until a blob indexed could change it."""
+        bad = self._undecodable
+        if bad is None:
+            size, records = self._SIZE, self._records
+            bad = set()
+            missing: set[bytes] = set()
+            for blob, record in records.items():
+                if len(record) > size:
+                    lost = [b for b in self._bases(record) if b not in records]
+                    if lost:
+                        bad.add(blob)
+                        missing.update(lost)
+            while bad:   # and what is built on those, until nothing more is found
+                more = {blob for blob, record in records.items()
+                        if len(record) > size and blob not in bad
+                        and any(b in bad for b in self._bases(record))}
+                if not more:
+                    break
+                bad |= more
+            self._undecodable, self._missing_bases = bad, missing
+        return bad
 
     def _bases(self, record: bytes) -> list[bytes]:
         size = self._SIZE
@@ -414,20 +449,7 @@ class ChunkStore:
         A delta whose base the index lost (an index file lost, or a pack lost and the
         index repaired) would leave the snapshot unrestorable; ``put`` stores it again."""
         blobs = self.index.blobs
-        todo = blobs.bases(blob)
-        if todo is None:
-            return False
-        seen: set[bytes] = set()
-        while todo:
-            base = todo.pop()
-            if base in seen:
-                continue
-            seen.add(base)
-            more = blobs.bases(base)
-            if more is None:
-                return False
-            todo += more
-        return True
+        return blob in blobs and blob not in blobs.undecodable()
 
     def write_frame(self, frame: "Frame") -> None:
         """Hand the frame's blobs to a compressor thread, to be stored as one zstd

@@ -243,13 +243,14 @@ class Diff:
     from_id: str
     to_id: str
     schema_changed: bool
-    schema_diff: str | None     # None: not asked for (--stat)
+    schema_diff: str            # "" also when not computed (--stat)
     objects_added: list[str]
     objects_removed: list[str]
     objects_altered: list[str]
     tables: list[TableDiff]
     sequences: list[dict[str, Any]]
     large_objects: list[dict[str, Any]]
+    schema_diff_omitted: bool = False   # --stat: the text was not computed
 
     @property
     def differs(self) -> bool:
@@ -258,7 +259,7 @@ class Diff:
 
     def as_json(self) -> dict[str, Any]:
         return {"from": self.from_id, "to": self.to_id, "schema_changed": self.schema_changed,
-                "schema_diff": self.schema_diff,
+                "schema_diff": self.schema_diff, "schema_diff_omitted": self.schema_diff_omitted,
                 "objects": {"added": self.objects_added, "removed": self.objects_removed,
                             "altered": self.objects_altered},
                 "tables": [t.as_json() for t in self.tables],
@@ -275,7 +276,7 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
     sql_a = _schema_text(vault, a)
     sql_b = _schema_text(vault, b)
     schema_changed = sql_a != sql_b
-    schema_diff = "" if schema_text else None
+    schema_diff = ""
     added: list[str] = []
     removed: list[str] = []
     altered: list[str] = []
@@ -364,7 +365,8 @@ def diff(vault: Vault, a_id: str, a: Snapshot, b_id: str, b: Snapshot, *,
         los.append({"oid": oid, "status": "added" if not p else "removed" if not q else "changed",
                     "bytes_before": p.data.bytes if p else None,
                     "bytes_after": q.data.bytes if q else None})
-    return Diff(a_id, b_id, schema_changed, schema_diff, added, removed, altered, out, seqs, los)
+    return Diff(a_id, b_id, schema_changed, schema_diff, added, removed, altered, out, seqs, los,
+                schema_diff_omitted=schema_changed and not schema_text)
 
 
 def _schema_text(vault: Vault, snap: Snapshot) -> str:

@@ -119,7 +119,8 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     backend = vault.backend
     index = Index.load(backend, vault.codec, strict=True)
     vault.reset_index(index)
-    snapshots = [s for s in vault.snapshots(strict=True) if s.id not in forgotten]
+    snapshots = [s for s in vault.snapshots(strict=True, but=forgotten)
+                 if s.id not in forgotten]
     live = live_blobs(vault, snapshots)
     missing = [b for b in live if b not in index]
     if missing:

@@ -154,8 +154,8 @@ def plan(snapshots, policy: Policy, tz: tzinfo | None = None) -> list[GroupDecis
     manifests with ``id``, ``time`` (ISO text), ``tags`` and ``source``."""
     groups: dict[tuple, list] = {}
     for s in snapshots:
-        selected = tuple(sorted((k, tuple(v)) for k, v in (getattr(s, "filters", None)
-                                                            or {}).items()))
+        selected = tuple(sorted((k, tuple(sorted(v))) for k, v in (getattr(s, "filters", None)
+                                                                    or {}).items()))
         groups.setdefault((s.source.host, s.source.port, s.source.database, selected),
                           []).append(s)
     out = []

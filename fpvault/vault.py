@@ -18,7 +18,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 import blake3
 import msgspec
@@ -195,10 +195,13 @@ class Vault:
         stored: one in a pack that is missing (deleted or lost by hand, never copied)
         or cut short (a partial copy) would leave it unrestorable, while it said it
         succeeded; and an index file that cannot be read hides which packs are
-        whose.  One listing of ``data/``, with sizes."""
+        whose.  One listing of ``data/``, with sizes, taken after the index is loaded:
+        a pack is written before the index file naming it, so another snap saving
+        meanwhile cannot make one of its packs look missing."""
+        index = self.index
         sizes = {pack_id: size for name, size in self.backend.list_sizes("data/")
                  if (pack_id := packs.pack_id_of(name)) is not None}
-        missing, cut, blobs = self.index.blobs.beyond(sizes)
+        missing, cut, blobs = index.blobs.beyond(sizes)
         where = f"the repository at {self.backend.describe()}"
         if missing or cut:
             first = packs.pack_name((missing or cut)[0])
@@ -307,12 +310,14 @@ class Vault:
 
     # -- snapshots
 
-    def snapshots(self, strict: bool = False) -> list[Snapshot]:
+    def snapshots(self, strict: bool = False, but: Collection[str] = ()) -> list[Snapshot]:
         """All snapshots, oldest first.  A manifest that cannot be read is left out
-        (and listed in ``damaged_snapshots``) unless ``strict``."""
+        (and listed in ``damaged_snapshots``) unless ``strict``, which raises (but
+        for the ids in ``but``: those about to be forgotten)."""
         snaps = self._load_snapshots()
-        if strict and self.damaged_snapshots:
-            sid, why = self.damaged_snapshots[0]
+        damaged = [(sid, why) for sid, why in self.damaged_snapshots if sid not in but]
+        if strict and damaged:
+            sid, why = damaged[0]
             raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest cannot be read ({why}). "
                                     "Nothing was changed; run 'fpvault verify', and 'fpvault "
                                     f"forget {sid[:8]}' to drop it.")

@@ -243,7 +243,9 @@ def test_diff_reports_exactly_the_changes(pg, db, repo):
     stat = run("diff", old, new, "-r", repo, "--stat")
     assert "CREATE POLICY" not in stat.out and "5 tables changed, 1 added, 1 removed" in stat.out
     brief = json.loads(run("diff", old, new, "-r", repo, "--stat", "--json").out)
-    assert brief["schema_changed"] and brief["schema_diff"] is None    # not computed
+    assert brief["schema_changed"] and brief["schema_diff"] == "" and brief["schema_diff_omitted"]
+    full = json.loads(run("diff", old, new, "-r", repo, "--json").out)
+    assert full["schema_diff"] and not full["schema_diff_omitted"]
     only = json.loads(run("diff", old, new, "-r", repo, "-t", "b", "--json").out)
     assert [t["name"] for t in only["tables"]] == ["public.b"]
     assert run("diff", old, new, "-r", repo, "--exit-code", "--stat").code == 1

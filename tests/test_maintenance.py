@@ -407,6 +407,9 @@ def test_corrupted_manifest_and_index_file(history, repo):
     for sid in (ids[0], ids[2], ids[3]):
         assert script(repo, sid) == scripts[sid]
     assert run("prune", "-r", repo).code == 3   # a snapshot it cannot read might need data
+    # Unless that is the one being forgotten: the dry run says what the prune would do.
+    r = run("forget", ids[1][:8], "-r", repo, "--prune", "--dry-run", "--json")
+    assert r.code == 0 and json.loads(r.out)["prune"]["dry_run"], r.err
     r = run("forget", ids[1][:8], "-r", repo)
     assert r.code == 0, r.err
     assert run("verify", "-r", repo, "--read-data").code == 0

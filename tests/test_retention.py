@@ -110,8 +110,12 @@ def test_a_filtered_snapshot_is_a_group_of_its_own():
         return SimpleNamespace(id=f"{i:064x}", time=f"2026-12-0{i}T10:00:00Z", tags=[],
                                source=source, filters=filters)
 
-    snaps = [manifest(1, {}), manifest(2, {}), manifest(3, {"table": ["public.orders"]})]
+    snaps = [manifest(1, {}), manifest(2, {}), manifest(3, {"table": ["public.orders"]}),
+             manifest(4, {"table": ["b", "a"]}), manifest(5, {"table": ["a", "b"]})]
     groups = plan(snaps, Policy(last=1))
-    assert [g.group["filters"] for g in groups] == [{}, {"table": ["public.orders"]}]
-    assert [[i.id for i, _ in g.keep] for g in groups] == [[snaps[1].id], [snaps[2].id]]
-    assert [[i.id for i in g.remove] for g in groups] == [[snaps[0].id], []]
+    # (The same tables named in another order are the same selection.)
+    assert [g.group["filters"] for g in groups] == [{}, {"table": ["a", "b"]},
+                                                    {"table": ["public.orders"]}]
+    assert [[i.id for i, _ in g.keep] for g in groups] == [[snaps[1].id], [snaps[4].id],
+                                                          [snaps[2].id]]
+    assert [[i.id for i in g.remove] for g in groups] == [[snaps[0].id], [snaps[3].id], []]
