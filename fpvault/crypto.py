@@ -127,6 +127,8 @@ def unwrap(blob: bytes, password: str) -> bytes | None:
     except (msgspec.DecodeError, ValueError, TypeError, OverflowError, MemoryError) as exc:
         # binascii.Error is a ValueError; scrypt raises ValueError for bad n, r, p.
         raise KeyDamaged(str(exc) or type(exc).__name__) from exc
+    if len(raw) < NONCE + 16:   # a nonce and a tag at least: cut short
+        raise KeyDamaged(f"its data is {len(raw)} bytes, too short to hold a key")
     try:
         return ChaCha20Poly1305(key).decrypt(raw[:NONCE], raw[NONCE:], None)
     except InvalidTag:

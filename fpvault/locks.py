@@ -20,10 +20,12 @@ and deleting the old one.  ``fpvault unlock`` deletes stale locks.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from datetime import datetime, timezone
 import msgspec
 
 from .backend import Backend
-from .errors import RepositoryLocked
+from .errors import FpvaultError, RepositoryLocked
 
 LOCKS = "locks/"
 # A lock not refreshed for this long belongs to a process that is gone (restic uses 30 min).
@@ -162,8 +164,12 @@ class Lock:
         return None
 
     def _refresher(self) -> None:
+        # A refresh that fails (the store briefly unreachable) is tried again at the
+        # next turn, not given up: a lock not refreshed looks stale to other hosts
+        # after STALE_AFTER, and their prune would no longer wait for this command.
         while not self._stop.wait(REFRESH_EVERY):
-            self.refresh()
+            with contextlib.suppress(FpvaultError, msgspec.DecodeError):
+                self.refresh()
 
     def refresh(self) -> None:
         with self._mutex:
@@ -188,8 +194,18 @@ class Lock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # What the command did stands (a snapshot written is committed) whether or not
+        # its lock can be removed now: a lock left behind is stale once this process is
+        # gone (on this host at once, elsewhere after STALE_AFTER).  Nor may a failed
+        # delete hide the error the command itself ended with.
+        try:
+            self.release()
+        except FpvaultError as failed:
+            sys.stderr.write(f"fpvault: warning: could not remove the lock {self.name}: "
+                             f"{failed} It is ignored once stale; 'fpvault unlock' removes "
+                             "it.\n")
+            sys.stderr.flush()
 
 
 def remove_stale(backend: Backend, all_locks: bool = False) -> list[LockInfo]:

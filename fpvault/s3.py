@@ -134,6 +134,10 @@ class S3Backend:
     def _error(self, exc: Exception, doing: str, name: str) -> FpvaultError:
         from botocore.exceptions import BotoCoreError, ClientError
 
+        # A write or read that failed commits nothing; a delete may come after the
+        # commit (a lock removed, packs pruned), so it does not say so.
+        nothing = "" if doing == "deleting" else " Nothing was committed."
+
         if isinstance(exc, ClientError):
             code = str(exc.response.get("Error", {}).get("Code", ""))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -150,11 +154,11 @@ class S3Backend:
                 return FpvaultError(f"Access denied while {doing} {name} in {self.url} ({code}); "
                                     "check the credentials and the bucket policy (docs/s3.md).")
             return FpvaultError(f"S3 error while {doing} {name} in {self.url}: {code or exc} "
-                                f"(HTTP {status}). Nothing was committed.")
+                                f"(HTTP {status}).{nothing}")
         if isinstance(exc, BotoCoreError):
             return FpvaultError(f"Cannot reach S3 while {doing} {name} in {self.url}: {exc}. "
                                 "Check the endpoint (FPVAULT_S3_ENDPOINT or AWS_ENDPOINT_URL) "
-                                "and the network. Nothing was committed.")
+                                f"and the network.{nothing}")
         if isinstance(exc, FpvaultError):
             return exc
         return FpvaultError(f"Error while {doing} {name} in {self.url}: {exc}.")

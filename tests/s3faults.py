@@ -23,6 +23,7 @@ class FaultProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.plan = lambda method, n: None   # -> None | "503" | "500" | "drop" | "stall"
+        self.path_plan = None                # (method, path) -> the same, if set
         self.delay = 0.0   # seconds added to every request, as a network's round trip
         self.requests = 0
         self.faults = 0
@@ -40,7 +41,8 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else b""
                 with proxy._lock:
                     proxy.requests += 1
-                    fault = proxy.plan(self.command, proxy.requests)
+                    fault = (proxy.path_plan(self.command, self.path) if proxy.path_plan
+                             else proxy.plan(self.command, proxy.requests))
                     if fault:
                         proxy.faults += 1
                 if proxy.delay:

@@ -117,7 +117,10 @@ def test_a_damaged_key_object_is_skipped(tmp_path, monkeypatch):
     backend.put("keys/0" + "0" * 31, crypto.wrap(master, "new password"))   # sorts first
     keys = Path(repo) / "keys"
     for damage in (b'{"n": 3', b'{"kdf":"scrypt","n":1000,"r":8,"p":1,"salt":"AA==","data":"AA=="}',
-                   b'{"kdf":"scrypt","n":16384,"r":8,"p":1,"salt":"AA==","data":"!!"}'):
+                   b'{"kdf":"scrypt","n":16384,"r":8,"p":1,"salt":"AA==","data":"!!"}',
+                   # (scrypt accepts it; too short for a nonce: 'ValueError: Nonce must
+                   # be 12 bytes' from deep inside, before)
+                   b'{"kdf":"scrypt","n":16384,"r":8,"p":1,"salt":"AA==","data":"AAAA"}'):
         (keys / ("0" + "0" * 31)).write_bytes(damage)
         r = run("list", "-r", repo)
         assert r.code == 0, r.err

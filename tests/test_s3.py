@@ -162,6 +162,35 @@ def test_a_store_that_keeps_failing_fails_the_snapshot_cleanly(pg, db, s3_server
     assert len(json.loads(run("list", "-r", repo, "--json").out)) == 2
 
 
+def test_a_lock_that_cannot_be_removed_does_not_undo_a_snapshot(pg, db, s3_server):
+    """The store gone just after the manifest is written: the snapshot is committed,
+    so snap says so (exit 0, its id) and warns that its lock stays behind; and when a
+    pack upload fails too, the error named is the upload's, not the lock's."""
+    from s3faults import FaultProxy
+
+    repo = s3_server()
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY, v text); "
+                   "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g")
+    assert run("init", "-r", repo).code == 0
+    proxy = FaultProxy(s3_server.port)
+    proxy.path_plan = lambda method, path: "500" if method == "DELETE" else None
+    try:
+        env = _through(proxy, FPVAULT_S3_ATTEMPTS="2")
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), env=env)
+        assert r.code == 0 and "could not remove the lock" in r.err, (r.code, r.err)
+        sid = r.out.strip().splitlines()[-1]
+        assert [s["id"] for s in json.loads(run("list", "-r", repo, "--json").out)] == [sid]
+        pg.execute(db, "UPDATE t SET v = 'x' WHERE id = 1")
+        proxy.path_plan = lambda method, path: ("500" if method == "DELETE" or (
+            method == "PUT" and "/data/" in path) else None)
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), env=env)
+        assert r.code == 1 and "writing data/" in r.err and "Nothing was committed" in r.err, r.err
+    finally:
+        proxy.close()
+    assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0   # the locks left are stale
+    assert run("verify", "-r", repo, "--read-data").code == 0
+
+
 def test_metadata_cache_follows_the_remote(pg, db, s3_server):
     from pathlib import Path
 
