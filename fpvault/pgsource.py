@@ -665,9 +665,12 @@ def print_outside_the_dump(conn: psycopg.Connection, oids: list[int], dumped_typ
 def _printed_types(conn: psycopg.Connection, oids: list[int]
                    ) -> list[tuple[int, int, str, int, bool]]:
     """(table, type, typtype, typrelid, prints catalog names) of the enum, composite
-    and reg* types the tables' columns print, down domains, arrays, composites and
-    ranges."""
-    return conn.execute("""
+    and reg* types the tables' columns print, down domains, arrays, composites,
+    ranges and (PostgreSQL 14 and later) multiranges."""
+    multirange = (sql.SQL("UNION ALL SELECT r.rngtypid FROM pg_catalog.pg_range r "
+                          "WHERE r.rngmultitypid = ty.oid")
+                  if conn.info.server_version >= 140000 else sql.SQL(""))
+    return conn.execute(sql.SQL("""
         WITH RECURSIVE t(rel, typ) AS (
             SELECT a.attrelid, a.atttypid FROM pg_catalog.pg_attribute a
             WHERE a.attrelid = ANY(%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
@@ -680,14 +683,15 @@ def _printed_types(conn: psycopg.Connection, oids: list[int]
                           WHERE ty.typtype = 'c' AND a.attrelid = ty.typrelid AND a.attnum > 0
                             AND NOT a.attisdropped
                 UNION ALL SELECT r.rngsubtype FROM pg_catalog.pg_range r
-                          WHERE r.rngtypid = ty.oid) x(sub)),
+                          WHERE r.rngtypid = ty.oid
+                {}) x(sub)),
         names AS (SELECT pg_catalog.to_regtype(n) AS typ
                   FROM unnest(%(names)s::pg_catalog.text[]) n)
         SELECT DISTINCT t.rel, t.typ::int8, ty.typtype::text, ty.typrelid::int8,
                t.typ IN (SELECT typ FROM names)
         FROM t JOIN pg_catalog.pg_type ty ON ty.oid = t.typ
         WHERE ty.typtype IN ('e', 'c') OR t.typ IN (SELECT typ FROM names)
-        """, {"oids": oids, "names": list(CATALOG_NAME_TYPES)}).fetchall()
+        """).format(multirange), {"oids": oids, "names": list(CATALOG_NAME_TYPES)}).fetchall()
 
 
 # age() counts back from the newest xid in 32 bits: compare only snapshots this close.

@@ -372,17 +372,21 @@ def test_tables_printing_types_the_dump_leaves_out_are_read(pg, db, repo, monkey
                    "INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 10) g; "
                    "CREATE TABLE pairs (id int PRIMARY KEY, p pair[]); "
                    "INSERT INTO pairs VALUES (1, ARRAY[ROW(1, 'x')::pair]); "
+                   "CREATE TYPE span AS RANGE (subtype = status); "
+                   "CREATE TABLE spans (id int PRIMARY KEY, s span_multirange); "
+                   "INSERT INTO spans VALUES (1, '{[new,done]}'); "
                    "CREATE TABLE plain (id int PRIMARY KEY); INSERT INTO plain VALUES (1)")
-    only = ["-t", "orders", "-t", "pairs", "-t", "plain"]
+    only = ["-t", "orders", "-t", "pairs", "-t", "plain", "-t", "spans"]
     snap(pg, repo, db, *only)
     pg.execute(db, "ALTER TYPE status RENAME VALUE 'new' TO 'open'; "
                    "ALTER TYPE pair ADD ATTRIBUTE c int CASCADE")
     seen = reads(monkeypatch)
     doc = snap(pg, repo, db, *only)
-    assert sorted(seen) == ["orders", "pairs"] and doc["tables_reused"] == 1
+    assert sorted(seen) == ["orders", "pairs", "spans"] and doc["tables_reused"] == 1
     monkeypatch.undo()
     r = run("restore", doc["id"], "-r", repo, "-o", "-")
     assert r.code == 0 and "\topen\n" in r.out and '{"(1,x,)"}' in r.out, r.out
+    assert "{[open,done]}" in r.out, r.out
     # Without filters the dump defines both: a change to them changes its schema.
     pg.execute("postgres", "SELECT txid_current()")
     seen = reads(monkeypatch)
@@ -390,7 +394,7 @@ def test_tables_printing_types_the_dump_leaves_out_are_read(pg, db, repo, monkey
     pg.execute("postgres", "SELECT txid_current()")
     seen.clear()
     doc = snap(pg, repo, db)
-    assert seen == [] and doc["tables_reused"] == 3
+    assert seen == [] and doc["tables_reused"] == 4
 
 
 def test_a_label_imitating_a_large_object_entry_hides_no_change(pg, db, repo, monkeypatch):
