@@ -196,27 +196,30 @@ _ABOUT_AN_OBJECT = {b"ACL", b"COMMENT", b"SECURITY LABEL"}
 # What can hide a line that looks like a header: a string, a quoted name, a
 # dollar-quoted body, a comment.  (A $ inside a name makes pg_dump quote it, so an
 # unquoted $ not after a name's character starts a dollar quote or is a $1.)
-_SQL_TOKEN = re.compile(rb"\n|--|/\*|[Ee]?'|\"|(?<![A-Za-z0-9_\x80-\xff$])"
+_SQL_TOKEN = re.compile(rb"\n|--|/\*|(?<![A-Za-z0-9_\x80-\xff$])[Ee]'|'|\"|"
+                        rb"(?<![A-Za-z0-9_\x80-\xff$])"
                         rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
 _BLOCK_COMMENT = re.compile(rb"/\*|\*/")
 
 
-def entry_headers(sql: bytes) -> list[re.Match]:
+def entry_headers(sql: bytes) -> list[re.Match] | None:
     """The entry headers of pg_restore's SQL: the lines that look like one (ENTRY_HEADER)
     and begin outside any string, quoted name, dollar-quoted body or comment.  A
     policy's expression or an enum label can hold text that looks like a header;
     splitting there would cut a statement in two, and let what follows the fake
     header run as SQL of its own (restore -j) or hide what follows it (the
-    comparison of schemas)."""
+    comparison of schemas).  None if a header cannot be read for sure: its name,
+    schema or owner holds one of the separators ("; Type: ", ...), so that its
+    type could be another's (a schema named "s; Type: BLOB; Schema: x")."""
     starts = {0}
     pos, n = 0, len(sql)
     while (m := _SQL_TOKEN.search(sql, pos)) is not None:
         token, end = m.group(), m.end()
         if token == b"\n":
             starts.add(end)
-        elif token == b"--":
-            nl = sql.find(b"\n", end)
-            end = n if nl < 0 else nl        # the newline is a token of its own
+        elif token == b"--":                 # to the end of the line (PostgreSQL: \r too)
+            ends = [i for i in (sql.find(b"\n", end), sql.find(b"\r", end)) if i >= 0]
+            end = min(ends) if ends else n   # the newline is a token of its own
         elif token == b"/*":                 # they nest
             depth = 1
             while depth and (c := _BLOCK_COMMENT.search(sql, end)) is not None:
@@ -256,14 +259,22 @@ def entry_headers(sql: bytes) -> list[re.Match]:
             q = sql.find(token, end)
             end = n if q < 0 else q + len(token)
         pos = end
-    return [m for m in ENTRY_HEADER.finditer(sql) if m.start() in starts]
+    heads = [m for m in ENTRY_HEADER.finditer(sql) if m.start() in starts]
+    for m in heads:
+        line = m.group(0)
+        if any(line.count(sep) != 1 for sep in (b"; Type: ", b"; Schema: ", b"; Owner: ")):
+            return None
+    return heads
 
 
-def without_large_objects(sql: bytes) -> bytes:
+def without_large_objects(sql: bytes) -> bytes | None:
     """pg_restore's SQL without the entries that only describe large objects (their
     creation and owner, comments, grants, security labels): what is left is all
-    that can change how a table's rows print."""
+    that can change how a table's rows print.  None if the entries cannot be told
+    for sure (entry_headers)."""
     heads = entry_headers(sql)
+    if heads is None:
+        return None
     out = [sql[:heads[0].start()] if heads else sql]
     for m, nxt in zip(heads, [*heads[1:], None]):
         name, kind = m.group(1), m.group(2)

@@ -440,8 +440,10 @@ def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
     their headers, outside strings and quoted names (pgtools.entry_headers): a
     policy's expression can imitate one."""
     heads = pgtools.entry_headers(post_data)
+    if not heads:   # (None: a name holds a header's separators; run it whole)
+        return b"", [], post_data
     types = [m.group(2).decode("utf-8", "replace") for m in heads]
-    if not heads or "INDEX ATTACH" in types:
+    if "INDEX ATTACH" in types:
         return b"", [], post_data
     ends = [*(m.start() for m in heads[1:]), len(post_data)]
     preamble = post_data[:heads[0].start()]

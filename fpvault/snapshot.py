@@ -438,8 +438,9 @@ def _same_schema(vault: Vault, prev: Snapshot, schema: SchemaBlobs, pre_sql: byt
         before = [vault.read_bytes(prev.schema.pre_data), vault.read_bytes(prev.schema.post_data)]
     except RepositoryDamaged:
         return False
-    return [pgtools.without_large_objects(s) for s in before] == \
-        [pgtools.without_large_objects(s) for s in (pre_sql, post_sql)]
+    then = [pgtools.without_large_objects(s) for s in before]
+    now = [pgtools.without_large_objects(s) for s in (pre_sql, post_sql)]
+    return None not in then + now and then == now   # (None: cannot tell, so not the same)
 
 
 def _same_server(a: XactMark, b: XactMark) -> bool:

@@ -601,3 +601,21 @@ def test_entry_headers_are_found_only_outside_strings_names_and_comments():
     found = [m.group(1).decode() for m in entry_headers(sql.encode())]
     # (An unquoted $ inside a name does not start a dollar quote: that header counts.)
     assert found == ["first"] + ["real"] * 7 + ["after_dollar_in_name", "real"], found
+
+
+def test_entry_headers_that_cannot_be_read_for_sure():
+    """Cases a review found: a name holding a header's separators (a schema named
+    's; Type: BLOB; Schema: x' made every entry in it read as a large object's), an
+    e' after a name's last letter (not an escape string), a -- comment ended by a
+    lone carriage return."""
+    from fpvault.pgtools import entry_headers, without_large_objects
+
+    real = b"--\n-- Name: t; Type: TABLE; Schema: public; Owner: me\n--\n"
+    odd = b"--\n-- Name: mood; Type: TYPE; Schema: s; Type: BLOB; Schema: x; Owner: me\n--\n"
+    assert entry_headers(real + b"CREATE TABLE t ();\n" + odd + b"CREATE TYPE mood;\n") is None
+    assert without_large_objects(real + odd) is None
+    fake = b"--\n-- Name: f; Type: INDEX; Schema: public; Owner: me\n--\n"
+    for hiding in (b"SELECT name'x\\', '\n" + fake + b"SELECT 42; --';\n",
+                   b"SELECT 1 -- c\r, '\n" + fake + b"SELECT 42; --';\n"):
+        found = entry_headers(real + hiding + real)
+        assert [m.group(1) for m in found] == [b"t", b"t"], (hiding, found)
