@@ -29,8 +29,8 @@ from .locks import Lock
 from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id, utc_iso
 
 
-# A command that deletes (prune, forget) waits this long by default for the snaps,
-# restores and verifies running to finish: prune is safe while a snap runs, by waiting
+# A command that takes the exclusive lock (forget, prune, repair index, key passwd)
+# waits this long by default for the snaps, restores and verifies running to finish: prune is safe while a snap runs, by waiting
 # for it (the original contract), where refusing would fail a cron job that overlaps.
 EXCLUSIVE_LOCK_WAIT = 30 * 60
 
@@ -144,7 +144,8 @@ def common_options(f):
     f = click.option("--lock-wait", type=click.FloatRange(0), default=None, expose_value=False,
                      callback=_set_lock_wait, metavar="SECONDS",
                      help="Wait this long for a conflicting lock to go away (default: 0; "
-                          "forget, prune and repair 1800).")(f)
+                          "1800 for forget, prune, repair and key, which take an exclusive "
+                          "lock).")(f)
     f = click.option("--debug", is_flag=True, expose_value=False, callback=_set_debug,
                      help="Show tracebacks.")(f)
     f = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
@@ -679,9 +680,8 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
     with ctx.lock(vault, exclusive=not dry_run, command="forget"):
         if snapshots:
             chosen = {}
-            vault.snapshots()
-            damaged = {sid for sid, _ in vault.damaged_snapshots}
             healthy = [s.id for s in vault.snapshots()]
+            damaged = {sid for sid, _ in vault.damaged_snapshots}
             for ref in snapshots:
                 hits = [d for d in damaged if d.startswith(ref.lower()) and len(ref) >= 4]
                 # Only the damaged one: resolve() would refuse it; one a healthy
@@ -870,9 +870,10 @@ def stats(ctx: Ctx, as_json: bool) -> None:
     vault = ctx.open()
     snaps = vault.snapshots()
     backend = vault.backend
-    pack_names = list(backend.list("data/"))
-    stored = {prefix: sum(backend.size(n) for n in backend.list(prefix))
+    listed = {prefix: list(backend.list_sizes(prefix))
               for prefix in ("data/", "index/", "snapshots/")}
+    pack_names = [name for name, _ in listed["data/"]]
+    stored = {prefix: sum(size for _, size in objects) for prefix, objects in listed.items()}
     logical = sum(s.bytes for s in snaps)
     total = sum(stored.values())
     doc = {"snapshots": len(snaps), "logical_bytes": logical, "stored_bytes": total,

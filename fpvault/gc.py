@@ -137,9 +137,9 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     # blobs) while any of them is live, and counted once.
     ranges: dict[bytes, dict[tuple[int, int], list[bytes]]] = {}
     # (A file there that is no pack's name is not ours to delete.)
-    files = {name.rsplit("/", 1)[-1]: name for name in backend.list("data/")
+    sizes = {name: size for name, size in backend.list_sizes("data/")
              if packs.pack_id_of(name)}
-    sizes = {name: backend.size(name) for name in files.values()}
+    files = {name.rsplit("/", 1)[-1]: name for name in sizes}
     stats.packs_before = len(files)
     stats.bytes_before = sum(sizes.values())
 
@@ -241,7 +241,7 @@ def prune(vault: Vault, dry_run: bool = False, threshold: float = REPACK_THRESHO
     stats.packs_deleted -= rewritten
     if isinstance(backend, LocalBackend):
         backend.remove_temp_files()
-    stats.bytes_after = sum(backend.size(n) for n in backend.list("data/"))
+    stats.bytes_after = sum(size for _, size in backend.list_sizes("data/"))
     stats.seconds = time.monotonic() - started
     vault.reset_index(None)
     return stats
@@ -284,12 +284,14 @@ def repair_index(vault: Vault) -> RepairStats:
     stats = RepairStats()
     entries: list[tuple[bytes, list[BlobEntry]]] = []
     unreadable: list[bytes] = []
-    ids, sizes = {}, {}
+    ids: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}   # by name, as listed
     for name, size in backend.list_sizes("data/"):
         if (pack_id := packs.pack_id_of(name)) is not None:
-            ids[name], sizes[pack_id] = pack_id, size
+            ids[name], sizes[name] = pack_id, size
     names = sorted(ids)
-    for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec)):
+    for name, pack_entries in zip(names, read_pack_trailers(backend, names, vault.codec,
+                                                            sizes)):
         if isinstance(pack_entries, Exception):
             stats.unreadable.append(f"{name}: {pack_entries}")
             unreadable.append(ids[name])
@@ -301,7 +303,7 @@ def repair_index(vault: Vault) -> RepairStats:
         before: dict[bytes, list[BlobEntry]] = {p: [] for p in unreadable}
         for pack_id, e in Index.load(backend, vault.codec).blobs.values():
             # (Not what lay past the end of a pack cut short: that is lost.)
-            if pack_id in before and e.offset + e.length <= sizes[pack_id]:
+            if pack_id in before and e.offset + e.length <= sizes[packs.pack_name(pack_id)]:
                 before[pack_id].append(e)
         for pack_id, kept in before.items():
             if kept:
@@ -343,13 +345,14 @@ def in_order(pool: ThreadPoolExecutor, fn, items: list, ahead: int) -> Iterator:
             f.cancel()
 
 
-def read_pack_trailers(backend, names: list[str], codec=None
+def read_pack_trailers(backend, names: list[str], codec=None, sizes: dict[str, int] | None = None
                        ) -> Iterator[list[BlobEntry] | Exception]:
     """``read_pack_trailer`` of each pack named, in order, several at once: for a pack
-    whose trailer cannot be read, the exception instead."""
+    whose trailer cannot be read, the exception instead.  ``sizes``: the packs' sizes
+    by name, from a listing, which spares a request each."""
     def one(name: str) -> list[BlobEntry] | Exception:
         try:
-            return read_pack_trailer(backend, name, codec)
+            return read_pack_trailer(backend, name, codec, (sizes or {}).get(name))
         except (RepositoryDamaged, packs.PackFormatError) as exc:
             return exc
 
@@ -358,9 +361,12 @@ def read_pack_trailers(backend, names: list[str], codec=None
         yield from in_order(pool, one, names, SMALL_READ_THREADS * 4)
 
 
-def read_pack_trailer(backend, name: str, codec=None) -> list[BlobEntry]:
-    """A pack's entries, from ranged reads of its head and tail."""
-    size = backend.size(name)
+def read_pack_trailer(backend, name: str, codec=None, size: int | None = None
+                      ) -> list[BlobEntry]:
+    """A pack's entries, from ranged reads of its head and tail (``size``: the pack's,
+    if a listing gave it)."""
+    if size is None:
+        size = backend.size(name)
     if size < len(packs.MAGIC) + 12:
         raise packs.PackFormatError("too short to be a pack")
     if backend.get(name, 0, len(packs.MAGIC)) != packs.MAGIC:

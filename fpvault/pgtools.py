@@ -212,59 +212,49 @@ def entry_headers(sql: bytes) -> list[re.Match] | None:
     schema or owner holds one of the separators ("; Type: ", ...), so that its
     type could be another's (a schema named "s; Type: BLOB; Schema: x")."""
     starts = {0}
-    pos, n = 0, len(sql)
+    pos = 0
     while (m := _SQL_TOKEN.search(sql, pos)) is not None:
-        token, end = m.group(), m.end()
-        if token == b"\n":
-            starts.add(end)
-        elif token == b"--":                 # to the end of the line (PostgreSQL: \r too)
-            ends = [i for i in (sql.find(b"\n", end), sql.find(b"\r", end)) if i >= 0]
-            end = min(ends) if ends else n   # the newline is a token of its own
-        elif token == b"/*":                 # they nest
-            depth = 1
-            while depth and (c := _BLOCK_COMMENT.search(sql, end)) is not None:
-                depth += 1 if c.group() == b"/*" else -1
-                end = c.end()
-            end = end if not depth else n
-        elif token.endswith(b"'"):
-            backslashes = len(token) == 2    # E'...': \' and \\ are escapes
-            while True:
-                q = sql.find(b"'", end)
-                if q < 0:
-                    end = n
-                    break
-                if backslashes:
-                    k = q
-                    while k > end and sql[k - 1] == 0x5C:
-                        k -= 1
-                    if (q - k) % 2:
-                        end = q + 1
-                        continue
-                if sql[q + 1:q + 2] == b"'":
-                    end = q + 2
-                    continue
-                end = q + 1
-                break
-        elif token == b'"':
-            while True:
-                q = sql.find(b'"', end)
-                if q < 0:
-                    end = n
-                    break
-                end = q + 1
-                if sql[end:end + 1] != b'"':
-                    break
-                end += 1
-        else:                                # $tag$ ... $tag$
-            q = sql.find(token, end)
-            end = n if q < 0 else q + len(token)
-        pos = end
+        if m.group() == b"\n":
+            starts.add(m.end())
+            pos = m.end()
+        else:
+            pos = _past(sql, m.group(), m.end())
     heads = [m for m in ENTRY_HEADER.finditer(sql) if m.start() in starts]
     for m in heads:
         line = m.group(0)
         if any(line.count(sep) != 1 for sep in (b"; Type: ", b"; Schema: ", b"; Owner: ")):
             return None
     return heads
+
+
+def _past(sql: bytes, token: bytes, end: int) -> int:
+    """Where the comment, string, quoted name or dollar-quoted body that ``token``
+    opens (it ends at ``end``) ends: the end of ``sql`` if it is not closed."""
+    n = len(sql)
+    if token == b"--":                       # to the end of the line (PostgreSQL: \r too)
+        ends = [i for i in (sql.find(b"\n", end), sql.find(b"\r", end)) if i >= 0]
+        return min(ends) if ends else n      # the newline is a token of its own
+    if token == b"/*":                       # they nest
+        depth = 1
+        while depth and (c := _BLOCK_COMMENT.search(sql, end)) is not None:
+            depth += 1 if c.group() == b"/*" else -1
+            end = c.end()
+        return n if depth else end
+    if token.endswith((b"'", b'"')):         # '' (and "") is the quote itself
+        quote, backslashes = token[-1:], len(token) == 2   # E'...': \' and \\ too
+        while (q := sql.find(quote, end)) >= 0:
+            k = q
+            while backslashes and k > end and sql[k - 1] == 0x5C:
+                k -= 1
+            if (q - k) % 2:
+                end = q + 1                  # an escaped quote
+            elif sql[q + 1:q + 2] == quote:
+                end = q + 2
+            else:
+                return q + 1
+        return n
+    q = sql.find(token, end)                 # $tag$ ... $tag$
+    return n if q < 0 else q + len(token)
 
 
 def without_large_objects(sql: bytes) -> bytes | None:

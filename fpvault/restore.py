@@ -658,14 +658,18 @@ def _check_target(conn: psycopg.Connection, plan: Plan, where: str) -> None:
               AND n.nspname NOT LIKE 'pg\\_toast%%' AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')""")
         count = cur.fetchone()[0]
         if count:
-            raise TargetNotEmpty(
-                f"{where} is not empty ({count} tables, views or sequences); a full restore "
-                "needs an empty database. Create one (createdb NEW) and restore there, or use "
-                "--data-only to load data into an existing schema.")
+            raise TargetNotEmpty(where, count)
 
 
 class TargetNotEmpty(RestoreFailed):
     """A full restore's target database holds tables already."""
+
+    def __init__(self, where: str, count: int,
+                 advice: str = "a full restore needs an empty database. Create one (createdb "
+                               "NEW) and restore there, or use --data-only to load data into an "
+                               "existing schema."):
+        super().__init__(f"{where} is not empty ({count} tables, views or sequences); {advice}")
+        self.where, self.count = where, count
 
 
 def _restore_lo(cur: psycopg.Cursor, vault: Vault, plan: Plan, lo: LargeObject) -> None:

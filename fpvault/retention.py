@@ -151,7 +151,7 @@ def group_key(source_host: str, source_port: str, database: str,
 
 def plan(snapshots, policy: Policy, tz: tzinfo | None = None) -> list[GroupDecision]:
     """Apply the policy to each group of snapshots (by source).  ``snapshots`` are
-    manifests with ``id``, ``time`` (ISO text), ``tags`` and ``source``."""
+    manifests with ``id``, ``time`` (ISO text), ``tags``, ``source`` and ``filters``."""
     groups: dict[tuple, list] = {}
     for s in snapshots:
         selected = tuple(sorted((k, tuple(sorted(v))) for k, v in (getattr(s, "filters", None)

@@ -206,22 +206,21 @@ class Vault:
         if missing or cut:
             first = packs.pack_name((missing or cut)[0])
             more = ", ..." if len(missing) + len(cut) > 1 else ""
-            what = " and ".join(
-                part for part in (f"{len(missing)} pack(s) missing from {where}" if missing else "",
-                                  f"{len(cut)} pack(s) shorter than the index says" if cut else "")
-                if part)
+            parts = ([f"{len(missing)} pack(s) missing from {where}"] if missing else []) + \
+                ([f"{len(cut)} pack(s) shorter than the index says"] if cut else [])
+            what = " and ".join(parts)
             raise RepositoryDamaged(
                 f"{blobs} blobs the index names are in {what} ({first}{more}); a snapshot "
                 "would take them as stored and could not be restored. Run 'fpvault repair "
                 "index' (it indexes what the packs that are there hold, so that the next "
                 "snapshot stores the rest again), then 'fpvault verify' to see which "
                 "snapshots the loss damaged. Nothing was written.")
-        if self.index.damaged:
+        if index.damaged:
+            more = f" (and {len(index.damaged) - 1} more)" if len(index.damaged) > 1 else ""
             raise RepositoryDamaged(
-                f"Index file {self.index.damaged[0]} in {where} cannot be read"
-                f"{f' (and {len(self.index.damaged) - 1} more)' if len(self.index.damaged) > 1 else ''}"
-                "; run 'fpvault repair index' (it rebuilds the index from the packs), then "
-                "snap again. Nothing was written.")
+                f"Index file {index.damaged[0]} in {where} cannot be read{more}; run 'fpvault "
+                "repair index' (it rebuilds the index from the packs), then snap again. "
+                "Nothing was written.")
 
     def reset_index(self, index: Index | None) -> None:
         """Use ``index`` (or reload it on next use): after prune or repair changed it."""

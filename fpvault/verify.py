@@ -140,14 +140,15 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     by_pack: dict[bytes, list[packs.BlobEntry]] = {}
     for pack_id, entry in index.blobs.values():
         by_pack.setdefault(pack_id, []).append(entry)
-    present = {name.rsplit("/", 1)[-1] for name in backend.list("data/")
-               if packs.pack_id_of(name)}
+    listed = {name: size for name, size in backend.list_sizes("data/")
+              if packs.pack_id_of(name)}
+    present = {name.rsplit("/", 1)[-1] for name in listed}
     report.packs = len(present)
 
     # In pack order, as one pack after another would report them.
     stored_packs = [p for p in sorted(by_pack) if p.hex() in present]
     trailers = read_pack_trailers(backend, [packs.pack_name(p) for p in stored_packs],
-                                  vault.codec)
+                                  vault.codec, listed)
     with contextlib.closing(trailers):
         for pack_id in sorted(by_pack):
             entries = by_pack[pack_id]
@@ -347,8 +348,8 @@ def _restore_test(vault: Vault, sid: str, snap: Snapshot, conninfo: str, report:
         restore_mod.to_database(vault, plan, conninfo, before_commit=check, commit=False)
     except restore_mod.TargetNotEmpty as exc:
         raise restore_mod.TargetNotEmpty(
-            f"{str(exc).split(';')[0]}; --restore-test needs an empty scratch database, in "
-            "which it rolls the restore back: create one (createdb NEW) and give that.") from exc
+            exc.where, exc.count, "--restore-test needs an empty scratch database, in which it "
+            "rolls the restore back: create one (createdb NEW) and give that.") from exc
     except RepositoryDamaged as exc:
         report.problems.append(f"restore test of {sid[:8]}: {exc}")
         report.hit(sid, "restore")
@@ -362,20 +363,19 @@ def _stored_rows_missing(cur: psycopg.Cursor, vault: Vault, table: TableEntry) -
     of them the restored table lacks), compared as text, as a multiset."""
     cols = (sql.SQL(", ").join(sql.Identifier(c) for c in table.columns) if table.columns
             else sql.SQL("*"))
+    # (Made in the restore's transaction: a failure rolls it back with the rest.)
     cur.execute(sql.SQL("CREATE TEMP TABLE fpvault_stored AS SELECT {} FROM ONLY {} "
                         "WITH NO DATA").format(cols, sql.SQL(table.qname)))
-    try:
-        with cur.copy("COPY pg_temp.fpvault_stored FROM STDIN") as copy:
-            for chunk in vault.read_stream(table.data):
-                copy.write(chunk)
-        cur.execute(sql.SQL(
-            "SELECT (SELECT count(*) FROM pg_temp.fpvault_stored), (SELECT count(*) FROM ("
-            "SELECT s::text FROM pg_temp.fpvault_stored s EXCEPT ALL "
-            "SELECT t::text FROM (SELECT {} FROM ONLY {}) t) missing)").format(
-                cols, sql.SQL(table.qname)))
-        stored, missing = cur.fetchone()
-    finally:
-        cur.execute("DROP TABLE IF EXISTS pg_temp.fpvault_stored")
+    with cur.copy("COPY pg_temp.fpvault_stored FROM STDIN") as copy:
+        for chunk in vault.read_stream(table.data):
+            copy.write(chunk)
+    cur.execute(sql.SQL(
+        "SELECT (SELECT count(*) FROM pg_temp.fpvault_stored), (SELECT count(*) FROM ("
+        "SELECT s::text FROM pg_temp.fpvault_stored s EXCEPT ALL "
+        "SELECT t::text FROM (SELECT {} FROM ONLY {}) t) missing)").format(
+            cols, sql.SQL(table.qname)))
+    stored, missing = cur.fetchone()
+    cur.execute("DROP TABLE pg_temp.fpvault_stored")
     return stored, missing
 
 

@@ -239,6 +239,21 @@ def pack_reads(vault: Vault) -> list[str]:
     return gets
 
 
+def cli_pack_reads(monkeypatch) -> list[str]:
+    """The names of the packs any S3 repository is read from now on, once per GET: for
+    the commands run through the CLI, which open their own."""
+    gets: list[str] = []
+    real_get = S3Backend.get
+
+    def counting_get(self, name, *args):
+        if name.startswith("data/"):
+            gets.append(name)
+        return real_get(self, name, *args)
+
+    monkeypatch.setattr(S3Backend, "get", counting_get)
+    return gets
+
+
 def test_delta_bases_are_read_ahead_in_few_requests(s3_server):
     """A snapshot after scattered changes fetches the delta bases of a window of chunks in
     a few ranged GETs, not one round trip per changed chunk; and stores the same bytes."""
@@ -313,15 +328,7 @@ def test_a_quiet_snapshot_of_many_tables_reads_their_lists_together(pg, db, s3_s
     repo = s3_server()
     assert run("init", "-r", repo).code == 0
     assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
-    gets = []
-    real_get = S3Backend.get
-
-    def counting_get(self, name, *args):
-        if name.startswith("data/"):
-            gets.append(name)
-        return real_get(self, name, *args)
-
-    monkeypatch.setattr(S3Backend, "get", counting_get)
+    gets = cli_pack_reads(monkeypatch)
     for _ in range(10):
         before = json.loads(run("show", "latest", "-r", repo, "--json").out)
         gets.clear()
@@ -347,15 +354,7 @@ def test_verify_reads_each_chunk_list_once(pg, db, s3_server, monkeypatch):
     for i in range(4):
         pg.execute(db, f"INSERT INTO hot VALUES ({i})")
         assert run("snap", "-r", repo, "-d", pg.dsn(db)).code == 0
-    gets = []
-    real_get = S3Backend.get
-
-    def counting_get(self, name, *args):
-        if name.startswith("data/"):
-            gets.append(name)
-        return real_get(self, name, *args)
-
-    monkeypatch.setattr(S3Backend, "get", counting_get)
+    gets = cli_pack_reads(monkeypatch)
     r = run("verify", "-r", repo, "--json")
     assert r.code == 0 and json.loads(r.out)["ok"], r.out
     assert len(gets) <= 30, len(gets)
