@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -258,9 +259,20 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                 continue
             say(f"restore test of {sid[:8]}")
             _restore_test(vault, sid, snap, restore_test, report)
-    # A problem seen through several paths is reported once.
-    report.problems = list(dict.fromkeys(report.problems))
+    # A problem seen through several paths is reported once, and without the advice,
+    # meant for other commands, to run verify.
+    report.problems = list(dict.fromkeys(_without_verify_advice(p) for p in report.problems))
     return report
+
+
+_VERIFY_ADVICE = re.compile(r"(?:[;,.]\s*|\s+)(?:[Rr]un |then )'fpvault verify'"
+                            r"(?: to see what[^.;]*)?(?=[.;,)]|$)")
+
+
+def _without_verify_advice(problem: str) -> str:
+    """A damage message as verify reports it: "...; run 'fpvault verify'" is what the
+    other commands that meet damage say."""
+    return _VERIFY_ADVICE.sub("", problem.replace("run 'fpvault verify', and ", "run "))
 
 
 def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> int:

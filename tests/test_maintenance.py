@@ -280,6 +280,20 @@ def test_repair_keeps_what_it_cannot_read_again(history, repo):
                                for p in json.loads(r.out)["problems"])
 
 
+def test_verify_does_not_tell_you_to_run_verify(history, repo):
+    """Damage met on the way ("...; run 'fpvault verify'") is reported by verify
+    without that advice, and still names what is damaged."""
+    pack = max((p for p in (Path(repo) / "data").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    os.truncate(pack, pack.stat().st_size // 2)
+    for extra in ((), ("--read-data",)):
+        r = run("verify", "-r", repo, "--json", *extra)
+        problems = json.loads(r.out)["problems"]
+        assert r.code == 3 and problems
+        assert any(pack.name[:16] in p for p in problems), problems
+        assert not any("fpvault verify" in p for p in problems), [p for p in problems if "fpvault verify" in p]
+
+
 def _same_tables(pg, a, b):
     query = ("SELECT (SELECT md5(string_agg(id || v, ',' ORDER BY id)) FROM big), "
              "(SELECT md5(string_agg(id || ':' || n, ',' ORDER BY id)) FROM small)")
