@@ -361,6 +361,7 @@ class ChunkStore:
         self._unindexed: list[tuple[bytes, list[BlobEntry]]] = []
         self._cache: BlobCache        # checked blobs
         self._frames: BlobCache       # (pack id, offset) -> frame plaintext
+        self._decoding: dict[tuple[bytes, int], Future] = {}   # frames being decoded
         self._unchecked: BlobCache    # delta bases, as read (_base_to_decode)
         self.size_caches(2)
         self._uploader: ThreadPoolExecutor | None = None
@@ -408,23 +409,60 @@ class ChunkStore:
         Until then it is pending: ``put`` of the same content returns at once.
         """
         blob = blob or self.codec.blob_id(data)
+        claimed, similar = self._claim(blob, similar)
+        if not claimed:
+            return blob
+        if not self._encode_claimed(data, type, similar, blob, whole=frame is None):
+            self.add_to_frame(frame, blob, type, data)
+        return blob
+
+    def put_delta_async(self, data: bytes, type: int, similar: list[bytes], blob: bytes
+                        ) -> Future | None:
+        """``put`` of a blob that may be stored as a delta against ``similar``, the
+        delta encoded on a compressor thread: None if there is nothing to do (stored,
+        or pending), else a future of whether it was stored.  False: it was not worth
+        a delta, and the caller hands it to ``add_to_frame`` (in stream order, so a
+        frame holds its chunks in order whatever the threads' timing)."""
+        claimed, similar = self._claim(blob, similar)
+        if not claimed:
+            return None
+        if not similar:
+            done: Future = Future()
+            done.set_result(False)
+            return done
+        return self._compressor_pool().submit(self._encode_claimed, data, type, similar, blob,
+                                              False)
+
+    def add_to_frame(self, frame: "Frame", blob: bytes, type: int, data: bytes) -> None:
+        """Add a claimed blob (``put_delta_async`` said False) to the stream's frame."""
+        frame.add(blob, type, data)
+        if frame.size >= FRAME_TARGET:
+            self.write_frame(frame)
+
+    def _claim(self, blob: bytes, similar: list[bytes] | None
+               ) -> tuple[bool, list[bytes] | None]:
+        """Mark ``blob`` pending, unless it is stored or pending already (then False):
+        whoever claims a blob stores it.  Also the bases still worth offering."""
         with self._lock:
             if blob in self._pending or self.stored(blob):
-                return blob
+                return False, similar
             if blob in self.index:
                 similar = None   # a delta on a base the index lost: stored again, whole
             self._pending.add(blob)
+        return True, similar
+
+    def _encode_claimed(self, data: bytes, type: int, similar: list[bytes] | None,
+                        blob: bytes, whole: bool) -> bool:
+        """Store a claimed blob as a delta if that pays, else (``whole``) compressed on
+        its own; False if it was left for a frame."""
         try:
             delta = self._delta(data, similar) if similar else None
             if delta is not None and len(delta[0]) > len(data) * DELTA_CLEARLY_WORTH:
                 # Worth it only if clearly smaller than the blob compressed on its own.
                 if len(delta[0]) > len(self._cctx().compress(data)) * DELTA_WORTH:
                     delta = None
-            if delta is None and frame is not None:
-                frame.add(blob, type, data)
-                if frame.size >= FRAME_TARGET:
-                    self.write_frame(frame)
-                return blob
+            if delta is None and not whole:
+                return False
             if delta is not None:
                 stored, bases, generation = delta
                 encoding = packs.DELTA
@@ -441,7 +479,7 @@ class ChunkStore:
                 self._pending.discard(blob)
             raise
         self._add_stored(stored, [entry])
-        return blob
+        return True
 
     def stored(self, blob: bytes) -> bool:
         """Whether ``blob`` is indexed and so is every blob it is decoded against (its
@@ -465,16 +503,22 @@ class ChunkStore:
         self._check_frame_jobs()
         self._frame_slots.acquire()
         try:
+            pool = self._compressor_pool()
             with self._lock:
-                if self._compressor is None:
-                    self._compressor = ThreadPoolExecutor(max_workers=FRAME_WORKERS,
-                                                          thread_name_prefix="fpvault-frame")
-                self._frame_jobs.append(self._compressor.submit(self._store_frame, members))
+                self._frame_jobs.append(pool.submit(self._store_frame, members))
         except BaseException:
             self._frame_slots.release()
             with self._lock:
                 self._pending.difference_update(blob for blob, _, _ in members)
             raise
+
+    def _compressor_pool(self) -> ThreadPoolExecutor:
+        """The threads that compress frames and encode deltas."""
+        with self._lock:
+            if self._compressor is None:
+                self._compressor = ThreadPoolExecutor(max_workers=FRAME_WORKERS,
+                                                      thread_name_prefix="fpvault-frame")
+            return self._compressor
 
     def _check_frame_jobs(self, wait_all: bool = False) -> None:
         """Forget the frame jobs that are done; raise the first one's error, if any."""
@@ -672,10 +716,28 @@ class ChunkStore:
         blobs, and kept in the frame cache."""
         if e.encoding != packs.FRAME:
             return self._open(e, self._stored(pack_id, e) if stored is None else stored)
-        frame = self._frames.get((pack_id, e.offset))
+        key = (pack_id, e.offset)
+        frame = self._frames.get(key)
         if frame is None:
-            frame = self._open(e, self._stored(pack_id, e) if stored is None else stored)
-            self._frames.put((pack_id, e.offset), frame)
+            # One thread decodes a frame; others that want it meanwhile wait for that
+            # (the delta encoders want the same frames at once: a churned table's
+            # snapshot decoded 192 frames instead of 114).
+            with self._lock:
+                decoding = self._decoding.get(key)
+                if decoding is None:
+                    mine = self._decoding[key] = Future()
+            if decoding is not None:
+                return decoding.result()[e.start:e.start + e.raw_length]
+            try:
+                frame = self._open(e, self._stored(pack_id, e) if stored is None else stored)
+                self._frames.put(key, frame)
+                mine.set_result(frame)
+            except BaseException as exc:
+                mine.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    del self._decoding[key]
         return frame[e.start:e.start + e.raw_length]
 
     def _checked(self, blob: bytes, e: BlobEntry, plaintext: Callable[[], bytes]) -> bytes:

@@ -77,6 +77,14 @@ SPLIT_MIN_BYTES = 64 * 1024 * 1024
 # adds its own work.  On 2 cores, bench database, first snapshot -j 2: 0.81x of
 # pg_dump -Fc unsplit, 0.85x split (docs/benchmarks.md); key-order reads split
 # regardless (a full re-read, -j 2: 2.56 s split, 2.65 s not).
+# A changed chunk's delta is encoded on the compressor threads, off the thread that
+# reads the table, where the machine has this many cores per connection reading
+# (their server backend, psql and reader keep about three busy).  The hand-offs cost
+# CPU: a churned pgbench_accounts stream (488 MB, 3144 deltas), stored with two
+# cores free, took 0.92-1.0 s instead of 1.26 s but 1.40-1.62 CPU-s instead of
+# 1.26; on 2 cores, where the server and psql want them too, the churned bench
+# snapshot took 2.90 s instead of 2.82 (docs/benchmarks.md, "deltas off the reader").
+DELTAS_OFF_THREAD_CORES_PER_JOB = 4
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
     os.cpu_count() or 1)
 
@@ -597,7 +605,8 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         if look is not None and look.unchanged(conn, table):
             looked[table.oid] = look.old
             return _reused_entry(table, look.old, progress)
-        return _copy_table(vault, conn, reader, table, progress, previous, *split)
+        return _copy_table(vault, conn, reader, table, progress, previous, *split,
+                           deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs)
 
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
@@ -715,7 +724,8 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
                 table: pgsource.TableInfo, progress: Progress,
                 previous: dict[tuple[str, str], Stream],
                 spools: list[Spool] = (), first_range: tuple | None = None,
-                stop: threading.Event | None = None) -> TableEntry:
+                stop: threading.Event | None = None, deltas_off_thread: bool = False
+                ) -> TableEntry:
     """Read and store one table; when it is split, its first range from ``conn``
     and then the later ranges from their ``spools``, in order."""
     rows: list[int] = []
@@ -730,7 +740,7 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
 
     try:
         stream, _ = vault.write_stream(counted(), previous.get((table.schema, table.name)),
-                                       count_rows=False)
+                                       count_rows=False, deltas_off_thread=deltas_off_thread)
     except psycopg.Error as exc:
         exc.add_note(f"while reading {table.qname}")
         if isinstance(exc, psycopg.errors.LockNotAvailable):   # an OperationalError too

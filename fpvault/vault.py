@@ -16,6 +16,7 @@ import socket
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Collection, Iterable, Iterator
@@ -50,6 +51,10 @@ READ_THREADS = 4
 # Snap on a remote backend: the delta bases of this many chunks of a stream's previous
 # version are read ahead at once, when a changed chunk first needs them.
 BASE_READ_AHEAD = 64
+# Chunks of a stream whose deltas are being encoded on the compressor threads while
+# the reading thread goes on; past this, it waits for the oldest (each holds a
+# chunk, up to 256 KiB, and its bases while encoding).
+DELTAS_IN_FLIGHT = 8
 
 
 def default_repo() -> str:
@@ -241,23 +246,28 @@ class Vault:
     # -- streams
 
     def write_stream(self, buffers: Iterable[bytes | bytearray | memoryview],
-                     previous: Stream | None = None, count_rows: bool = True
-                     ) -> tuple[Stream, int]:
+                     previous: Stream | None = None, count_rows: bool = True,
+                     deltas_off_thread: bool = False) -> tuple[Stream, int]:
         """Chunk, store and list a stream; return it and its newline count (0 unless
         ``count_rows``).
 
         ``previous``: the same stream in an earlier snapshot, whose chunks new
-        chunks may be stored as deltas against."""
+        chunks may be stored as deltas against; ``deltas_off_thread``: encode
+        those deltas on the compressor threads (StreamWriter)."""
         prev_refs = None
         if previous is not None:
             try:
                 prev_refs = self.store.get_list(bytes.fromhex(previous.list))
             except RepositoryDamaged:
                 prev_refs = None  # no deltas against damage
-        writer = StreamWriter(self, prev_refs, count_rows)
-        for buf in buffers:
-            writer.write(buf)
-        return writer.close()
+        writer = StreamWriter(self, prev_refs, count_rows, deltas_off_thread)
+        try:
+            for buf in buffers:
+                writer.write(buf)
+            return writer.close()
+        except BaseException:
+            writer.abandon()
+            raise
 
     def read_stream(self, stream: Stream) -> Iterator[bytes]:
         """The stream's chunks in order, each checked against its hash."""
@@ -439,6 +449,11 @@ class StreamWriter:
     New chunks not stored as deltas go into the stream's open frame, and are
     compressed together when it is full (``ChunkStore.write_frame``).
 
+    With ``deltas_off_thread``, deltas are encoded on the compressor threads
+    (``ChunkStore.put_delta_async``) while this thread reads on; their results
+    are taken in stream order, so a chunk not worth a delta joins the frame in
+    its place and the frames are the same whatever the threads' timing.
+
     *Matching ahead.*  Where the stream is aligned with its previous version
     (the next chunk would start where an old chunk starts), the bytes the old
     chunk would span are hashed before anything is cut: if they are that
@@ -452,9 +467,10 @@ class StreamWriter:
     """
 
     def __init__(self, vault: Vault, previous: list[ChunkRef] | None = None,
-                 count_rows: bool = True):
+                 count_rows: bool = True, deltas_off_thread: bool = False):
         self.vault = vault
         self.count_rows = count_rows
+        self.deltas_off_thread = deltas_off_thread
         self.frame = Frame()
         self._remote = bool(previous) and getattr(vault.backend, "parallel_reads", False)
         self._read_ahead_to = 0   # bases of previous chunks before this one are read ahead
@@ -475,6 +491,9 @@ class StreamWriter:
         self._drift = 0
         self._prev_total = pos
         self._guess = bool(self._prev)   # aligned with the previous version: match ahead
+        # Chunks whose delta is being encoded on a compressor thread (job, id, chunk),
+        # and chunks queued behind them for the frame (no job), in stream order.
+        self._deltas: deque[tuple[Future | None, bytes, bytes]] = deque()
 
     def write(self, buf: bytes | memoryview) -> None:
         self.hasher.update(buf)
@@ -566,13 +585,44 @@ class StreamWriter:
                         [ref.id for ref in self._prev[at:at + BASE_READ_AHEAD]],
                         self.vault.read_pool())
                     self._read_ahead_to = at + BASE_READ_AHEAD
-        self.vault.store.put(chunk, packs.DATA, similar=similar, blob=blob, frame=self.frame)
+        store = self.vault.store
+        if similar and self.deltas_off_thread:
+            job = store.put_delta_async(chunk, packs.DATA, similar, blob)
+            if job is not None:
+                self._deltas.append((job, blob, chunk))
+        elif self._deltas:
+            self._deltas.append((None, blob, chunk))   # into the frame after those before it
+        else:
+            store.put(chunk, packs.DATA, similar=similar, blob=blob, frame=self.frame)
+        self._settle()
         self.chunks.append(ChunkRef(blob, len(chunk), not chunk.endswith(b"\n")))
         self._offset += len(chunk)
+
+    def _settle(self, all: bool = False) -> None:
+        """Take the results of the delta jobs that are done, in stream order (all of
+        them, or until at most DELTAS_IN_FLIGHT remain): a chunk not worth a delta
+        joins the frame in its place."""
+        store = self.vault.store
+        while self._deltas:
+            job, blob, chunk = self._deltas[0]
+            if not (all or job is None or job.done() or len(self._deltas) > DELTAS_IN_FLIGHT):
+                return
+            self._deltas.popleft()
+            if job is None:
+                store.put(chunk, packs.DATA, blob=blob, frame=self.frame)
+            elif not job.result():
+                store.add_to_frame(self.frame, blob, packs.DATA, chunk)
+
+    def abandon(self) -> None:
+        """After a failure: wait for the delta jobs still running (not for their results)."""
+        jobs = [job for job, _, _ in self._deltas if job is not None]
+        self._deltas.clear()
+        futures_wait(jobs)
 
     def close(self) -> tuple[Stream, int]:
         self._drain(final=True)
         self.chunker.finish()
+        self._settle(all=True)
         self.vault.store.write_frame(self.frame)
         list_id = self.vault.store.put_list(self.chunks)
         stream = Stream(list=list_id.hex(), bytes=self.size, hash=self.hasher.hexdigest(),

@@ -29,7 +29,7 @@ import pytest
 from click.testing import CliRunner
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from fpvault import pgsource, restore
+from fpvault import pgsource, restore, snapshot
 from fpvault.cli import main
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -165,6 +165,14 @@ def _both_copy_readers(monkeypatch):
     fpvault.pgsource.PsqlReader).  Tables in the tests are small: move the line so
     that the suite goes through both readers (tables over 64 KiB on disk: psql)."""
     monkeypatch.setattr(pgsource, "PSQL_MIN_BYTES", 64 * 1024)
+
+
+@pytest.fixture(autouse=True)
+def _deltas_off_thread(monkeypatch):
+    """snap encodes deltas on the compressor threads on machines with cores to spare
+    (fpvault.snapshot.DELTAS_OFF_THREAD_CORES_PER_JOB): always in the tests, so that
+    the suite goes through that path; write_stream called directly does not."""
+    monkeypatch.setattr(snapshot, "DELTAS_OFF_THREAD_CORES_PER_JOB", 0)
 
 
 @pytest.fixture(autouse=True)

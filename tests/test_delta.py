@@ -35,9 +35,10 @@ def chain_depth(index: Index, blob: bytes) -> int:
 
 @given(seed=st.integers(0, 2**32 - 1),
        steps=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 5), st.integers(0, 5)),
-                      min_size=1, max_size=8))
+                      min_size=1, max_size=8),
+       off_thread=st.booleans())
 @settings(max_examples=30, deadline=None)
-def test_random_edit_sequences_restore_every_version(tmp_path_factory, seed, steps):
+def test_random_edit_sequences_restore_every_version(tmp_path_factory, seed, steps, off_thread):
     rnd = random.Random(seed)
     vault = Vault.create(str(tmp_path_factory.mktemp("d") / "r"), chunker=SMALL)
     rows = {i: rnd.randbytes(rnd.randint(10, 60)).hex() for i in range(0, 3000, 2)}
@@ -50,7 +51,7 @@ def test_random_edit_sequences_restore_every_version(tmp_path_factory, seed, ste
         for k in rnd.sample(sorted(rows), min(deletes, len(rows))):
             del rows[k]
         data = rows_text(rows)
-        stream, _ = vault.write_stream([data], prev)
+        stream, _ = vault.write_stream([data], prev, deltas_off_thread=off_thread)
         vault.store.flush()
         versions.append(data)
         streams.append(stream)
@@ -60,6 +61,33 @@ def test_random_edit_sequences_restore_every_version(tmp_path_factory, seed, ste
         assert fresh.read_bytes(stream) == data
     if len(versions) > 1 and any(u for u, _, _ in steps):
         assert any(e.encoding == packs.DELTA for _, e in fresh.index.blobs.values())
+
+
+def test_deltas_encoded_off_the_reading_thread_are_the_same(tmp_path_factory):
+    """Deltas encoded on the compressor threads while the stream is read on: the same
+    blobs, deltas and frames as encoded in line, whatever the threads' timing."""
+    rnd = random.Random(7)
+    rows = {i: rnd.randbytes(rnd.randint(10, 60)).hex() for i in range(0, 20000, 2)}
+    changed = dict(rows)
+    for k in rnd.sample(sorted(rows), 200):              # 2% updated, scattered
+        changed[k] = changed[k][:-4] + rnd.randbytes(2).hex()
+    for k in range(20000, 20400):                        # and rows appended: a frame
+        changed[k] = rnd.randbytes(30).hex()
+    results = []
+    for off_thread in (False, True):
+        vault = Vault.create(str(tmp_path_factory.mktemp("d") / "r"), chunker=SMALL)
+        first, _ = vault.write_stream([rows_text(rows)])
+        vault.store.flush()
+        second, _ = vault.write_stream([rows_text(changed)[i:i + 5000]
+                                        for i in range(0, len(rows_text(changed)), 5000)],
+                                       first, deltas_off_thread=off_thread)
+        vault.store.flush()
+        assert Vault.open(vault.backend.describe()).read_bytes(second) == rows_text(changed)
+        blobs = sorted((blob, e.encoding, tuple(e.bases), e.start, e.raw_length)
+                       for blob, (_, e) in vault.index.blobs.items())
+        results.append((second, vault.store.stats.deltas_added, blobs))
+    assert results[0][1] > 100
+    assert results[0] == results[1]
 
 
 def test_long_chains_stay_shallow_and_small(tmp_path):
