@@ -404,6 +404,10 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
             step = "commit"
             cur.execute("COMMIT" if commit else "ROLLBACK")
     except psycopg.OperationalError as exc:
+        if not pgsource.connection_lost(exc):
+            raise RestoreFailed(f"Restoring {step} into {where} failed: "
+                                f"{pgsource.pg_message(exc)}.{_hint(exc)} The restore was rolled "
+                                "back; the database is as it was.") from exc
         raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
                             f"{pgsource.pg_message(exc)}. The restore was rolled back.") from exc
     except psycopg.Error as exc:
@@ -619,7 +623,7 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
                    "transactions of their own): drop it and restore again, or use -j 1 to have "
                    "a failure rolled back." if state.get("committed") else
                    " The restore was rolled back; the database is as it was.")
-        if isinstance(exc, psycopg.OperationalError):
+        if isinstance(exc, psycopg.OperationalError) and pgsource.connection_lost(exc):
             raise DatabaseError(f"Lost the connection to {where} while restoring "
                                 f"{state['step']}: {pgsource.pg_message(exc)}.{partial}") from exc
         raise _refused(exc)(f"Restoring {state['step']} into {where} failed: "
@@ -702,6 +706,11 @@ def _hint(exc: psycopg.Error) -> str:
         return (" The role you connect as lacks that privilege: restore as a superuser, or "
                 "as a role that may create what the snapshot holds (--no-owner "
                 "--no-privileges help only where setting an owner or a grant is refused).")
+    if pgsource.out_of_locks(exc):
+        return (" A restore in one transaction locks everything it creates until it commits: "
+                "raise max_locks_per_transaction on the server (a restart), or restore with "
+                "-j 2 or more, which loads tables and builds indexes in transactions of their "
+                "own.")
     return ""
 
 

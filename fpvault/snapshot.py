@@ -77,6 +77,13 @@ SPLIT_MIN_BYTES = 64 * 1024 * 1024
 # adds its own work.  On 2 cores, bench database, first snapshot -j 2: 0.81x of
 # pg_dump -Fc unsplit, 0.85x split (docs/benchmarks.md); key-order reads split
 # regardless (a full re-read, -j 2: 2.56 s split, 2.65 s not).
+# A worker connection (-j) commits and joins the snapshot again after this many
+# tables: the locks it takes to read them (the table's, and its indexes' when a
+# query plans on it) are held until its transaction ends, and the server's lock
+# table is shared by all sessions (max_locks_per_transaction x connections).  With
+# 3,400 tables, snap -j 4 ran out of it where pg_dump -j 4 did not; the leader's
+# locks on every table are what keep DDL out meanwhile.
+WORKER_TABLES_PER_TRANSACTION = 32
 # A changed chunk's delta is encoded on the compressor threads, off the thread that
 # reads the table, where the machine has this many cores per connection reading
 # (their server backend, psql and reader keep about three busy).  The hand-offs cost
@@ -143,8 +150,16 @@ def take(vault: Vault, conninfo: str, *, tags: tuple[str, ...] = (), filters: Fi
         return _take(vault, leader, conninfo, tags, filters, max(1, jobs), progress, started,
                      reread)
     except psycopg.OperationalError as exc:
-        raise DatabaseError(f"Lost the connection to {pgsource.describe(conninfo)} during the "
-                            f"snapshot: {pgsource.pg_message(exc)}. No snapshot was written.") from exc
+        if pgsource.connection_lost(exc):
+            raise DatabaseError(f"Lost the connection to {pgsource.describe(conninfo)} during "
+                                f"the snapshot: {pgsource.pg_message(exc)}. No snapshot was "
+                                "written.") from exc
+        advice = (" The snapshot locks every table it reads until it ends, as pg_dump does: "
+                  "raise max_locks_per_transaction on the server (a restart), or snap with "
+                  "fewer -j connections, or fewer tables at once (-n/-t)."
+                  if pgsource.out_of_locks(exc) else "")
+        raise SnapshotFailed(f"The snapshot failed: {pgsource.pg_message(exc)}.{advice} "
+                             "No snapshot was written.") from exc
     except psycopg.errors.InsufficientPrivilege as exc:
         raise DatabaseError(f"The database refused a read needed for the snapshot: "
                             f"{pgsource.pg_message(exc)}. Snap as a role that can read every table "
@@ -658,6 +673,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
 
     def work(conn: psycopg.Connection, is_leader: bool) -> None:
         nonlocal busy
+        done = 0
         while not stop.is_set() and (task := take(is_leader)) is not None:
             try:
                 run(conn, is_leader, task)
@@ -666,6 +682,11 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
                     with lock:
                         busy -= 1
                         lock.notify_all()
+            done += 1
+            if not is_leader and done % WORKER_TABLES_PER_TRANSACTION == 0:
+                # Give back the locks taken so far (the leader holds every table's).
+                conn.execute("COMMIT")
+                pgsource.begin_snapshot(conn, snapshot_name)
 
     def run(conn: psycopg.Connection, is_leader: bool, task) -> None:
         table = task.table if isinstance(task, Spool) else task[0]

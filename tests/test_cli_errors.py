@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 
 import blake3
+import psycopg
 import msgspec
 import zstandard
 
 from conftest import run
+from fpvault import pgsource
 from fpvault.cli import cli
 from fpvault.vault import SNAPSHOTS, Vault
 
@@ -457,3 +459,37 @@ def test_a_read_only_repository_is_read_with_no_lock(pg, db, repo, monkeypatch):
         r = run(*args, "-r", repo, "--no-lock")
         assert r.code == 0, (args, r.err)
     assert "COPY public.t" in run("restore", sid, "-r", repo, "-o", "-", "--no-lock").out
+
+
+class _Diag:
+    message_primary = "out of shared memory"
+    message_hint = "You might need to increase max_locks_per_transaction."
+
+
+class _OutOfLocks(psycopg.errors.OutOfMemory):
+    """What the server says when its lock table is full (SQLSTATE 53200)."""
+
+    @property
+    def diag(self):
+        return _Diag()
+
+
+def test_a_full_lock_table_is_a_failure_with_advice_not_a_lost_connection(pg, db, repo,
+                                                                          monkeypatch):
+    """psycopg raises OperationalError for "out of shared memory" as for a dropped
+    connection; snap says which, and what to do about the first."""
+    assert pgsource.out_of_locks(_OutOfLocks("out of shared memory"))
+    assert not pgsource.connection_lost(_OutOfLocks("out of shared memory"))
+    assert pgsource.connection_lost(psycopg.OperationalError("server closed the connection"))
+    assert pgsource.connection_lost(psycopg.errors.AdminShutdown("terminating connection"))
+    assert not pgsource.connection_lost(psycopg.errors.QueryCanceled("statement timeout"))
+
+    def full(conn, oids):
+        raise _OutOfLocks("out of shared memory")
+
+    monkeypatch.setattr(pgsource, "relations", full)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert r.code == 1, r.err
+    assert "Lost the connection" not in r.err
+    assert "out of shared memory" in r.err and "max_locks_per_transaction" in r.err
+    assert "No snapshot was written" in r.err

@@ -161,3 +161,34 @@ def test_load_parts_cuts_whole_rows_in_order(items, parts):
         # share plus one chunk.
         share = sum(r.size for r in refs) / parts
         assert all(sum(r.size for r in part) <= share + part[-1].size for part in out[:-1])
+
+
+def test_workers_give_back_their_locks_and_stay_in_the_snapshot(pg, db, repo, monkeypatch):
+    """A -j worker commits every WORKER_TABLES_PER_TRANSACTION tables (the locks it took
+    would otherwise fill the server's lock table on a schema of thousands of tables)
+    and joins the same snapshot again: a row committed in between is not in it."""
+    pg.execute(db, "DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format("
+                   "'CREATE TABLE w%s (id int PRIMARY KEY, v text); "
+                   "INSERT INTO w%s SELECT g, md5(g::text) FROM generate_series(1, 2000) g', i, i);"
+                   " END LOOP; END $$")
+    monkeypatch.setattr(snapshot, "WORKER_TABLES_PER_TRANSACTION", 1)
+    joins = []
+    real_begin = snapshot.pgsource.begin_snapshot
+
+    def begin(conn, name=None):
+        if name is not None:
+            joins.append(name)
+            if len(joins) == 3:   # a worker renewing its transaction: commit a change now
+                with psycopg.connect(pg.dsn(db), autocommit=True) as other:
+                    other.execute("INSERT INTO w1 SELECT g, 'late' FROM generate_series(-9, 0) g")
+                    other.execute("UPDATE w40 SET v = 'late'")
+        return real_begin(conn, name)
+
+    monkeypatch.setattr(snapshot.pgsource, "begin_snapshot", begin)
+    doc = snap(pg, repo, db, "-j", "3")
+    assert len(joins) >= 3 and len(set(joins)) == 1, joins
+    target = pg.createdb()
+    assert run("restore", doc["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    assert pg.query(target, "SELECT count(*) FROM w1")[0][0] == 2000
+    assert pg.query(target, "SELECT count(*) FROM w40 WHERE v = 'late'")[0][0] == 0
+    assert pg.query(db, "SELECT count(*) FROM w40 WHERE v = 'late'")[0][0] == 2000
