@@ -439,6 +439,11 @@ class ChunkStore:
         if frame.size >= FRAME_TARGET:
             self.write_frame(frame)
 
+    def release(self, blobs: list[bytes]) -> None:
+        """Give up claims (``_claim``) on blobs that will not be stored after all."""
+        with self._lock:
+            self._pending.difference_update(blobs)
+
     def _claim(self, blob: bytes, similar: list[bytes] | None
                ) -> tuple[bool, list[bytes] | None]:
         """Mark ``blob`` pending, unless it is stored or pending already (then False):
@@ -500,14 +505,17 @@ class ChunkStore:
         members, frame.members, frame.size = frame.members, [], 0
         if not members:
             return
-        self._check_frame_jobs()
-        self._frame_slots.acquire()
+        acquired = False
         try:
+            self._check_frame_jobs()
+            self._frame_slots.acquire()
+            acquired = True
             pool = self._compressor_pool()
             with self._lock:
                 self._frame_jobs.append(pool.submit(self._store_frame, members))
         except BaseException:
-            self._frame_slots.release()
+            if acquired:
+                self._frame_slots.release()
             with self._lock:
                 self._pending.difference_update(blob for blob, _, _ in members)
             raise
@@ -722,22 +730,25 @@ class ChunkStore:
             # One thread decodes a frame; others that want it meanwhile wait for that
             # (the delta encoders want the same frames at once: a churned table's
             # snapshot decoded 192 frames instead of 114).
-            with self._lock:
-                decoding = self._decoding.get(key)
-                if decoding is None:
-                    mine = self._decoding[key] = Future()
-            if decoding is not None:
-                return decoding.result()[e.start:e.start + e.raw_length]
-            try:
+            mine: Future | None = None
+            try:   # from the claim on: an interrupt anywhere must not strand the waiters
+                with self._lock:
+                    decoding = self._decoding.get(key)
+                    if decoding is None:
+                        mine = self._decoding[key] = Future()
+                if decoding is not None:
+                    return decoding.result()[e.start:e.start + e.raw_length]
                 frame = self._open(e, self._stored(pack_id, e) if stored is None else stored)
                 self._frames.put(key, frame)
                 mine.set_result(frame)
             except BaseException as exc:
-                mine.set_exception(exc)
+                if mine is not None and not mine.done():
+                    mine.set_exception(exc)
                 raise
             finally:
-                with self._lock:
-                    del self._decoding[key]
+                if mine is not None:
+                    with self._lock:
+                        self._decoding.pop(key, None)
         return frame[e.start:e.start + e.raw_length]
 
     def _checked(self, blob: bytes, e: BlobEntry, plaintext: Callable[[], bytes]) -> bytes:

@@ -545,8 +545,13 @@ class StreamWriter:
             if blob != ref.id:
                 self._guess = False
                 return None
-            if not self.vault.store.stored(ref.id):   # lost from the repository: store it again
+            lost = not self.vault.store.stored(ref.id)   # lost from the repository
+            if lost and self._deltas:   # store it again, after the chunks before it
+                self._deltas.append((None, blob, bytes(view)))
+            elif lost:
                 self.vault.store.put(bytes(view), packs.DATA, blob=blob, frame=self.frame)
+        if lost:
+            self._settle()
         if self.count_rows:
             self.newlines += chunker.count(b"\n", ref.size)
         chunker.skip(ref.size)
@@ -607,17 +612,24 @@ class StreamWriter:
             job, blob, chunk = self._deltas[0]
             if not (all or job is None or job.done() or len(self._deltas) > DELTAS_IN_FLIGHT):
                 return
-            self._deltas.popleft()
             if job is None:
                 store.put(chunk, packs.DATA, blob=blob, frame=self.frame)
             elif not job.result():
                 store.add_to_frame(self.frame, blob, packs.DATA, chunk)
+            self._deltas.popleft()   # only now: abandon() must see a job interrupted here
 
     def abandon(self) -> None:
-        """After a failure: wait for the delta jobs still running (not for their results)."""
+        """After a failure: wait for the delta jobs still running (not for their results),
+        and give up the claims on the blobs this stream will not store (those whose job
+        said False, and its open frame's), so that no later stream takes them as pending."""
         jobs = [job for job, _, _ in self._deltas if job is not None]
-        self._deltas.clear()
         futures_wait(jobs)
+        unstored = [blob for job, blob, _ in self._deltas
+                    if job is not None and job.exception() is None and not job.result()]
+        unstored += [blob for blob, _, _ in self.frame.members]
+        self._deltas.clear()
+        self.frame = Frame()
+        self.vault.store.release(unstored)
 
     def close(self) -> tuple[Stream, int]:
         self._drain(final=True)

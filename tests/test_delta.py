@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,15 @@ SMALL = ChunkerParams(avg_size=1024, min_size=256, max_size=4096)
 
 def rows_text(rows: dict[int, str]) -> bytes:
     return "".join(f"{k}\t{v}\n" for k, v in sorted(rows.items())).encode()
+
+
+def pieces(data: bytes, n: int = 5000):
+    return [data[i:i + n] for i in range(0, len(data), n)]
+
+
+def all_stored(v: Vault, stream) -> bool:
+    fresh = Vault.open(v.backend.describe())
+    return bool(fresh.store.complete_lists([bytes.fromhex(stream.list)]))
 
 
 def chain_depth(index: Index, blob: bytes) -> int:
@@ -87,6 +97,66 @@ def test_deltas_encoded_off_the_reading_thread_are_the_same(tmp_path_factory):
                        for blob, (_, e) in vault.index.blobs.items())
         results.append((second, vault.store.stats.deltas_added, blobs))
     assert results[0][1] > 100
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("off_thread", [False, True])
+def test_a_failed_stream_gives_up_its_claims(tmp_path, off_thread):
+    """A stream that fails leaves no blob pending that it will not store: another
+    stream in the same process must not list it as stored (chunks whose delta was
+    not worth it, and its open frame's)."""
+    rnd = random.Random(4)
+    rows = {i: rnd.randbytes(30).hex() for i in range(0, 6000, 2)}
+    v = Vault.create(str(tmp_path / "r"), chunker=SMALL)
+    first, _ = v.write_stream([rows_text(rows)])
+    v.store.flush()
+    changed = dict(rows)
+    for k in sorted(rows)[:1500]:
+        changed[k] = rnd.randbytes(30).hex()            # not worth a delta: to the frame
+    text = rows_text(changed)
+
+    def failing():
+        p = pieces(text)
+        yield from p[: len(p) // 3]
+        raise RuntimeError("the COPY failed")
+
+    with pytest.raises(RuntimeError):
+        v.write_stream(failing(), first, deltas_off_thread=off_thread)
+    again, _ = v.write_stream(pieces(text), first, deltas_off_thread=off_thread)
+    v.store.flush()
+    assert all_stored(v, again)
+
+
+def test_a_lost_chunk_stored_again_keeps_its_place_in_the_frames(tmp_path_factory):
+    """A chunk matched ahead that the index lost is stored again after the chunks
+    before it whose deltas were not worth it: the same frames either way."""
+    rnd = random.Random(11)
+    rows = {i: rnd.randbytes(rnd.randint(10, 60)).hex() for i in range(0, 20000, 2)}
+    # Changes that make deltas not worth it (a whole chunk rewritten), then unchanged
+    # chunks after them that the index has lost.
+    changed = dict(rows)
+    keys = sorted(rows)
+    for k in keys[3000:3100]:
+        changed[k] = rnd.randbytes(len(rows[k]) // 2).hex()
+    results = []
+    for off_thread in (False, True):
+        v = Vault.create(str(tmp_path_factory.mktemp("d") / "r"), chunker=SMALL)
+        first, _ = v.write_stream([rows_text(rows)])
+        v.store.flush()
+        v = Vault.open(v.backend.describe())
+        refs = v.store.get_list(bytes.fromhex(first.list))
+        # forget (as a lost index file would) the records of old chunks after the churn
+        lost = [r.id for r in refs[len(refs) // 2 + 40: len(refs) // 2 + 60]]
+        for blob in lost:
+            v.index.blobs._records.pop(blob, None)
+        v.index.blobs._undecodable = None
+        second, _ = v.write_stream(pieces(rows_text(changed)), first,
+                                   deltas_off_thread=off_thread)
+        v.store.flush()
+        assert Vault.open(v.backend.describe()).read_bytes(second) == rows_text(changed)
+        blobs = sorted((blob, e.encoding, tuple(e.bases), e.start, e.raw_length)
+                       for blob, (_, e) in v.index.blobs.items())
+        results.append(blobs)
     assert results[0] == results[1]
 
 
