@@ -497,6 +497,32 @@ where the time goes), on the machine named in each section.
 """
 
 
+def run_in_cluster(name: str, args, run, prefix: str = "fpvault-bench-") -> None:
+    """What a script's main() does after parsing: pin the sources, start a throwaway
+    cluster, ``run(cluster, work_dir, args, version)`` for the markdown table, stop
+    the cluster, print the table with the script's time, and write it into
+    docs/benchmarks.md as section ``name`` unless ``args.no_doc``.  ``args.keep``
+    keeps the cluster and the work dir."""
+    t_all = time.perf_counter()
+    _, version = pin_fpvault()
+    work = tempfile.mkdtemp(prefix=prefix)
+    pg = Cluster(keep=args.keep)
+    try:
+        pg.start()
+        table = run(pg, work, args, version)
+    finally:
+        pg.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work dir kept: {work}", file=sys.stderr)
+    table += f"\nThe whole script took {(time.perf_counter() - t_all) / 60:.1f} min.\n"
+    print(table)
+    if not args.no_doc:
+        write_section(name, table)
+        print("written to docs/benchmarks.md", file=sys.stderr)
+
+
 def write_section(name: str, body: str, path: Path = DOC) -> None:
     """Replace the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -38,14 +38,12 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _pg import (CHURN_TEXT, Cluster, Run, build_bench_db, churn, copy_sizes, fpvault_bin,  # noqa: E402
-                 human, Conditions, machine, pin_fpvault, timed, today, tree_bytes,
-                 write_section)
+                 human, Conditions, machine, run_in_cluster, timed, today, tree_bytes)
 
 DB = "bench"
 
@@ -76,26 +74,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the cluster (and work dir) running")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     args = ap.parse_args()
-
-    t_all = time.perf_counter()
-    _, version = pin_fpvault()
-    work = tempfile.mkdtemp(prefix="fpvault-bench-")
-    pg = Cluster(keep=args.keep)
-    try:
-        pg.start()
-        table = run(pg, work, args, version)
-    finally:
-        pg.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"work dir kept: {work}", file=sys.stderr)
-    total = time.perf_counter() - t_all
-    table += f"\nThe whole script took {total / 60:.1f} min.\n"
-    print(table)
-    if not args.no_doc:
-        write_section("snap_bench", table)
-        print("written to docs/benchmarks.md", file=sys.stderr)
+    run_in_cluster("snap_bench", args, run)
 
 
 def log(msg: str) -> None:

@@ -434,6 +434,23 @@ def _set_encoding(cur: psycopg.Cursor, plan: Plan) -> None:
 # only its own table.  The rest (foreign keys, which need those keys; triggers, rules,
 # policies, comments) follows on one connection, in the dump's order.
 _PARALLEL_POST_DATA = {"INDEX", "CONSTRAINT"}
+# restore -j commits pre-data, and the post-data it runs on one connection (foreign
+# keys, policies, comments), after this many entries: a transaction holds a lock on
+# each object it creates or alters until it commits, and either section of 3,000
+# tables did not fit a lock table that pg_restore -j's statements fitted.
+SCHEMA_ENTRIES = 500
+
+
+def schema_parts(schema_sql: bytes) -> list[bytes]:
+    """pg_restore's SQL of a section in parts of at most SCHEMA_ENTRIES entries, cut
+    at entry headers (pgtools.entry_headers), for restore -j to commit one by one
+    (the first with the preamble's settings, which last for the session).  Whole if
+    the headers cannot be read for sure."""
+    heads = pgtools.entry_headers(schema_sql)
+    if not heads or len(heads) <= SCHEMA_ENTRIES:
+        return [schema_sql]
+    cuts = [0, *(m.start() for m in heads[SCHEMA_ENTRIES::SCHEMA_ENTRIES]), len(schema_sql)]
+    return [schema_sql[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def split_post_data(post_data: bytes) -> tuple[bytes, list[bytes], bytes]:
@@ -593,9 +610,13 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
             if plan.pre_data:
                 state["step"] = "the pre-data schema"
                 say("schema (pre-data)")
-                cur.execute("BEGIN")
-                cur.execute(plan.pre_data)
-                cur.execute("COMMIT")
+                # In transactions of SCHEMA_ENTRIES entries: one transaction holds a
+                # lock on everything it creates until it commits.
+                for part in schema_parts(plan.pre_data):
+                    cur.execute("BEGIN")
+                    cur.execute(part)
+                    cur.execute("COMMIT")
+                    state["committed"] = True
             state["committed"] = True
             state["step"] = "the data"
             say("data, indexes and key constraints")
@@ -613,11 +634,14 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
             for lo in plan.large_objects:
                 state["step"] = f"large object {lo.oid}"
                 _restore_lo(cur, vault, plan, lo)
+            cur.execute("COMMIT")
             if post_data:
                 state["step"] = "the post-data schema (indexes, constraints, triggers)"
                 say("schema (post-data)")
-                cur.execute(post_data)
-            cur.execute("COMMIT")
+                for part in schema_parts(post_data):
+                    cur.execute("BEGIN")
+                    cur.execute(part)
+                    cur.execute("COMMIT")
     except psycopg.Error as exc:
         partial = (" The database now holds a partial restore (with -j, tables load in "
                    "transactions of their own): drop it and restore again, or use -j 1 to have "
@@ -627,7 +651,8 @@ def _to_database_parallel(vault: Vault, plan: Plan, conninfo: str, jobs: int,
             raise DatabaseError(f"Lost the connection to {where} while restoring "
                                 f"{state['step']}: {pgsource.pg_message(exc)}.{partial}") from exc
         raise _refused(exc)(f"Restoring {state['step']} into {where} failed: "
-                            f"{pgsource.pg_message(exc)}.{_hint(exc)}{partial}") from exc
+                            f"{pgsource.pg_message(exc)}.{_hint(exc, parallel=True)}"
+                            f"{partial}") from exc
     except RepositoryDamaged as exc:
         if not state.get("committed"):
             raise
@@ -694,7 +719,7 @@ def _refused(exc: psycopg.Error) -> type[FpvaultError]:
     return DatabaseError if isinstance(exc, psycopg.errors.InsufficientPrivilege) else RestoreFailed
 
 
-def _hint(exc: psycopg.Error) -> str:
+def _hint(exc: psycopg.Error, parallel: bool = False) -> str:
     import psycopg
 
     from . import pgsource
@@ -706,11 +731,13 @@ def _hint(exc: psycopg.Error) -> str:
         return (" The role you connect as lacks that privilege: restore as a superuser, or "
                 "as a role that may create what the snapshot holds (--no-owner "
                 "--no-privileges help only where setting an owner or a grant is refused).")
+    if pgsource.out_of_locks(exc) and parallel:
+        return (" The server's lock table is full: raise max_locks_per_transaction on the "
+                "server (a restart).")
     if pgsource.out_of_locks(exc):
         return (" A restore in one transaction locks everything it creates until it commits: "
                 "raise max_locks_per_transaction on the server (a restart), or restore with "
-                "-j 2 or more, which loads tables and builds indexes in transactions of their "
-                "own.")
+                "-j 2 or more, which commits as it goes.")
     return ""
 
 

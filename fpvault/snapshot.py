@@ -84,6 +84,11 @@ SPLIT_MIN_BYTES = 64 * 1024 * 1024
 # 3,400 tables, snap -j 4 ran out of it where pg_dump -j 4 did not; the leader's
 # locks on every table are what keep DDL out meanwhile.
 WORKER_TABLES_PER_TRANSACTION = 32
+# With more tables than this, the leader (which cannot commit: it holds the exported
+# snapshot) reads none itself, even with -j 1: a query planned on a table locks its
+# indexes too, and looking at 3,000 tables of two indexes each from the leader did
+# not fit a lock table that held pg_dump's 3,000 table locks.
+LEADER_READS_MAX_TABLES = 500
 # A changed chunk's delta is encoded on the compressor threads, off the thread that
 # reads the table, where the machine has this many cores per connection reading
 # (their server backend, psql and reader keep about three busy).  The hand-offs cost
@@ -625,7 +630,10 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
 
     # Largest first, so the long tables start early and the small ones fill the gaps.
     todo = sorted(tables, key=lambda t: -t.size)
-    if jobs == 1 or not todo:
+    # Many tables: the leader only holds the snapshot and every table's lock, as
+    # pg_dump -j's does, and worker connections (at least one) do the reading.
+    passive = len(todo) > LEADER_READS_MAX_TABLES
+    if (jobs == 1 and not passive) or not todo:
         return [look_or_copy(leader, t) for t in todo], looked
 
     # A table larger than its share of the work is read in key ranges by several
@@ -664,10 +672,10 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             while True:
                 if is_leader and for_leader:
                     return for_leader.pop(0)
-                if queue:
+                if queue and not (is_leader and passive):
                     busy += not is_leader
                     return queue.pop(0)
-                if not is_leader or not busy or stop.is_set():
+                if not is_leader or stop.is_set() or not (busy or (passive and queue)):
                     return None
                 lock.wait(0.1)
 
@@ -718,9 +726,10 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
             conn.close()
 
     try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
+        workers = jobs if passive else jobs - 1
+        with ThreadPoolExecutor(max_workers=workers + 1) as pool:
             futures = [pool.submit(work, leader, True)] + [pool.submit(worker)
-                                                           for _ in range(jobs - 1)]
+                                                           for _ in range(workers)]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
             if any(f.exception() is not None for f in done):
                 stop.set()

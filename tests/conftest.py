@@ -176,6 +176,14 @@ def _deltas_off_thread(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _schema_in_parts(monkeypatch):
+    """restore -j commits pre-data, and the post-data it runs on one connection, every
+    500 entries (fpvault.restore.SCHEMA_ENTRIES): every 3 in the tests, so that every
+    -j restore of the suite does it in parts."""
+    monkeypatch.setattr(restore, "SCHEMA_ENTRIES", 3)
+
+
+@pytest.fixture(autouse=True)
 def _split_loads(monkeypatch):
     """restore -j loads a table larger than its share of the data in parts at once,
     from 64 MiB up (fpvault.restore.LOAD_SPLIT_MIN_BYTES): from 64 KiB in the tests,

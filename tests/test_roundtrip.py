@@ -434,6 +434,35 @@ def test_parallel_restore_is_not_misled_by_a_header_in_a_string(pg, db, repo):
     assert len(parallel) == 2            # the two primary keys: still built in parallel
 
 
+def test_parallel_restore_commits_the_schema_in_parts(pg, db, repo, monkeypatch):
+    """restore -j commits pre-data (and the post-data it runs on one connection) every
+    SCHEMA_ENTRIES entries (a schema of thousands of tables did not fit the server's
+    lock table in one transaction),
+    cut only at real entry headers: the parts are the whole, in order, the first
+    with the preamble's settings."""
+    from fpvault import pgtools, restore
+    from fpvault.vault import Vault
+
+    pg.execute(db, POST_DATA_SQL)
+    pg.execute(db, "CREATE TABLE m (id int PRIMARY KEY, note text DEFAULT E'\\n--\\n-- Name: "
+                   "x; Type: TABLE; Schema: public; Owner: postgres\\n--\\n'); "
+                   "INSERT INTO m VALUES (1)")
+    source = capture(pg, db)
+    sid = snap(repo, pg.dsn(db))
+    vault = Vault.open(repo)
+    pre = vault.read_bytes(vault.resolve(sid)[1].schema.pre_data)
+    monkeypatch.setattr(restore, "SCHEMA_ENTRIES", 2)
+    parts = restore.schema_parts(pre)
+    heads = pgtools.entry_headers(pre)
+    assert not any(b"Name: x;" in m.group(0) for m in heads)   # in a string: not a cut
+    assert len(parts) == (len(heads) + 1) // 2 >= 2
+    assert b"".join(parts) == pre and b"search_path" in parts[0].split(b"-- Name:")[0]
+    assert all(p.startswith(b"--\n-- Name: ") for p in parts[1:])
+    assert all(len(pgtools.entry_headers(p)) <= 2 for p in parts)
+    monkeypatch.setattr(restore, "SCHEMA_ENTRIES", 1)
+    assert_same_database(pg, source, restore_into(pg, repo, sid, "-j", "2"))
+
+
 def all_frozen(pg, dbname: str) -> dict[str, bool]:
     """Per table of public: whether the visibility map has every page all-frozen
     (pg_visibility, from contrib)."""

@@ -192,3 +192,54 @@ def test_workers_give_back_their_locks_and_stay_in_the_snapshot(pg, db, repo, mo
     assert pg.query(target, "SELECT count(*) FROM w1")[0][0] == 2000
     assert pg.query(target, "SELECT count(*) FROM w40 WHERE v = 'late'")[0][0] == 0
     assert pg.query(db, "SELECT count(*) FROM w40 WHERE v = 'late'")[0][0] == 2000
+
+
+def test_with_many_tables_the_leader_only_holds_the_snapshot(pg, db, repo, monkeypatch):
+    """Past LEADER_READS_MAX_TABLES, even -j 1 reads through a worker connection (which
+    gives back its locks as it goes) and the leader, which cannot, reads nothing: not
+    for a first snapshot, and not to look at tables after a commit elsewhere."""
+    pg.execute(db, "DO $$ BEGIN FOR i IN 1..9 LOOP EXECUTE format("
+                   "'CREATE TABLE m%s (id int PRIMARY KEY, v text); "
+                   "CREATE INDEX ON m%s (v); "
+                   "INSERT INTO m%s SELECT g, md5(g::text) FROM generate_series(1, 300) g', "
+                   "i, i, i); END LOOP; END $$")
+    monkeypatch.setattr(snapshot, "LEADER_READS_MAX_TABLES", 2)
+    monkeypatch.setattr(snapshot, "WORKER_TABLES_PER_TRANSACTION", 3)
+    conns, read_on = [], []
+    real_connect, real_copy = snapshot.pgsource.connect, snapshot.copy_out
+
+    def connect(*args, **kwargs):
+        conns.append(real_connect(*args, **kwargs))
+        return conns[-1]
+
+    def copy_out(conn, reader, table, key_range, rows):
+        read_on.append(conns.index(conn))
+        return real_copy(conn, reader, table, key_range, rows)
+
+    def looked_on(monkeypatch):
+        on = []
+        real = snapshot.Look.unchanged
+
+        def unchanged(self, conn, table):
+            on.append(conns.index(conn))
+            return real(self, conn, table)
+
+        monkeypatch.setattr(snapshot.Look, "unchanged", unchanged)
+        return on
+
+    monkeypatch.setattr(snapshot.pgsource, "connect", connect)
+    monkeypatch.setattr(snapshot, "copy_out", copy_out)
+    first = snap(pg, repo, db)
+    assert len(conns) == 2 and read_on and 0 not in read_on, read_on
+    pg.execute("postgres", "CREATE TABLE IF NOT EXISTS elsewhere (n int); "
+                           "INSERT INTO elsewhere VALUES (1)")
+    conns.clear()
+    looks = looked_on(monkeypatch)
+    second = snap(pg, repo, db, "-j", "2")
+    assert len(conns) == 3 and len(looks) >= 9 and 0 not in looks, looks
+    assert second["tables_reused"] == first["tables"]
+    target = pg.createdb()
+    assert run("restore", second["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    for i in (1, 9):
+        q = f"SELECT md5(string_agg(v, ',' ORDER BY id)) FROM m{i}"
+        assert pg.query(target, q) == pg.query(db, q)
