@@ -189,6 +189,8 @@ def _split_loads(monkeypatch):
     from 64 MiB up (fpvault.restore.LOAD_SPLIT_MIN_BYTES): from 64 KiB in the tests,
     so that every -j restore of the suite goes through split loads where they apply."""
     monkeypatch.setattr(restore, "LOAD_SPLIT_MIN_BYTES", 64 * 1024)
+    # (And loads even their small tables frozen, from 1 MiB up otherwise.)
+    monkeypatch.setattr(restore, "FREEZE_MIN_BYTES", 0)
 
 
 @pytest.fixture

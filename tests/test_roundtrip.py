@@ -476,7 +476,7 @@ def all_frozen(pg, dbname: str) -> dict[str, bool]:
     return {name: pages > 0 and frozen == pages for name, frozen, pages in rows}
 
 
-def test_restored_rows_are_loaded_frozen(pg, db, repo):
+def test_restored_rows_are_loaded_frozen(pg, db, repo, monkeypatch):
     """A restore loads the tables it just created with COPY FREEZE, so the restored
     database needs no VACUUM FREEZE of every page later: with -j 1 every table (one
     transaction); with -j a table loaded whole, emptied first in its transaction as
@@ -497,6 +497,15 @@ def test_restored_rows_are_loaded_frozen(pg, db, repo):
     if marks:
         assert all_frozen(pg, one) == {"big": True, "small": True}
         assert all_frozen(pg, two) == {"big": False, "small": True}   # big: in two parts
+
+    # A table under FREEZE_MIN_BYTES is loaded as it is with -j: its TRUNCATE would
+    # cost more than freezing its pages later.
+    from fpvault import restore
+    monkeypatch.setattr(restore, "FREEZE_MIN_BYTES", 1024 * 1024)
+    four = restore_into(pg, repo, sid, "-j", "2")
+    assert pg.query(four, q.format("small")) == pg.query(db, q.format("small"))
+    if marks:
+        assert all_frozen(pg, four) == {"big": False, "small": False}
 
     three = restore_into(pg, repo, sid, "--schema-only")
     pg.execute(three, "INSERT INTO small VALUES (-1, 'was there')")
