@@ -111,6 +111,9 @@ class Vault:
         self.damaged_snapshots: list[tuple[str, str]] = []
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
+        # The index and the store are made on first use, once, whichever thread asks
+        # first (two stores would each keep blobs the other never writes).
+        self._lazy_lock = threading.RLock()
 
     # -- opening
 
@@ -191,7 +194,9 @@ class Vault:
     @property
     def index(self) -> Index:
         if self._index is None:
-            self._index = Index.load(self.backend, self.codec)
+            with self._lazy_lock:
+                if self._index is None:
+                    self._index = Index.load(self.backend, self.codec)
         return self._index
 
     def check_index_usable(self) -> None:
@@ -229,14 +234,17 @@ class Vault:
 
     def reset_index(self, index: Index | None) -> None:
         """Use ``index`` (or reload it on next use): after prune or repair changed it."""
-        self._index = index
-        self._store = None
+        with self._lazy_lock:
+            self._index = index
+            self._store = None
 
     @property
     def store(self) -> ChunkStore:
         if self._store is None:
-            self._store = ChunkStore(self.backend, self.index, self.config.compression_level,
-                                     self.codec)
+            with self._lazy_lock:
+                if self._store is None:
+                    self._store = ChunkStore(self.backend, self.index,
+                                             self.config.compression_level, self.codec)
         return self._store
 
     def chunker(self) -> Chunker:

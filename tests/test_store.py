@@ -257,3 +257,38 @@ def test_a_delta_on_a_lost_base_is_not_taken_as_stored(tmp_path):
     store.flush()
     assert store.index.blobs[blob][1].encoding != packs.DELTA and store.stored(blob)
     assert store.get(blob) == data
+
+
+def test_threads_opening_a_vault_at_once_share_one_store(tmp_path, monkeypatch):
+    """The index and store are made once, whichever thread asks first: two stores
+    would each keep blobs pending that the other never writes.  (Loading the index
+    is slowed down, as a large or remote one is, so that the threads overlap.)"""
+    import threading
+    import time
+    from fpvault import vault as vault_mod
+    from fpvault.vault import Vault
+
+    path = str(tmp_path / "r")
+    Vault.create(path)
+    real_load = vault_mod.Index.load
+
+    def slow_load(*args, **kwargs):
+        time.sleep(0.05)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(vault_mod.Index, "load", slow_load)
+    for _ in range(3):
+        vault = Vault.open(path)
+        start = threading.Barrier(8)
+        stores = []
+
+        def get():
+            start.wait()
+            stores.append(vault.store)
+
+        threads = [threading.Thread(target=get) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({id(s) for s in stores}) == 1
