@@ -27,7 +27,11 @@ import msgspec
 FORMAT_VERSION = 3
 
 
-class Stream(msgspec.Struct, kw_only=True):
+# Structs of a manifest are not tracked by the garbage collector (gc=False): they hold
+# no reference cycles, and a repository of 48 snapshots of 3,400 tables decoded into
+# 160,000 of them, which Python's collector scanned again and again while they were
+# made: 2.1 s of the 2.3 s that listing them took.
+class Stream(msgspec.Struct, kw_only=True, gc=False):
     """A byte stream stored as chunks."""
 
     list: str             # hex id of the chunk list blob
@@ -36,7 +40,7 @@ class Stream(msgspec.Struct, kw_only=True):
     chunks: int = 0       # number of chunks
 
 
-class TableEntry(msgspec.Struct, kw_only=True):
+class TableEntry(msgspec.Struct, kw_only=True, gc=False):
     """One table in one snapshot."""
 
     schema: str

@@ -9,6 +9,7 @@ turns byte streams into stored chunk lists and back.
 from __future__ import annotations
 
 import bisect
+import gc
 import os
 import re
 import secrets
@@ -344,12 +345,21 @@ class Vault:
         if self._snapshots is None:
             found = {}
             self.damaged_snapshots: list[tuple[str, str]] = []
-            for name in self.backend.list(SNAPSHOTS):
-                sid = name[len(SNAPSHOTS):]
-                try:
-                    found[sid] = self.load_snapshot(sid)
-                except (RepositoryDamaged, msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self.damaged_snapshots.append((sid, str(exc)))
+            # Decoding makes many objects and no reference cycles: the collector,
+            # which would scan them again and again as they accumulate, waits.
+            collecting = gc.isenabled()
+            gc.disable()
+            try:
+                for name in self.backend.list(SNAPSHOTS):
+                    sid = name[len(SNAPSHOTS):]
+                    try:
+                        found[sid] = self.load_snapshot(sid)
+                    except (RepositoryDamaged, msgspec.DecodeError,
+                            msgspec.ValidationError) as exc:
+                        self.damaged_snapshots.append((sid, str(exc)))
+            finally:
+                if collecting:
+                    gc.enable()
             self._snapshots = found
         return self._snapshots
 

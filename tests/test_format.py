@@ -72,3 +72,27 @@ def test_a_snapshot_into_a_format_1_repository_upgrades_it(pg, db, frozen):
         target = pg.createdb()
         assert run("restore", sid, "-r", frozen, "--to", pg.dsn(target)).code == 0, sid
     assert pg.query(target, "SELECT count(*) FROM t") == [(5000,)]
+
+
+def test_manifests_load_without_the_garbage_collector_scanning_them(tmp_path):
+    """A manifest's tables and streams are not tracked by the garbage collector (no
+    cycles; 160,000 of them, from 48 snapshots of 3,400 tables, cost 2.1 s of
+    collections while they were decoded), and the collector is paused while the
+    snapshots load and left as it was after."""
+    import gc
+    from fpvault.manifest import Stream, TableEntry
+    from fpvault.vault import Vault
+
+    t = TableEntry(schema="s", name="t", qname="s.t", oid=1, columns=["a"],
+                   data=Stream(list="00", bytes=0, hash="00"))
+    assert not gc.is_tracked(t) and not gc.is_tracked(t.data)
+    vault = Vault.create(str(tmp_path / "r"))
+    assert gc.isenabled()
+    vault.snapshots()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        Vault.open(str(tmp_path / "r")).snapshots()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
