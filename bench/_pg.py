@@ -497,14 +497,16 @@ where the time goes), on the machine named in each section.
 """
 
 
-def run_in_cluster(name: str, args, run, prefix: str = "fpvault-bench-") -> None:
-    """What a script's main() does after parsing: pin the sources, start a throwaway
-    cluster, ``run(cluster, work_dir, args, version)`` for the markdown table, stop
-    the cluster, print the table with the script's time, and write it into
-    docs/benchmarks.md as section ``name`` unless ``args.no_doc``.  ``args.keep``
-    keeps the cluster and the work dir."""
+def run_in_cluster(name: str, args, run, prefix: str = "fpvault-bench-",
+                   version: str | None = None) -> None:
+    """What a script's main() does after parsing: pin the sources (unless the script
+    did, and gives their ``version``), start a throwaway cluster, ``run(cluster,
+    work_dir, args, version)`` for the markdown table, stop the cluster, print the
+    table with the script's time, and write it into docs/benchmarks.md as section
+    ``name`` unless ``args.no_doc``.  ``args.keep`` keeps the cluster and the work dir."""
     t_all = time.perf_counter()
-    _, version = pin_fpvault()
+    if version is None:
+        _, version = pin_fpvault()
     work = tempfile.mkdtemp(prefix=prefix)
     pg = Cluster(keep=args.keep)
     try:

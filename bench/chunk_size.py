@@ -31,7 +31,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 import zstandard
@@ -39,7 +38,7 @@ import zstandard
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _pg import (CHURN_TEXT, Cluster, build_bench_db, churn, copy_sizes, group_tables, human,  # noqa: E402
-                 Conditions, machine, pin_fpvault, today, tree_bytes, write_section)
+                 Conditions, machine, pin_fpvault, run_in_cluster, today, tree_bytes)
 
 # Measure a frozen copy of the sources: the package may be edited meanwhile.
 SRC, VERSION = pin_fpvault()
@@ -247,24 +246,11 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
 
-    t_all = time.perf_counter()
-    work = tempfile.mkdtemp(prefix="fpvault-bench-chunk-")
-    pg = Cluster(keep=args.keep)
-    try:
-        pg.start()
+    def measured(pg: Cluster, work: str, args, _version: str) -> str:
         os.environ["FPVAULT_PG_BINDIR"] = pg.bindir
-        table = run(pg, work, sizes, args)
-    finally:
-        pg.stop()
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-        else:
-            print(f"work dir kept: {work}", file=sys.stderr)
-    table += f"\nThe whole script took {(time.perf_counter() - t_all) / 60:.1f} min.\n"
-    print(table)
-    if not args.no_doc:
-        write_section("chunk_size", table)
-        print("written to docs/benchmarks.md", file=sys.stderr)
+        return run(pg, work, sizes, args)
+
+    run_in_cluster("chunk_size", args, measured, prefix="fpvault-bench-chunk-", version=VERSION)
 
 
 def run(pg: Cluster, work: str, sizes: list[int], args) -> str:

@@ -480,8 +480,7 @@ class ChunkStore:
             entry = BlobEntry(blob, type, 0, len(stored), len(data), encoding, bases, generation)
             self._check_encoded([entry], stored, data)
         except BaseException:
-            with self._lock:
-                self._pending.discard(blob)
+            self.release([blob])
             raise
         self._add_stored(stored, [entry])
         return True
@@ -516,8 +515,7 @@ class ChunkStore:
         except BaseException:
             if acquired:
                 self._frame_slots.release()
-            with self._lock:
-                self._pending.difference_update(blob for blob, _, _ in members)
+            self.release([blob for blob, _, _ in members])
             raise
 
     def _compressor_pool(self) -> ThreadPoolExecutor:
@@ -572,8 +570,7 @@ class ChunkStore:
                 start += len(data)
             self._check_encoded(entries, stored, plain)
         except BaseException:
-            with self._lock:
-                self._pending.difference_update(blob for blob, _, _ in members)
+            self.release([blob for blob, _, _ in members])
             raise
         self._add_stored(stored, entries)
 

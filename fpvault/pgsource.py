@@ -638,7 +638,7 @@ def altered_since_snapshot(conn: psycopg.Connection, tables: list[TableInfo]) ->
     catalog caches.  Neither plans a query on the tables, which would lock each
     one's indexes until the snapshot ends: 3,000 tables of two indexes each did
     not fit a lock table that held pg_dump's 3,000 locks."""
-    out = set()
+    changed: set[int] = set()
     with conn.cursor() as cur:
         for i in range(0, len(tables), 1000):
             batch = tables[i:i + 1000]
@@ -646,7 +646,6 @@ def altered_since_snapshot(conn: psycopg.Connection, tables: list[TableInfo]) ->
                         "FROM unnest(%s::pg_catalog.text[]) n", ([t.qname for t in batch],))
             now = dict(cur.fetchall())
             moved = {t.oid for t in batch if now.get(t.qname) != t.oid}
-            out |= {t.qname for t in batch if t.oid in moved}
             cur.execute("""
                 SELECT a.attrelid, a.attname,
                        (pg_catalog.pg_identify_object_as_address(
@@ -655,9 +654,8 @@ def altered_since_snapshot(conn: psycopg.Connection, tables: list[TableInfo]) ->
                 FROM pg_catalog.pg_attribute a
                 WHERE a.attrelid = ANY(%s) AND a.attnum > 0 AND NOT a.attisdropped""",
                         ([t.oid for t in batch if t.oid not in moved],))
-            renamed = {oid for oid, then, current in cur.fetchall() if then != current}
-            out |= {t.qname for t in batch if t.oid in renamed}
-    return [t.qname for t in tables if t.qname in out]
+            changed |= moved | {oid for oid, then, current in cur.fetchall() if then != current}
+    return [t.qname for t in tables if t.oid in changed]
 
 
 # Types whose values print the names of catalog objects.
