@@ -152,7 +152,7 @@ def delta_variants(path: str, level: int) -> tuple[int, dict[str, int], dict[str
     number of chunks, bytes per encoding (with "fpvault stored": what the
     repository holds for them), and seconds spent compressing per encoding."""
     vault = Vault.open(path)
-    first, second = vault.snapshots()[-2:]
+    first, second = (vault.load_snapshot(s.id) for s in vault.snapshots()[-2:])
     lists = {}
     for t in first.tables:
         lists[(t.schema, t.name)] = vault.store.get_list(bytes.fromhex(t.data.list))

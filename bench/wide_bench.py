@@ -14,7 +14,9 @@ security policy; ``--rows`` rows each) in a throwaway cluster with the default
 - ``snap --reread -j 4`` (every table read by four connections, each taking
   the locks of what it reads), against ``pg_dump -Fd -j 4``;
 - ``restore --to`` with ``-j 2``, against ``pg_restore -j 2``, each going first
-  in turn; and whether a restore in one transaction fits the server's lock table.
+  in turn; and whether a restore in one transaction fits the server's lock table;
+- with ``--history`` snapshots in the repository, the time and peak RSS of
+  ``list``, a snapshot with nothing committed, ``verify`` and ``prune --dry-run``.
 
 It prints a markdown table and writes it into docs/benchmarks.md between
 ``<!-- wide_bench:start -->`` and ``<!-- wide_bench:end -->``.
@@ -25,6 +27,7 @@ It prints a markdown table and writes it into docs/benchmarks.md between
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -126,6 +129,17 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         for name in (ours, theirs):
             pg.dropdb(name)
         pg.execute("postgres", "CHECKPOINT")
+    # Many snapshots of the schema: each command that lists them holds every one's
+    # head, and verify and prune read every manifest.
+    log(f"taking snapshots up to {args.history} in all")
+    taken = len(json.loads(timed([fp, "-r", repo, "list", "--json"], env, rss=False).stdout))
+    for _ in range(taken, args.history):
+        timed([fp, "-q", "-r", repo, "snap", "-d", dsn], env, rss=False)
+    history = {label: [measured([fp, "-q", "-r", repo, *cmd]) for _ in range(args.runs)]
+               for label, cmd in (("`list`", ["list"]),
+                                  ("`snap` (nothing committed)", ["snap", "-d", dsn]),
+                                  ("`verify`", ["verify"]),
+                                  ("`prune --dry-run`", ["prune", "--dry-run"]))}
     single = pg.createdb("single")
     one = subprocess.run([fp, "-q", "-r", repo, "restore", "latest", "--to", pg.dsn(single)],
                          env=env, capture_output=True, text=True)
@@ -152,6 +166,14 @@ def run(pg: Cluster, work: str, args, version: str) -> str:
         row("`restore --to -j 2`, against `pg_restore -j 2`", restores, pg_restores),
         "",
         f"`restore --to` in one transaction: {single_said}",
+        "",
+        f"With {args.history} snapshots of it in the repository (peak RSS: the largest "
+        "of the runs):",
+        "",
+        "| command | wall | peak RSS |",
+        "|---|---:|---:|",
+        *(f"| {label} | {secs(runs)} | {max(r.max_rss_kib for r in runs) / 1024:.0f} MiB |"
+          for label, runs in history.items()),
     ]
     return "\n".join(lines) + "\n"
 
@@ -161,6 +183,8 @@ def main() -> None:
     ap.add_argument("--tables", type=int, default=3000, help="tables (default 3000)")
     ap.add_argument("--rows", type=int, default=20, help="rows per table (default 20)")
     ap.add_argument("--runs", type=int, default=3, help="runs per measure; medians (default 3)")
+    ap.add_argument("--history", type=int, default=40,
+                    help="snapshots in the repository for the last table (default 40)")
     ap.add_argument("--keep", action="store_true", help="keep the cluster (and work dir)")
     ap.add_argument("--no-doc", action="store_true", help="print only; leave docs/benchmarks.md")
     args = ap.parse_args()

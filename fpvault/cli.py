@@ -24,7 +24,7 @@ from typing import Any
 import click
 
 from .errors import FpvaultError, RepositoryDamaged
-from .manifest import Snapshot
+from .manifest import SnapshotHead
 from .locks import Lock
 from .vault import Vault, default_repo, is_remote, parse_time, snapshot_id, utc_iso
 
@@ -320,9 +320,9 @@ def snap(ctx: Ctx, conninfo: str, tags, schemas, exclude_schemas, tables, exclud
     click.echo(result.id)
 
 
-def _snapshot_row(s: Snapshot) -> dict[str, Any]:
+def _snapshot_row(s: SnapshotHead) -> dict[str, Any]:
     return {"id": snapshot_id(s), "time": s.time, "tags": s.tags, "database": s.source.database,
-            "tables": len(s.tables), "rows": s.rows, "bytes": s.bytes,
+            "tables": s.table_count, "rows": s.rows, "bytes": s.bytes,
             "bytes_added": s.bytes_added}
 
 
@@ -689,7 +689,7 @@ def forget(ctx: Ctx, snapshots, keep_last, keep_hourly, keep_daily, keep_weekly,
                 if len(hits) == 1 and not any(h.startswith(ref.lower()) for h in healthy):
                     chosen[hits[0]] = None
                     continue
-                sid, s = vault.resolve(ref)
+                sid, s = vault.resolve_head(ref)
                 chosen[sid] = s
             groups = [{"group": None, "keep": [],
                        "remove": [{"id": sid, "time": s.time if s else None} for sid, s in chosen.items()]}]

@@ -35,7 +35,7 @@ from . import packs
 from .backend import LocalBackend
 from .chunkstore import INDEX_PREFIX, SMALL_READ_THREADS, Index, encode_index
 from .errors import RepositoryDamaged
-from .manifest import Snapshot, Stream
+from .manifest import Snapshot, SnapshotHead, Stream
 from .packs import BlobEntry
 from .vault import Vault
 
@@ -55,19 +55,22 @@ def snapshot_streams(snap: Snapshot) -> list[tuple[str, Stream]]:
     return out
 
 
-def live_blobs(vault: Vault, snapshots: list[Snapshot]) -> set[bytes]:
-    first_use: dict[bytes, tuple[Snapshot, str]] = {}   # list id -> who needs it, for messages
-    for snap in snapshots:
-        for what, stream in snapshot_streams(snap):
-            first_use.setdefault(bytes.fromhex(stream.list), (snap, what))
+def live_blobs(vault: Vault, snapshots: list[SnapshotHead]) -> set[bytes]:
+    # list id -> who needs it, for messages; the manifests are loaded one at a time
+    first_use: dict[bytes, tuple[str, str]] = {}
+    for head in snapshots:
+        for what, stream in snapshot_streams(vault.load_snapshot(head.id)):
+            list_id = bytes.fromhex(stream.list)
+            if list_id not in first_use:
+                first_use[list_id] = (head.id, what)
     live: set[bytes] = set(first_use)
     read = set()
     for list_id, refs in vault.store.read_lists(first_use):
         read.add(list_id)
         if isinstance(refs, RepositoryDamaged):
-            snap, what = first_use[list_id]
+            sid, what = first_use[list_id]
             raise RepositoryDamaged(
-                f"Snapshot {snap.id[:8]}, {what}: its chunk list cannot be read ({refs}). "
+                f"Snapshot {sid[:8]}, {what}: its chunk list cannot be read ({refs}). "
                 "Prune stopped without deleting anything; run 'fpvault verify' and "
                 "'fpvault repair index'.") from refs
         live.update(ref.id for ref in refs)

@@ -544,10 +544,11 @@ def _reused_entry(table: pgsource.TableInfo, old: TableEntry, progress: Progress
 
 
 def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]:
-    """The snapshots of the same database, oldest first (of the same port, if any);
-    the latest one's streams are the delta bases."""
+    """The latest one or two snapshots of the same database (of the same port, if
+    any), oldest first, whole; the latest one's streams are the delta bases."""
     same = [s for s in vault.snapshots() if s.source.database == database]
-    return [s for s in same if s.source.port == port] or same
+    same = [s for s in same if s.source.port == port] or same
+    return [vault.load_snapshot(s.id) for s in same[-2:]]
 
 
 class Spool:

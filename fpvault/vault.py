@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, TypeVar
 
 import blake3
 import msgspec
@@ -34,13 +34,15 @@ from .chunkstore import (INDEX_PREFIX, REMOTE_RUN_GAP, REMOTE_RUN_SPAN, ChunkRef
 from .crypto import Plain
 from .errors import (FpvaultError, RepositoryDamaged, RepositoryExists, RepositoryNotFound,
                      SnapshotNotFound, UsageError)
-from .manifest import (FORMAT_VERSION, ChunkerParams, Config, Snapshot, Stream, decode_config,
-                       decode_snapshot, json_encoder)
+from .manifest import (FORMAT_VERSION, ChunkerParams, Config, Snapshot, SnapshotHead, Stream,
+                       decode_config, decode_head, decode_snapshot, json_encoder)
 
 CONFIG = "config"
 SNAPSHOTS = "snapshots/"
 # Reading references by prefix: shorter prefixes collide too easily.
 MIN_PREFIX = 4
+T = TypeVar("T", Snapshot, SnapshotHead)   # what a manifest decodes into
+
 # Reading a stream: runs of chunks (a frame, or chunks stored next to each other) in
 # flight per stream, and the threads that read and decode them; a remote ranged GET
 # costs a round trip, so more are kept going there.  zstd and BLAKE3 release the GIL,
@@ -108,7 +110,7 @@ class Vault:
         self.codec = codec or Plain()
         self._index: Index | None = None
         self._store: ChunkStore | None = None
-        self._snapshots: dict[str, Snapshot] | None = None
+        self._snapshots: dict[str, tuple[SnapshotHead, bytes]] | None = None
         self.damaged_snapshots: list[tuple[str, str]] = []
         self._readers: ThreadPoolExecutor | None = None
         self._readers_lock = threading.Lock()
@@ -328,38 +330,34 @@ class Vault:
 
     # -- snapshots
 
-    def snapshots(self, strict: bool = False, but: Collection[str] = ()) -> list[Snapshot]:
-        """All snapshots, oldest first.  A manifest that cannot be read is left out
-        (and listed in ``damaged_snapshots``) unless ``strict``, which raises (but
-        for the ids in ``but``: those about to be forgotten)."""
-        snaps = self._load_snapshots()
+    def snapshots(self, strict: bool = False, but: Collection[str] = ()) -> list[SnapshotHead]:
+        """The heads of all snapshots, oldest first (``load_snapshot`` gives one whole).
+        A manifest that cannot be read is left out (and listed in ``damaged_snapshots``)
+        unless ``strict``, which raises (but for the ids in ``but``: those about to be
+        forgotten)."""
+        snaps = self._load_heads()
         damaged = [(sid, why) for sid, why in self.damaged_snapshots if sid not in but]
         if strict and damaged:
             sid, why = damaged[0]
             raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest cannot be read ({why}). "
                                     "Nothing was changed; run 'fpvault verify', and 'fpvault "
                                     f"forget {sid[:8]}' to drop it.")
-        return sorted(snaps.values(), key=lambda s: (s.time, snapshot_id(s)))
+        return sorted((head for head, _ in snaps.values()), key=lambda s: (s.time, s.id))
 
-    def _load_snapshots(self) -> dict[str, Snapshot]:
+    def _load_heads(self) -> dict[str, tuple[SnapshotHead, bytes]]:
+        """Each snapshot's head, with its manifest as stored but decrypted (compressed,
+        a thirtieth of it decoded), so that ``load_snapshot`` does not fetch it again."""
         if self._snapshots is None:
             found = {}
             self.damaged_snapshots: list[tuple[str, str]] = []
-            # Decoding makes many objects and no reference cycles: the collector,
-            # which would scan them again and again as they accumulate, waits.
-            collecting = gc.isenabled()
-            gc.disable()
-            try:
-                for name in self.backend.list(SNAPSHOTS):
-                    sid = name[len(SNAPSHOTS):]
-                    try:
-                        found[sid] = self.load_snapshot(sid)
-                    except (RepositoryDamaged, msgspec.DecodeError,
-                            msgspec.ValidationError) as exc:
-                        self.damaged_snapshots.append((sid, str(exc)))
-            finally:
-                if collecting:
-                    gc.enable()
+            for name in self.backend.list(SNAPSHOTS):
+                sid = name[len(SNAPSHOTS):]
+                try:
+                    data = self._manifest(sid)
+                    found[sid] = (self._decode(sid, data, decode_head), data)
+                except (RepositoryDamaged, msgspec.DecodeError,
+                        msgspec.ValidationError) as exc:
+                    self.damaged_snapshots.append((sid, str(exc)))
             self._snapshots = found
         return self._snapshots
 
@@ -370,7 +368,23 @@ class Vault:
             self.damaged_snapshots = [d for d in self.damaged_snapshots if d[0] != sid]
 
     def load_snapshot(self, sid: str) -> Snapshot:
-        data = self.codec.open(self.backend.get(SNAPSHOTS + sid), f"snapshot {sid[:8]}'s manifest")
+        """The whole manifest of snapshot ``sid``."""
+        known = self._snapshots and self._snapshots.get(sid)
+        data = known[1] if known else self._manifest(sid)
+        # Decoding makes many objects and no reference cycles: the collector, which
+        # would scan them again and again as they accumulate, waits.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._decode(sid, data, decode_snapshot)
+        finally:
+            if collecting:
+                gc.enable()
+
+    def _manifest(self, sid: str) -> bytes:
+        return self.codec.open(self.backend.get(SNAPSHOTS + sid), f"snapshot {sid[:8]}'s manifest")
+
+    def _decode(self, sid: str, data: bytes, decode: Callable[[bytes], T]) -> T:
         try:
             raw = zstandard.ZstdDecompressor().decompress(data)
         except zstandard.ZstdError as exc:
@@ -378,18 +392,20 @@ class Vault:
                                     f"({exc}).") from exc
         if self.codec.blob_id(raw).hex() != sid:
             raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest does not match its hash.")
-        snap = decode_snapshot(raw)
-        snap.id = sid
-        return snap
+        out = decode(raw)
+        out.id = sid
+        return out
 
     def save_snapshot(self, snap: Snapshot) -> str:
         raw = json_encoder.encode(snap)
         sid = self.codec.blob_id(raw).hex()
-        data = self.codec.seal(zstandard.ZstdCompressor(level=10).compress(raw))
-        self.backend.put(SNAPSHOTS + sid, data)
+        data = zstandard.ZstdCompressor(level=10).compress(raw)
+        self.backend.put(SNAPSHOTS + sid, self.codec.seal(data))
         snap.id = sid
         if self._snapshots is not None:
-            self._snapshots[sid] = snap
+            head = decode_head(raw)
+            head.id = sid
+            self._snapshots[sid] = (head, data)
         return sid
 
     def _undecidable(self, ref: str) -> RepositoryDamaged:
@@ -402,6 +418,11 @@ class Vault:
             f"or drop the damaged one ('fpvault verify', then 'fpvault forget {sid[:8]}').")
 
     def resolve(self, ref: str) -> tuple[str, Snapshot]:
+        """The snapshot ``ref`` names (an id, a unique prefix, latest, latest~N), whole."""
+        sid, _ = self.resolve_head(ref)
+        return sid, self.load_snapshot(sid)
+
+    def resolve_head(self, ref: str) -> tuple[str, SnapshotHead]:
         snaps = self.snapshots()
         m = re.fullmatch(r"latest(?:~(\d+))?", ref)
         if m:
@@ -438,6 +459,7 @@ class Vault:
         return snapshot_id(hits[0]), hits[0]
 
     def resolve_at(self, when: str) -> tuple[str, Snapshot]:
+        """The latest snapshot taken at or before ``when``, whole."""
         t = parse_time(when)
         best = None
         snaps = self.snapshots()
@@ -448,10 +470,10 @@ class Vault:
                 best = snap
         if best is None:
             raise SnapshotNotFound(f"No snapshot was taken at or before {t.isoformat()}.")
-        return snapshot_id(best), best
+        return best.id, self.load_snapshot(best.id)
 
 
-def snapshot_id(snap: Snapshot) -> str:
+def snapshot_id(snap: Snapshot | SnapshotHead) -> str:
     return snap.id
 
 

@@ -38,7 +38,7 @@ from . import restore as restore_mod
 from .errors import RepositoryDamaged
 from .chunkstore import ChunkRef
 from .gc import in_order, read_pack_trailers, snapshot_streams, with_bases
-from .manifest import Snapshot, TableEntry
+from .manifest import Snapshot, SnapshotHead, TableEntry
 from .vault import Vault
 
 
@@ -289,24 +289,28 @@ def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> in
             | e.generation)
 
 
-def _per_stream(vault: Vault, snaps: list[Snapshot],
+def _per_stream(vault: Vault, snaps: list[SnapshotHead],
                 inspect: Callable[[bytes, list[ChunkRef]], T]
-                ) -> Iterator[tuple[Snapshot, str, bytes, T | RepositoryDamaged]]:
+                ) -> Iterator[tuple[SnapshotHead, str, bytes, T | RepositoryDamaged]]:
     """(snapshot, what, list id, finding) for each stream of each of ``snaps``, in
     order: what ``inspect`` found in its chunk list, or why the list cannot be read.  Each
     distinct list is read and inspected once (an unchanged table's is shared by every
     snapshot since it last changed), neighbours together and, on a remote backend, by
-    a few threads (ChunkStore.read_lists); only the findings are kept."""
-    streams = [(snap, what, bytes.fromhex(stream.list))
-               for snap in snaps for what, stream in snapshot_streams(snap)]
+    a few threads (ChunkStore.read_lists); only the findings are kept.  The manifests
+    are loaded one at a time, twice: a list of every stream of every snapshot would
+    grow with tables times snapshots."""
+    lists = {bytes.fromhex(stream.list)
+             for head in snaps for _, stream in snapshot_streams(vault.load_snapshot(head.id))}
     found: dict[bytes, T | RepositoryDamaged] = {}
-    for list_id, refs in vault.store.read_lists(list_id for _, _, list_id in streams):
+    for list_id, refs in vault.store.read_lists(lists):
         found[list_id] = refs if isinstance(refs, RepositoryDamaged) else inspect(list_id, refs)
-    for snap, what, list_id in streams:
-        yield snap, what, list_id, found[list_id]
+    for head in snaps:
+        for what, stream in snapshot_streams(vault.load_snapshot(head.id)):
+            list_id = bytes.fromhex(stream.list)
+            yield head, what, list_id, found[list_id]
 
 
-def _name_victims(vault: Vault, snapshots: list[Snapshot], bad: dict[bytes, list[str]],
+def _name_victims(vault: Vault, snapshots: list[SnapshotHead], bad: dict[bytes, list[str]],
                   report: Report) -> None:
     """Report each damaged blob once for every snapshot stream that needs it (itself,
     or as a delta base, or as its chunk list)."""

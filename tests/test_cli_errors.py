@@ -153,7 +153,8 @@ def test_ambiguous_prefix(pg, db, repo):
     pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY)")
     snap(pg, repo, db)
     vault = Vault.open(repo)
-    (base,) = vault.snapshots()
+    (head,) = vault.snapshots()
+    base = vault.load_snapshot(head.id)
     # Forge variants of the manifest until two ids share a 4-digit prefix.
     seen = {}
     for i in range(100_000):
