@@ -89,6 +89,12 @@ WORKER_TABLES_PER_TRANSACTION = 32
 # indexes too, and looking at 3,000 tables of two indexes each from the leader did
 # not fit a lock table that held pg_dump's 3,000 table locks.
 LEADER_READS_MAX_TABLES = 500
+# Small tables to look at are looked at by one statement per batch of up to this many
+# tables and bytes on disk (a round trip per table cost 3,400 tables 0.9 s); the
+# tables of a batch are locked together, and count towards the worker's
+# transaction together.
+LOOK_BATCH_TABLES = WORKER_TABLES_PER_TRANSACTION
+LOOK_BATCH_BYTES = pgsource.PROBE_MIN_BYTES
 # A changed chunk's delta is encoded on the compressor threads, off the thread that
 # reads the table, where the machine has this many cores per connection reading
 # (their server backend, psql and reader keep about three busy).  The hand-offs cost
@@ -296,7 +302,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     reusable = _reusable_tables(vault, prev, tables) if unchanged or look else {}
     # (But for a table whose rows a condition chooses, which may choose others now.)
     reuse = {oid: e for oid, e in reusable.items() if not e.condition} if unchanged else {}
-    looks: dict[int, Look] = {}
+    looks = Looks({})
     if look:
         # A value naming a role, or an object outside the dump, prints its new name
         # after a rename that no row records, and an enum or composite type the dump
@@ -478,36 +484,41 @@ def _same_server(a: XactMark, b: XactMark) -> bool:
 
 
 @dataclass
-class Look:
-    """A table that may be taken from the previous snapshot unread: ``old`` is its
-    entry there, if pgsource.rows_unchanged(``before``, ``newest``) says its rows
-    are the ones that snapshot read.  The reader that gets the table looks first."""
-    old: TableEntry
-    before: int
-    newest: int
+class Looks:
+    """Tables that may be taken from the previous snapshot unread: ``old`` holds each
+    one's entry there, by oid, to take if pgsource.rows_unchanged(``before``,
+    ``newest``) says its rows are the ones that snapshot read.  The reader that gets
+    a table looks first."""
+    old: dict[int, TableEntry]
+    before: int = 0
+    newest: int = 0
 
-    def unchanged(self, conn: psycopg.Connection, table: pgsource.TableInfo) -> bool:
-        return pgsource.rows_unchanged(conn, table, self.old.rows, self.before, self.newest)
+    def __contains__(self, oid: int) -> bool:
+        return oid in self.old
+
+    def unchanged(self, conn: psycopg.Connection, tables: list[pgsource.TableInfo]) -> set[int]:
+        """The oids of those of ``tables`` to take unread."""
+        mine = [(t, self.old[t.oid].rows) for t in tables if t.oid in self.old]
+        return pgsource.rows_unchanged(conn, mine, self.before, self.newest) if mine else set()
 
 
 def _looks(last: list[Snapshot], mark: XactMark, tables: list[pgsource.TableInfo],
-           reusable: dict[int, TableEntry]) -> dict[int, Look]:
-    """Of the reusable tables, those worth a look (Look): each is then taken unread if
-    its rows are the ones the previous snapshot (``last[-1]``; ``last`` is the latest
-    one or two) saw, and read otherwise.
+           reusable: dict[int, TableEntry]) -> Looks:
+    """Of the reusable tables, those worth a look: each is then taken unread if its
+    rows are the ones the previous snapshot (``last[-1]``; ``last`` is the latest one
+    or two) saw, and read otherwise.
 
     A table whose rows had changed in the previous snapshot, against the one before,
     is read without a look: what changes between two snapshots mostly changes again,
     and the look would cost a scan of it on top of the COPY."""
-    before, newest = last[-1].xact.xmin, mark.xmax
     earlier = {t.oid: t.data.hash for t in last[0].tables} if len(last) == 2 else {}
     out = {}
     for t in tables:
         old = reusable.get(t.oid)
         if old is None or earlier.get(t.oid, old.data.hash) != old.data.hash:
             continue
-        out[t.oid] = Look(old, before, newest)
-    return out
+        out[t.oid] = old
+    return Looks(out, last[-1].xact.xmin, mark.xmax)
 
 
 def _reusable_tables(vault: Vault, prev: Snapshot, tables: list[pgsource.TableInfo]
@@ -614,39 +625,48 @@ def copy_out(conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
 def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapshot_name: str,
                  encoding: str, reader: pgsource.PsqlReader | None,
                  tables: list[pgsource.TableInfo], jobs: int, progress: Progress,
-                 previous: dict[tuple[str, str], Stream], looks: dict[int, Look]
+                 previous: dict[tuple[str, str], Stream], looks: Looks
                  ) -> tuple[list[TableEntry], dict[int, TableEntry]]:
-    """Read and store the tables, but for those whose Look finds them unchanged:
+    """Read and store the tables, but for those that their look finds unchanged:
     (the entries of all of them, the entries taken unread by oid).  The looks
-    run on the connections that read, each table's just before it would be read."""
+    run on the connections that read, each table's just before it would be read,
+    small tables' several at once (_look_batches)."""
     looked: dict[int, TableEntry] = {}
 
-    def look_or_copy(conn: psycopg.Connection, table: pgsource.TableInfo, *split) -> TableEntry:
-        look = looks.get(table.oid)
-        if look is not None and look.unchanged(conn, table):
-            looked[table.oid] = look.old
-            return _reused_entry(table, look.old, progress)
-        return _copy_table(vault, conn, reader, table, progress, previous, *split,
-                           deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs)
+    def look_or_copy(conn: psycopg.Connection, batch: list[pgsource.TableInfo],
+                     *split) -> list[TableEntry]:
+        same = looks.unchanged(conn, batch)
+        out = []
+        for table in batch:
+            if table.oid in same:
+                looked[table.oid] = looks.old[table.oid]
+                out.append(_reused_entry(table, looks.old[table.oid], progress))
+            else:
+                out.append(_copy_table(
+                    vault, conn, reader, table, progress, previous, *split,
+                    deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs))
+        return out
 
     # Largest first, so the long tables start early and the small ones fill the gaps.
-    todo = sorted(tables, key=lambda t: -t.size)
+    batches = _look_batches(sorted(tables, key=lambda t: -t.size), looks)
     # Many tables: the leader only holds the snapshot and every table's lock, as
     # pg_dump -j's does, and worker connections (at least one) do the reading.
-    passive = len(todo) > LEADER_READS_MAX_TABLES
-    if (jobs == 1 and not passive) or not todo:
-        return [look_or_copy(leader, t) for t in todo], looked
+    passive = len(tables) > LEADER_READS_MAX_TABLES
+    if (jobs == 1 and not passive) or not tables:
+        return [e for batch in batches for e in look_or_copy(leader, batch)], looked
 
     # A table larger than its share of the work is read in key ranges by several
     # connections at once.  Their spools go first in the queue: every spool is being
     # read before any table's writer can wait for one, so nothing waits forever.  (Not
     # a table to look at first: mostly it has not changed.)
-    share = sum(t.size for t in todo) / jobs
+    share = sum(t.size for t in tables) / jobs
     spools: list[Spool] = []
-    tasks: list[tuple[pgsource.TableInfo, list[Spool], tuple | None]] = []
-    for table in todo:
+    tasks: list[tuple[list[pgsource.TableInfo], list[Spool], tuple | None]] = []
+    for batch in batches:
+        table = batch[0]
         parts = (min(jobs, math.ceil(table.size / share))
-                 if share and table.size >= SPLIT_MIN_BYTES and table.oid not in looks else 1)
+                 if (share and table.size >= SPLIT_MIN_BYTES and table.oid not in looks
+                     and len(batch) == 1) else 1)
         if table.physical:
             parts = min(parts, max(1, CORES // 2))
         ranges = ((pgsource.block_ranges if table.physical else pgsource.key_ranges)(
@@ -654,9 +674,9 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         if ranges:
             mine = [Spool(table, r) for r in ranges[1:]]
             spools += mine
-            tasks.append((table, mine, ranges[0]))
+            tasks.append((batch, mine, ranges[0]))
         else:
-            tasks.append((table, [], None))
+            tasks.append((batch, [], None))
     queue: list = [*spools, *tasks]
 
     lock = threading.Condition()
@@ -685,36 +705,43 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         done = 0
         while not stop.is_set() and (task := take(is_leader)) is not None:
             try:
-                run(conn, is_leader, task)
+                done += run(conn, is_leader, task)
             finally:
                 if not is_leader:
                     with lock:
                         busy -= 1
                         lock.notify_all()
-            done += 1
-            if not is_leader and done % WORKER_TABLES_PER_TRANSACTION == 0:
+            if not is_leader and done >= WORKER_TABLES_PER_TRANSACTION:
                 # Give back the locks taken so far (the leader holds every table's).
                 conn.execute("COMMIT")
                 pgsource.begin_snapshot(conn, snapshot_name)
+                done = 0
 
-    def run(conn: psycopg.Connection, is_leader: bool, task) -> None:
-        table = task.table if isinstance(task, Spool) else task[0]
+    def run(conn: psycopg.Connection, is_leader: bool, task) -> int:
+        """Do ``task``; the number of tables this connection locked for it."""
+        batch = [task.table] if isinstance(task, Spool) else task[0]
         if not is_leader:
             # The leader holds the locks; a worker that must wait for one means someone
             # asked for an exclusive lock in between (pg_dump's parallel.c avoids the
             # same deadlock this way).
-            if not pgsource.lock_tables_nowait(conn, [table]):
-                if table.oid in looks and not isinstance(task, Spool):
+            if not pgsource.lock_tables_nowait(conn, batch):
+                if len(batch) > 1:   # which of them: each on its own, next
+                    with lock:
+                        queue[:0] = [([t], [], None) for t in batch]
+                        lock.notify_all()
+                    return 0
+                if batch[0].oid in looks and not isinstance(task, Spool):
                     with lock:
                         for_leader.append(task)
-                    return
-                raise lock_conflict(table)
+                    return 0
+                raise lock_conflict(batch[0])
         if isinstance(task, Spool):
             task.fill(conn, reader, progress)
-            return
-        entry = look_or_copy(conn, table, *task[1:], stop)
+            return 1
+        entries = look_or_copy(conn, batch, *task[1:], stop)
         with lock:
-            results.append(entry)
+            results.extend(entries)
+        return len(batch)
 
     def worker() -> None:
         conn = pgsource.connect(conninfo, "for a parallel worker")
@@ -742,6 +769,28 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         for spool in spools:
             spool.close()
     return results, looked
+
+
+def _look_batches(tables: list[pgsource.TableInfo], looks: Looks
+                  ) -> list[list[pgsource.TableInfo]]:
+    """``tables`` in order, in batches for one reader each: a small table to look at
+    joins the batch of the last one before it (up to LOOK_BATCH_TABLES tables and
+    LOOK_BATCH_BYTES), so that their looks are one statement; any other table is a
+    batch of its own."""
+    out: list[list[pgsource.TableInfo]] = []
+    open_batch: list[pgsource.TableInfo] = []
+    size = 0
+    for table in tables:
+        if table.oid not in looks or table.size >= LOOK_BATCH_BYTES:
+            out.append([table])
+            continue
+        if (not open_batch or len(open_batch) >= LOOK_BATCH_TABLES
+                or size + table.size > LOOK_BATCH_BYTES):
+            open_batch, size = [], 0
+            out.append(open_batch)
+        open_batch.append(table)
+        size += table.size
+    return out
 
 
 def lock_conflict(table: pgsource.TableInfo) -> SnapshotFailed:

@@ -218,13 +218,13 @@ def test_with_many_tables_the_leader_only_holds_the_snapshot(pg, db, repo, monke
 
     def looked_on(monkeypatch):
         on = []
-        real = snapshot.Look.unchanged
+        real = snapshot.Looks.unchanged
 
-        def unchanged(self, conn, table):
-            on.append(conns.index(conn))
-            return real(self, conn, table)
+        def unchanged(self, conn, tables):
+            on.extend(conns.index(conn) for _ in tables)
+            return real(self, conn, tables)
 
-        monkeypatch.setattr(snapshot.Look, "unchanged", unchanged)
+        monkeypatch.setattr(snapshot.Looks, "unchanged", unchanged)
         return on
 
     monkeypatch.setattr(snapshot.pgsource, "connect", connect)

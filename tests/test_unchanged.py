@@ -94,9 +94,9 @@ def checks(monkeypatch):
     seen = []
     real = pgsource.rows_unchanged
 
-    def spy(conn, table, *args):
-        seen.append(table.name)
-        return real(conn, table, *args)
+    def spy(conn, tables, *args):
+        seen.extend(table.name for table, _rows in tables)
+        return real(conn, tables, *args)
 
     monkeypatch.setattr(pgsource, "rows_unchanged", spy)
     return seen

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import run
 from test_unchanged import reads, snap
-from fpvault import pgsource
+from fpvault import pgsource, snapshot
 from fpvault.vault import Vault
 
 SCHEMA = ("CREATE TYPE mood AS ENUM ('calm', 'cross'); "
@@ -62,7 +62,9 @@ def test_a_changed_table_is_read_and_the_rest_taken(pg, db, repo, monkeypatch, c
 
 def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
     """With -j, a table is looked at by the connection that would read it, so the
-    scans run at once; what is stored is as with -j 1."""
+    scans run at once; what is stored is as with -j 1.  (Tables this small are
+    looked at in one batch, but for this test.)"""
+    monkeypatch.setattr(snapshot, "LOOK_BATCH_TABLES", 1)
     pg.execute(db, SCHEMA)
     snap(pg, repo, db, "-j", "3")
     pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
@@ -79,11 +81,36 @@ def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
     assert len(pids) == 3 and len(set(pids)) == 3
 
 
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_small_tables_are_looked_at_together(pg, db, repo, monkeypatch, jobs):
+    """Small tables are looked at LOOK_BATCH_TABLES to a statement, by the leader and
+    by -j's workers; a table changed among them is still found, and read."""
+    pg.execute(db, "DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format("
+                   "'CREATE TABLE s%s (id int PRIMARY KEY, v text); INSERT INTO s%s "
+                   "SELECT g, md5(g::text) FROM generate_series(1, 50) g', i, i); END LOOP; END $$")
+    snap(pg, repo, db, "-j", jobs)
+    pg.execute(db, "UPDATE s17 SET v = 'changed' WHERE id = 3")
+    batches = []
+    real = pgsource.rows_unchanged
+    monkeypatch.setattr(pgsource, "rows_unchanged",
+                        lambda conn, ts, *args: batches.append(len(ts)) or real(conn, ts, *args))
+    seen = reads(monkeypatch)
+    doc = snap(pg, repo, db, "-j", jobs)
+    assert sorted(batches) == [8, 32] and seen == ["s17"] and doc["tables_reused"] == 39
+    full = snap(pg, repo, db, "--reread")
+    assert tables(repo, doc["id"]) == tables(repo, full["id"])
+
+
+@pytest.mark.parametrize("passive", [False, True])
 def test_ddl_queued_on_unchanged_tables_does_not_fail_a_parallel_snapshot(pg, db, repo,
-                                                                          monkeypatch):
+                                                                          monkeypatch, passive):
     """A worker cannot lock a table behind an ALTER queued after the leader's lock; the
     leader, which holds every lock, looks at that table itself (as it looked at all
-    of them before -j looked at once), and the unchanged ones are taken unread."""
+    of them before -j looked at once), and the unchanged ones are taken unread.
+    (``passive``: the worker takes every task, here the batch of all three tables,
+    whose lock fails as a whole: each is then taken on its own.)"""
+    if passive:
+        monkeypatch.setattr(snapshot, "LEADER_READS_MAX_TABLES", 2)
     pg.execute(db, SCHEMA)
     snap(pg, repo, db, "-j", "2")
     pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
@@ -108,10 +135,17 @@ def test_ddl_queued_on_unchanged_tables_does_not_fail_a_parallel_snapshot(pg, db
         return real(conn, oids)
 
     monkeypatch.setattr(pgsource, "rewritten_since_snapshot", locks_taken)
+    looks = []
+    real_looks = pgsource.rows_unchanged
+    monkeypatch.setattr(pgsource, "rows_unchanged",
+                        lambda conn, ts, *args: looks.append(sorted(t.name for t, _ in ts))
+                        or real_looks(conn, ts, *args))
     doc = snap(pg, repo, db, "-j", "2")
     for thread in waiting:
         thread.join()
     assert doc["tables_reused"] == 2
+    if passive:   # the worker looked at a alone (and read it), the leader at b and c
+        assert sorted(looks) == [["a"], ["b"], ["c"]], looks
 
 
 def test_rewrites_and_freezing_keep_the_rows(pg, db, repo, monkeypatch):
@@ -163,10 +197,10 @@ def test_only_heap_tables_are_looked_at(pg, db):
         assert table.access_method == "heap"
         xmax = int(conn.execute("SELECT txid_current_snapshot()::text").fetchone()[0]
                    .split(":")[1])
-        assert pgsource.rows_unchanged(conn, table, 2000, xmax, xmax)
-        assert not pgsource.rows_unchanged(conn, table, 1999, xmax, xmax)
+        assert pgsource.rows_unchanged(conn, [(table, 2000)], xmax, xmax) == {table.oid}
+        assert pgsource.rows_unchanged(conn, [(table, 1999)], xmax, xmax) == set()
         table.access_method = "columnar"
-        assert not pgsource.rows_unchanged(conn, table, 2000, xmax, xmax)
+        assert pgsource.rows_unchanged(conn, [(table, 2000)], xmax, xmax) == set()
 
 
 def test_a_table_changed_last_time_is_read_without_a_look(pg, db, repo, monkeypatch):
@@ -179,7 +213,8 @@ def test_a_table_changed_last_time_is_read_without_a_look(pg, db, repo, monkeypa
     looked = []
     real = pgsource.rows_unchanged
     monkeypatch.setattr(pgsource, "rows_unchanged",
-                        lambda conn, t, *args: looked.append(t.name) or real(conn, t, *args))
+                        lambda conn, ts, *args: looked.extend(t.name for t, _ in ts)
+                        or real(conn, ts, *args))
     snap(pg, repo, db)                                  # changed last time: read again
     assert seen == ["a"] and sorted(looked) == ["b", "c"]
     seen.clear(), looked.clear()
@@ -209,11 +244,11 @@ def test_the_sample_finds_scattered_updates_without_the_scan(pg, db, monkeypatch
         xids = conn.execute("SELECT txid_current_snapshot()::text").fetchone()[0]
         before, newest = int(xids.split(":")[0]), int(xids.split(":")[1])
         rec = Statements(conn)
-        assert pgsource.rows_unchanged(rec, table, 20000, before, newest)
+        assert pgsource.rows_unchanged(rec, [(table, 20000)], before, newest) == {table.oid}
         assert len(rec.seen) == 2 and "TABLESAMPLE" in rec.seen[0]   # the sample, the scan
         conn.execute("UPDATE big SET v = 'w' WHERE id % 100 = 0")
         rec.seen.clear()
-        assert not pgsource.rows_unchanged(rec, table, 20000, before, newest + 1)
+        assert not pgsource.rows_unchanged(rec, [(table, 20000)], before, newest + 1)
         assert len(rec.seen) == 1                                     # the sample alone
 
 
