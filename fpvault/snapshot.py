@@ -89,12 +89,12 @@ WORKER_TABLES_PER_TRANSACTION = 32
 # indexes too, and looking at 3,000 tables of two indexes each from the leader did
 # not fit a lock table that held pg_dump's 3,000 table locks.
 LEADER_READS_MAX_TABLES = 500
-# Small tables to look at are looked at by one statement per batch of up to this many
-# tables and bytes on disk (a round trip per table cost 3,400 tables 0.9 s); the
-# tables of a batch are locked together, and count towards the worker's
-# transaction together.
-LOOK_BATCH_TABLES = WORKER_TABLES_PER_TRANSACTION
-LOOK_BATCH_BYTES = pgsource.PROBE_MIN_BYTES
+# Small tables go to a reader in batches of up to this many tables and bytes on disk
+# (_batches): a worker locks a batch in one statement, and the tables of it to look
+# at are looked at in one.  A round trip per table for each cost a schema of 3,400
+# tables 0.25 s (locks) and 0.6 s (looks).
+BATCH_TABLES = 32
+BATCH_BYTES = pgsource.PROBE_MIN_BYTES
 # A changed chunk's delta is encoded on the compressor threads, off the thread that
 # reads the table, where the machine has this many cores per connection reading
 # (their server backend, psql and reader keep about three busy).  The hand-offs cost
@@ -630,7 +630,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     """Read and store the tables, but for those that their look finds unchanged:
     (the entries of all of them, the entries taken unread by oid).  The looks
     run on the connections that read, each table's just before it would be read,
-    small tables' several at once (_look_batches)."""
+    small tables' several at once (_batches)."""
     looked: dict[int, TableEntry] = {}
 
     def look_or_copy(conn: psycopg.Connection, batch: list[pgsource.TableInfo],
@@ -648,7 +648,7 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         return out
 
     # Largest first, so the long tables start early and the small ones fill the gaps.
-    batches = _look_batches(sorted(tables, key=lambda t: -t.size), looks)
+    batches = _batches(sorted(tables, key=lambda t: -t.size))
     # Many tables: the leader only holds the snapshot and every table's lock, as
     # pg_dump -j's does, and worker connections (at least one) do the reading.
     passive = len(tables) > LEADER_READS_MAX_TABLES
@@ -771,21 +771,20 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     return results, looked
 
 
-def _look_batches(tables: list[pgsource.TableInfo], looks: Looks
-                  ) -> list[list[pgsource.TableInfo]]:
-    """``tables`` in order, in batches for one reader each: a small table to look at
-    joins the batch of the last one before it (up to LOOK_BATCH_TABLES tables and
-    LOOK_BATCH_BYTES), so that their looks are one statement; any other table is a
+def _batches(tables: list[pgsource.TableInfo]) -> list[list[pgsource.TableInfo]]:
+    """``tables`` in order, in batches for one reader each: a table under BATCH_BYTES
+    joins the batch of the last one before it, up to BATCH_TABLES tables (and no more
+    than a worker reads in one transaction) and BATCH_BYTES; a larger table is a
     batch of its own."""
+    most = min(BATCH_TABLES, WORKER_TABLES_PER_TRANSACTION)
     out: list[list[pgsource.TableInfo]] = []
     open_batch: list[pgsource.TableInfo] = []
     size = 0
     for table in tables:
-        if table.oid not in looks or table.size >= LOOK_BATCH_BYTES:
+        if table.size >= BATCH_BYTES:
             out.append([table])
             continue
-        if (not open_batch or len(open_batch) >= LOOK_BATCH_TABLES
-                or size + table.size > LOOK_BATCH_BYTES):
+        if not open_batch or len(open_batch) >= most or size + table.size > BATCH_BYTES:
             open_batch, size = [], 0
             out.append(open_batch)
         open_batch.append(table)

@@ -64,7 +64,7 @@ def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
     """With -j, a table is looked at by the connection that would read it, so the
     scans run at once; what is stored is as with -j 1.  (Tables this small are
     looked at in one batch, but for this test.)"""
-    monkeypatch.setattr(snapshot, "LOOK_BATCH_TABLES", 1)
+    monkeypatch.setattr(snapshot, "BATCH_TABLES", 1)
     pg.execute(db, SCHEMA)
     snap(pg, repo, db, "-j", "3")
     pg.execute(db, "UPDATE a SET v = 'changed' WHERE id = 7")
@@ -83,7 +83,7 @@ def test_looks_run_on_every_reading_connection(pg, db, repo, monkeypatch):
 
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_small_tables_are_looked_at_together(pg, db, repo, monkeypatch, jobs):
-    """Small tables are looked at LOOK_BATCH_TABLES to a statement, by the leader and
+    """Small tables are looked at BATCH_TABLES to a statement, by the leader and
     by -j's workers; a table changed among them is still found, and read."""
     pg.execute(db, "DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format("
                    "'CREATE TABLE s%s (id int PRIMARY KEY, v text); INSERT INTO s%s "
