@@ -322,8 +322,10 @@ def relations(conn: psycopg.Connection, oids: list[int]) -> dict[int, tuple[str,
         return {row[0]: tuple(row[1:]) for row in cur.fetchall()}
 
 
-def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
-    """What we need to know of each table to copy it and restore it."""
+def table_infos(conn: psycopg.Connection, oids: list[int], *, missing_ok: bool = False
+                ) -> list[TableInfo]:
+    """What we need to know of each table to copy it and restore it (of those that
+    exist, with ``missing_ok``; else all must)."""
     if not oids:
         return []
     with conn.cursor() as cur:
@@ -421,10 +423,10 @@ def table_infos(conn: psycopg.Connection, oids: list[int]) -> list[TableInfo]:
             infos[relid].owned_sequences.append(qname)
             infos[relid].related_oids.append(seqoid)
     missing = set(oids) - set(infos)
-    if missing:
+    if missing and not missing_ok:
         raise SnapshotFailed(f"{len(missing)} table(s) in pg_dump's list are not in the catalog "
                              "of the snapshot; take the snapshot again.")
-    return [infos[o] for o in oids]
+    return [infos[o] for o in oids if o in infos]
 
 
 # -- extensions' configuration tables

@@ -217,11 +217,16 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
 
     # Each tool run costs a few milliseconds before the first row is read (in a snap of
     # an unchanged database, that is most of its time): what can, runs side by side.
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="fpvault-tools") as tools:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fpvault-tools") as tools:
         # pg_restore and psql are needed once the schema is dumped: find them meanwhile.
         find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
+        # And what the catalog says of the tables the previous snapshot held, most of
+        # them mostly (0.2 s for 3,400 tables): in our snapshot, the same whenever asked.
+        known = (tools.submit(pgsource.table_infos, leader, [t.oid for t in prev.tables],
+                              missing_ok=True)
+                 if prev is not None else None)
         with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
             archive_path = os.path.join(tmp, "schema.dump")
             _dump_schema(pg_dump, archive_path, snapshot_name, encoding, filters, safe, env)
@@ -254,7 +259,10 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     rels = pgsource.relations(leader, class_oids)
     table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
     seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
-    tables = pgsource.table_infos(leader, table_oids)
+    infos = {t.oid: t for t in known.result()} if known is not None else {}
+    infos |= {t.oid: t for t in pgsource.table_infos(
+        leader, [o for o in table_oids if o not in infos])}
+    tables = [infos[o] for o in table_oids]
     for t in tables:
         if t.oid in config:
             t.extension, t.condition = config[t.oid].extension, config[t.oid].condition
