@@ -59,7 +59,11 @@ def live_blobs(vault: Vault, snapshots: list[SnapshotHead]) -> set[bytes]:
     # list id -> who needs it, for messages; the manifests are loaded one at a time
     first_use: dict[bytes, tuple[str, str]] = {}
     for head in snapshots:
-        for what, stream in snapshot_streams(vault.load_snapshot(head.id)):
+        try:
+            snap = vault.load_snapshot(head.id)
+        except RepositoryDamaged as exc:
+            raise RepositoryDamaged(f"{exc} Prune stopped without deleting anything.") from exc
+        for what, stream in snapshot_streams(snap):
             list_id = bytes.fromhex(stream.list)
             if list_id not in first_use:
                 first_use[list_id] = (head.id, what)

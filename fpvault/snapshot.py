@@ -567,7 +567,15 @@ def previous_snapshots(vault: Vault, database: str, port: str) -> list[Snapshot]
     any), oldest first, whole; the latest one's streams are the delta bases."""
     same = [s for s in vault.snapshots() if s.source.database == database]
     same = [s for s in same if s.source.port == port] or same
-    return [vault.load_snapshot(s.id) for s in same[-2:]]
+    out: list[Snapshot] = []
+    for head in reversed(same):
+        try:
+            out.insert(0, vault.load_snapshot(head.id))
+        except RepositoryDamaged:
+            continue   # as if it were not there, as when its head cannot be read
+        if len(out) == 2:
+            break
+    return out
 
 
 class Spool:
@@ -642,16 +650,19 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
     looked: dict[int, TableEntry] = {}
 
     def look_or_copy(conn: psycopg.Connection, batch: list[pgsource.TableInfo],
-                     *split) -> list[TableEntry]:
+                     spools: list[Spool] = (), first_range: tuple | None = None,
+                     stop: threading.Event | None = None) -> list[TableEntry]:
         same = looks.unchanged(conn, batch)
         out = []
         for table in batch:
+            if stop is not None and stop.is_set():
+                raise Stopped()
             if table.oid in same:
                 looked[table.oid] = looks.old[table.oid]
                 out.append(_reused_entry(table, looks.old[table.oid], progress))
             else:
                 out.append(_copy_table(
-                    vault, conn, reader, table, progress, previous, *split,
+                    vault, conn, reader, table, progress, previous, spools, first_range, stop,
                     deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs))
         return out
 
@@ -710,20 +721,21 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
 
     def work(conn: psycopg.Connection, is_leader: bool) -> None:
         nonlocal busy
-        done = 0
+        done = 0   # tables locked in this transaction
         while not stop.is_set() and (task := take(is_leader)) is not None:
             try:
+                size = 1 if isinstance(task, Spool) else len(task[0])
+                if not is_leader and done and done + size > WORKER_TABLES_PER_TRANSACTION:
+                    # Give back the locks taken so far (the leader holds every table's).
+                    conn.execute("COMMIT")
+                    pgsource.begin_snapshot(conn, snapshot_name)
+                    done = 0
                 done += run(conn, is_leader, task)
             finally:
                 if not is_leader:
                     with lock:
                         busy -= 1
                         lock.notify_all()
-            if not is_leader and done >= WORKER_TABLES_PER_TRANSACTION:
-                # Give back the locks taken so far (the leader holds every table's).
-                conn.execute("COMMIT")
-                pgsource.begin_snapshot(conn, snapshot_name)
-                done = 0
 
     def run(conn: psycopg.Connection, is_leader: bool, task) -> int:
         """Do ``task``; the number of tables this connection locked for it."""

@@ -368,7 +368,9 @@ class Vault:
             self.damaged_snapshots = [d for d in self.damaged_snapshots if d[0] != sid]
 
     def load_snapshot(self, sid: str) -> Snapshot:
-        """The whole manifest of snapshot ``sid``."""
+        """The whole manifest of snapshot ``sid``.  One whose head decoded but whose
+        lists do not (its hash matches: a bug wrote it, not the disk) is damaged from
+        then on: left out of ``snapshots()`` and listed in ``damaged_snapshots``."""
         known = self._snapshots and self._snapshots.get(sid)
         data = known[1] if known else self._manifest(sid)
         # Decoding makes many objects and no reference cycles: the collector, which
@@ -377,6 +379,13 @@ class Vault:
         gc.disable()
         try:
             return self._decode(sid, data, decode_snapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if known:
+                del self._snapshots[sid]
+                self.damaged_snapshots.append((sid, str(exc)))
+            raise RepositoryDamaged(f"Snapshot {sid[:8]}: its manifest cannot be read ({exc}). "
+                                    "Run 'fpvault verify', and 'fpvault forget "
+                                    f"{sid[:8]}' to drop it.") from exc
         finally:
             if collecting:
                 gc.enable()

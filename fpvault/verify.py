@@ -94,7 +94,8 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     for name in index.damaged:
         report.problems.append(f"index file {name} is damaged; 'fpvault repair index' rebuilds "
                                "the index from the packs")
-    snapshots = vault.snapshots()
+    # (A manifest whose head decodes but whose lists do not is damaged too.)
+    snapshots = [head for head in vault.snapshots() if _loads(vault, head)]
     for sid, why in vault.damaged_snapshots:
         report.problems.append(f"snapshot {sid[:8]}: manifest damaged ({why})")
         report.hit(sid, "manifest")
@@ -287,6 +288,14 @@ def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> in
     pack_id, r = found
     return ((((rank.get(pack_id, len(rank)) << 40) | r.offset) << 27 | r.start) << 11
             | e.generation)
+
+
+def _loads(vault: Vault, head: SnapshotHead) -> bool:
+    try:
+        vault.load_snapshot(head.id)
+    except RepositoryDamaged:
+        return False   # and it is in vault.damaged_snapshots
+    return True
 
 
 def _per_stream(vault: Vault, snaps: list[SnapshotHead],

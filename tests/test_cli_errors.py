@@ -180,6 +180,36 @@ def test_ambiguous_prefix(pg, db, repo):
     assert r.code == 0 and json.loads(r.out)["groups"][0]["remove"][0]["id"] == ids[0], r.err
 
 
+def test_a_manifest_whose_lists_do_not_decode_is_damaged(pg, db, repo):
+    """A manifest whose hash matches but whose table list does not decode (a bug
+    wrote it, not the disk) passes for a snapshot in the list, which decodes only
+    heads; every command that needs its tables says it is damaged, snap goes on
+    from the one before, and forget drops it."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    good = snap(pg, repo, db)["id"]
+    vault = Vault.open(repo)
+    doc = json.loads(zstandard.ZstdDecompressor().decompress(
+        (Path(repo) / SNAPSHOTS / good).read_bytes()))
+    del doc["tables"][0]["name"]
+    doc["time"] = "2099-01-01T00:00:00Z"      # the latest: the one snap would build on
+    raw = json.dumps(doc).encode()
+    bad = blake3.blake3(raw).hexdigest()
+    vault.backend.put(SNAPSHOTS + bad, zstandard.ZstdCompressor().compress(raw))
+    assert listed(repo) == [good, bad]
+    for args in (["show", bad[:8]], ["restore", bad[:8], "-o", "-"], ["diff", good, bad]):
+        r = run(*args, "-r", repo)
+        assert r.code == 3 and f"Snapshot {bad[:8]}: its manifest cannot be read" in r.err, (
+            args, r.code, r.err)
+    r = run("verify", "-r", repo)
+    assert r.code == 3 and f"snapshot {bad[:8]}: manifest damaged" in r.out + r.err, r.out
+    r = run("prune", "--dry-run", "-r", repo)
+    assert r.code == 3 and "Prune stopped without deleting anything" in r.err, r.err
+    pg.execute(db, "INSERT INTO t VALUES (2)")
+    assert snap(pg, repo, db)["tables_reused"] == 0
+    assert run("forget", bad[:8], "-r", repo).code == 0
+    assert bad not in listed(repo) and run("verify", "-r", repo).code == 0
+
+
 def test_missing_and_old_pg_dump(pg, db, repo, tmp_path):
     pg.execute(db, "CREATE TABLE t (id int)")
     empty = tmp_path / "bin"

@@ -194,6 +194,31 @@ def test_workers_give_back_their_locks_and_stay_in_the_snapshot(pg, db, repo, mo
     assert pg.query(db, "SELECT count(*) FROM w40 WHERE v = 'late'")[0][0] == 2000
 
 
+def test_a_worker_holds_no_more_table_locks_than_a_transaction_allows(pg, db, repo, monkeypatch):
+    """A worker commits before a batch that would take it past
+    WORKER_TABLES_PER_TRANSACTION tables locked, not after (which let it hold 54 of
+    32 with batches of 27)."""
+    pg.execute(db, "DO $$ BEGIN FOR i IN 1..60 LOOP EXECUTE format("
+                   "'CREATE TABLE s%s (id int PRIMARY KEY, v text); INSERT INTO s%s "
+                   "SELECT g, md5(g::text) FROM generate_series(1, 50) g', i, i); END LOOP; END $$")
+    monkeypatch.setattr(snapshot, "LEADER_READS_MAX_TABLES", 2)   # every table on the worker
+    monkeypatch.setattr(snapshot, "BATCH_BYTES", 27 * 8192)       # batches of 27 tables
+    held = []
+    real = snapshot.pgsource.lock_tables_nowait
+
+    def locked(conn, tables):
+        ok = real(conn, tables)
+        held.append(conn.execute(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+            "WHERE l.pid = pg_backend_pid() AND c.relname ~ '^s[0-9]+$'").fetchone()[0])
+        return ok
+
+    monkeypatch.setattr(snapshot.pgsource, "lock_tables_nowait", locked)
+    doc = json.loads(run("snap", "-r", repo, "-d", pg.dsn(db), "--json").out)
+    assert doc["tables"] == 60 and len(held) == 3, held
+    assert max(held) <= snapshot.WORKER_TABLES_PER_TRANSACTION, held
+
+
 def test_with_many_tables_the_leader_only_holds_the_snapshot(pg, db, repo, monkeypatch):
     """Past LEADER_READS_MAX_TABLES, even -j 1 reads through a worker connection (which
     gives back its locks as it goes) and the leader, which cannot, reads nothing: not
