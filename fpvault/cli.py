@@ -270,7 +270,7 @@ class TermProgress:
                    "them.")
 @click.option("--reread", is_flag=True,
               help="Read every table, even those whose rows have not changed since the "
-                   "previous snapshot.")
+                   "previous snapshot, and dump the schema even if the catalog has not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @common_options
 @click.pass_obj

@@ -163,6 +163,10 @@ class Snapshot(msgspec.Struct, kw_only=True, dict=True):
     # What wrote it, e.g. "fpvault 0.2.0" ("" before it was recorded): a snapshot is
     # taken whole from the previous one only if the same release wrote that.
     program: str = ""
+    # pgsource.catalog_fingerprint of the snapshot ("" where it could not be told, and
+    # before it was recorded): a later snapshot with the same one takes this one's
+    # schema without running pg_dump (snapshot.py, "_same_catalog").
+    catalog: str = ""
 
     @property
     def rows(self) -> int:
@@ -196,6 +200,7 @@ class SnapshotHead(msgspec.Struct, kw_only=True, dict=True):
     tables_reused: int = 0
     session: dict[str, str] = {}
     program: str = ""
+    catalog: str = ""
 
 
 # The sizes in a manifest's lists, decoded for a head's totals and dropped.

@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import blake3
 import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -771,6 +772,64 @@ def rows_unchanged(conn: psycopg.Connection, tables: list[tuple[TableInfo, int]]
         return set()
     found = conn.execute(sql.SQL(" UNION ALL ").join(scans)).fetchall()
     return {oid for oid, count, old in found if old and count == counted[oid]}
+
+
+# The catalog fingerprint (catalog_fingerprint).  Left out: catalog columns that
+# change without DDL (VACUUM, ANALYZE, a rewrite) and that pg_dump before 18 prints in
+# no schema dump, and catalogs of data (large objects' pages, planner statistics).
+# pg_dump 18 can dump statistics: then nothing is left out.
+CATALOG_VOLATILE = {"pg_class": {"relpages", "reltuples", "relallvisible", "relfrozenxid",
+                                 "relminmxid", "relfilenode"},
+                    "pg_database": {"datfrozenxid", "datminmxid"}}
+CATALOG_DATA = {"pg_largeobject", "pg_statistic", "pg_statistic_ext_data"}
+# Catalogs only a superuser may read, and the view pg_dump reads instead.
+CATALOG_VIEWS = {"pg_authid": "pg_roles", "pg_user_mapping": "pg_user_mappings"}
+CATALOG_FINGERPRINT_VERSION = "1"
+
+
+def catalog_fingerprint(conn: psycopg.Connection, pg_dump_major: int) -> str:
+    """A digest of every row of every catalog (pg_catalog's tables, shared ones too)
+    that our snapshot sees, but for what CATALOG_VOLATILE and CATALOG_DATA leave out:
+    two snapshots with the same one see the same catalog, of which pg_dump's schema
+    dump is a function (with the same server and pg_dump versions, role, options).
+    Rows are compared by content, not by xmin: some catalog updates are made in
+    place and keep the row's xmin (CREATE INDEX CONCURRENTLY marking its index
+    valid).  "" where it cannot be told: a catalog the role may not read (a
+    non-superuser and pg_subscription), or a server before 11 (hashtextextended).
+    One scan of each catalog; 0.25 s for the 217,000 rows of 3,400 tables."""
+    if conn.info.server_version < 110000:
+        return ""
+    everything = pg_dump_major >= 18
+    cats = conn.execute("""
+        SELECT c.relname, pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0
+                                      AND NOT a.attisdropped
+        WHERE c.relnamespace = 'pg_catalog'::pg_catalog.regnamespace AND c.relkind = 'r'
+        GROUP BY c.relname ORDER BY c.relname""").fetchall()
+    scans, names = [], []
+    for name, columns in cats:
+        if name in CATALOG_DATA and not everything:
+            continue
+        source = CATALOG_VIEWS.get(name, name)
+        volatile = set() if everything else CATALOG_VOLATILE.get(name, set())
+        row = (sql.SQL("({})").format(sql.SQL(", ").join(
+                   sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns if c not in volatile))
+               if volatile else sql.SQL("t"))
+        names.append(sql.Literal(f"pg_catalog.{source}"))
+        scans.append(sql.SQL(
+            "SELECT {}, count(*), coalesce(sum(pg_catalog.hashtextextended({}::text, 0)"
+            "::numeric), 0)::text FROM pg_catalog.{} t").format(
+                sql.Literal(name), row, sql.Identifier(source)))
+    (readable,) = conn.execute(sql.SQL(
+        "SELECT pg_catalog.bool_and(pg_catalog.has_table_privilege(n, 'SELECT')) "
+        "FROM pg_catalog.unnest(ARRAY[{}]) n").format(sql.SQL(", ").join(names))).fetchone()
+    if not readable:
+        return ""
+    digest = blake3.blake3()
+    for name, count, total in sorted(conn.execute(sql.SQL(" UNION ALL ").join(scans)).fetchall()):
+        digest.update(f"{name} {count} {total}\n".encode())
+    return f"{CATALOG_FINGERPRINT_VERSION}:{digest.hexdigest()}"
 
 
 def large_object_pages(conn: psycopg.Connection, oids: list[int], before: int | None,

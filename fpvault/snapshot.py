@@ -217,28 +217,45 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
 
     # Each tool run costs a few milliseconds before the first row is read (in a snap of
     # an unchanged database, that is most of its time): what can, runs side by side.
-    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="fpvault-tools") as tools:
+    with ThreadPoolExecutor(max_workers=5, thread_name_prefix="fpvault-tools") as tools:
         # pg_restore and psql are needed once the schema is dumped: find them meanwhile.
         find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
+        fingerprint = tools.submit(_catalog_fingerprint, conninfo, encoding, snapshot_name,
+                                   pg_dump.major)
         # And what the catalog says of the tables the previous snapshot held, most of
         # them mostly (0.2 s for 3,400 tables): in our snapshot, the same whenever asked.
         known = (tools.submit(pgsource.table_infos, leader, [t.oid for t in prev.tables],
                               missing_ok=True)
                  if prev is not None else None)
+        # Where the catalog is the one the previous snapshot saw, so is pg_dump's schema
+        # dump, which is then not run: its archive and text are taken from that snapshot.
+        schema_kept = (prev is not None and not reread and _same_catalog(
+            vault, prev, fingerprint.result(), user, filters, encoding, pg_dump, server_num))
         with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
             archive_path = os.path.join(tmp, "schema.dump")
-            _dump_schema(pg_dump, archive_path, snapshot_name, encoding, filters, safe, env)
-            pg_restore = find_restore.result()
-            toc_job = tools.submit(pgtools.archive_toc, pg_restore, archive_path)
-            pre_job, post_job = (tools.submit(pgtools.archive_sql, pg_restore, archive_path,
-                                              section) for section in ("pre-data", "post-data"))
-            with open(archive_path, "rb") as f:
-                archive = f.read()
-            wait([toc_job, pre_job, post_job])   # all done with the archive before it goes
-            toc, pre_sql, post_sql = toc_job.result(), pre_job.result(), post_job.result()
+            if schema_kept:
+                try:
+                    archive = vault.read_bytes(prev.schema.archive)
+                except RepositoryDamaged:
+                    schema_kept = False   # (verify reports it) dumped and stored again
+            if schema_kept:
+                with open(archive_path, "wb") as f:
+                    f.write(archive)
+                toc = pgtools.archive_toc(find_restore.result(), archive_path)
+            else:
+                _dump_schema(pg_dump, archive_path, snapshot_name, encoding, filters, safe, env)
+                pg_restore = find_restore.result()
+                toc_job = tools.submit(pgtools.archive_toc, pg_restore, archive_path)
+                pre_job, post_job = (tools.submit(pgtools.archive_sql, pg_restore, archive_path,
+                                                  section) for section in ("pre-data", "post-data"))
+                with open(archive_path, "rb") as f:
+                    archive = f.read()
+                wait([toc_job, pre_job, post_job])   # all done with the archive before it goes
+                toc, pre_sql, post_sql = toc_job.result(), pre_job.result(), post_job.result()
         psql = find_psql.result()
+        catalog = fingerprint.result()
     reader = (pgsource.PsqlReader(psql.path, safe, env, snapshot_name, encoding)
               if psql is not None else None)
 
@@ -280,7 +297,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     vault.upgrade()
     store = vault.store
     store.size_caches(jobs, snapshot=True)
-    schema = SchemaBlobs(
+    schema = prev.schema if schema_kept else SchemaBlobs(
         archive=vault.write_stream([archive], prev and prev.schema.archive)[0],
         pre_data=vault.write_stream([pre_sql], prev and prev.schema.pre_data)[0],
         post_data=vault.write_stream([post_sql], prev and prev.schema.post_data)[0])
@@ -306,7 +323,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     unchanged = same_server and prev.xact == mark and prev.filters == filters.as_dict()
     # Otherwise each table is looked at, if the schema is as it was: an enum label or a
     # composite type changes a table's text without touching its rows.
-    look = same_server and not unchanged and _same_schema(vault, prev, schema, pre_sql, post_sql)
+    look = same_server and not unchanged and (
+        schema_kept or _same_schema(vault, prev, schema, pre_sql, post_sql))
     reusable = _reusable_tables(vault, prev, tables) if unchanged or look else {}
     # (But for a table whose rows a condition chooses, which may choose others now.)
     reuse = {oid: e for oid, e in reusable.items() if not e.condition} if unchanged else {}
@@ -366,7 +384,8 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         source=_source(leader, conninfo, user, encoding, pg_dump), filters=filters.as_dict(),
         schema=schema, tables=sorted(entries, key=lambda e: (e.schema, e.name)),
         sequences=sequences, large_objects=large_objects, xact=mark,
-        tables_reused=len(reuse), session=dict(pgsource.SESSION_SETTINGS)), bytes_read, started)
+        tables_reused=len(reuse), session=dict(pgsource.SESSION_SETTINGS), catalog=catalog),
+        bytes_read, started)
 
 
 def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: str,
@@ -390,6 +409,40 @@ def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: st
     return all(stream.list in stored for stream in streams)
 
 
+def _catalog_fingerprint(conninfo: str, encoding: str, snapshot_name: str,
+                         pg_dump_major: int) -> str:
+    """pgsource.catalog_fingerprint in the snapshot, on a connection of its own, so
+    that it runs beside the leader's catalog queries; "" (cannot tell: pg_dump runs)
+    if that connection or its query fails."""
+    try:
+        conn = pgsource.connect(conninfo, "to read the catalog")
+    except DatabaseError:
+        return ""
+    try:
+        pgsource.setup_session(conn, encoding)
+        pgsource.begin_snapshot(conn, snapshot_name)
+        return pgsource.catalog_fingerprint(conn, pg_dump_major)
+    except psycopg.Error:
+        return ""
+    finally:
+        conn.close()
+
+
+def _same_catalog(vault: Vault, prev: Snapshot, catalog: str, user: str, filters: Filters,
+                  encoding: str, pg_dump: pgtools.Tool, server_num: int) -> bool:
+    """Whether pg_dump's schema dump would be ``prev``'s: the same catalog (its
+    fingerprint), server and pg_dump versions, role, filters and encoding, and
+    ``prev``'s schema written by this release and all stored."""
+    streams = [prev.schema.archive, prev.schema.pre_data, prev.schema.post_data]
+    return (catalog != "" and prev.catalog == catalog
+            and prev.version == FORMAT_VERSION and prev.program == PROGRAM
+            and prev.source.server_version_num == server_num
+            and prev.source.pg_dump_version == pg_dump.version
+            and prev.source.user == user and prev.source.encoding == encoding
+            and prev.filters == filters.as_dict()
+            and {s.list for s in streams} <= _stored_lists(vault, streams))
+
+
 def _quiet(vault: Vault, leader: psycopg.Connection, prev: Snapshot,
            mark: XactMark, tags, source: Source, progress: Progress, started: float
            ) -> SnapResult:
@@ -410,7 +463,8 @@ def _quiet(vault: Vault, leader: psycopg.Connection, prev: Snapshot,
         time=now_iso(), tags=sorted(set(tags)), hostname=client_hostname(),
         source=source, filters=prev.filters, schema=prev.schema, tables=prev.tables,
         sequences=sequences, large_objects=prev.large_objects, xact=mark,
-        tables_reused=len(prev.tables), session=dict(pgsource.SESSION_SETTINGS)), 0, started)
+        tables_reused=len(prev.tables), session=dict(pgsource.SESSION_SETTINGS),
+        catalog=prev.catalog), 0, started)
 
 
 def _source(leader: psycopg.Connection, conninfo: str, user: str, encoding: str,
