@@ -9,26 +9,13 @@ import time
 import pytest
 
 from conftest import run
-from test_unchanged import manifest, snap
-from fpvault import pgsource, snapshot
+from test_unchanged import manifest, pg_dump_runs as dumps, snap
+from fpvault import pgsource
 from fpvault.vault import Vault
 
 SCHEMA = ("CREATE TABLE a (id int PRIMARY KEY, v text); "
           "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 2000) g; "
           "CREATE TABLE b (id int PRIMARY KEY, n int); INSERT INTO b VALUES (1, 1), (2, 2);")
-
-
-def dumps(monkeypatch):
-    """pg_dump's runs, as snap starts them."""
-    runs = []
-    real = snapshot._dump_schema
-
-    def counted(*args):
-        runs.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(snapshot, "_dump_schema", counted)
-    return runs
 
 
 def commit_elsewhere(pg):

@@ -42,6 +42,19 @@ def reads(monkeypatch):
     return seen
 
 
+def pg_dump_runs(monkeypatch):
+    """pg_dump's runs, as snap starts them."""
+    runs = []
+    real = snapshot._dump_schema
+
+    def counted(*args):
+        runs.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(snapshot, "_dump_schema", counted)
+    return runs
+
+
 def manifest(repo, sid):
     return Vault.open(repo).resolve(sid)[1]
 
@@ -293,14 +306,7 @@ def test_nothing_committed_takes_the_schema_too(pg, db, repo, monkeypatch):
     the schema is that snapshot's, and only the sequences are read.  A pg_dump of
     another version, or DDL, dumps the schema again."""
     pg.execute(db, SCHEMA)
-    dumps = []
-    real_dump = snapshot._dump_schema
-
-    def counted_dump(*args):
-        dumps.append(args)
-        return real_dump(*args)
-
-    monkeypatch.setattr(snapshot, "_dump_schema", counted_dump)
+    dumps = pg_dump_runs(monkeypatch)
     for _ in range(10):
         first = snap(pg, repo, db)
         dumps.clear()
