@@ -222,8 +222,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
-        fingerprint = tools.submit(_catalog_fingerprint, conninfo, encoding, snapshot_name,
-                                   pg_dump.major)
+        fingerprint = tools.submit(_catalog_fingerprint, conninfo, encoding, snapshot_name)
         # And what the catalog says of the tables the previous snapshot held, most of
         # them mostly (0.2 s for 3,400 tables): in our snapshot, the same whenever asked.
         known = (tools.submit(pgsource.table_infos, leader, [t.oid for t in prev.tables],
@@ -409,8 +408,7 @@ def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: st
     return all(stream.list in stored for stream in streams)
 
 
-def _catalog_fingerprint(conninfo: str, encoding: str, snapshot_name: str,
-                         pg_dump_major: int) -> str:
+def _catalog_fingerprint(conninfo: str, encoding: str, snapshot_name: str) -> str:
     """pgsource.catalog_fingerprint in the snapshot, on a connection of its own, so
     that it runs beside the leader's catalog queries; "" (cannot tell: pg_dump runs)
     if that connection or its query fails."""
@@ -421,7 +419,7 @@ def _catalog_fingerprint(conninfo: str, encoding: str, snapshot_name: str,
     try:
         pgsource.setup_session(conn, encoding)
         pgsource.begin_snapshot(conn, snapshot_name)
-        return pgsource.catalog_fingerprint(conn, pg_dump_major)
+        return pgsource.catalog_fingerprint(conn)
     except psycopg.Error:
         return ""
     finally:
@@ -502,6 +500,10 @@ def _dump_schema(pg_dump: pgtools.Tool, archive_path: str, snapshot_name: str, e
             # The archive's SET client_encoding must be the one the data is read in
             # (PGCLIENTENCODING would otherwise choose it).
             f"--encoding={encoding}",
+            # Planner statistics (pg_dump 18 can dump them) are not the database's
+            # history, and change with every ANALYZE: the catalog fingerprint leaves
+            # them out (pgsource.CATALOG_DATA), so the schema must too.
+            *(["--no-statistics"] if pg_dump.major >= 18 else []),
             *filters.pg_dump_args(), f"--dbname={conninfo}"], env=env, what="dumping the schema")
     except ToolError as exc:
         text = str(exc)
