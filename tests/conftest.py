@@ -176,6 +176,15 @@ def _deltas_off_thread(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _catalog_fingerprints(monkeypatch):
+    """snap takes the catalog's fingerprint, and takes the previous snapshot's schema
+    when it is the same, in databases of 1,000 tables and more
+    (fpvault.snapshot.CATALOG_FINGERPRINT_MIN_TABLES): in every database of the
+    tests, so that the suite goes through that path."""
+    monkeypatch.setattr(snapshot, "CATALOG_FINGERPRINT_MIN_TABLES", 0)
+
+
+@pytest.fixture(autouse=True)
 def _schema_in_parts(monkeypatch):
     """restore -j commits pre-data, and the post-data it runs on one connection, every
     500 entries (fpvault.restore.SCHEMA_ENTRIES): every 3 in the tests, so that every

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run
 from test_unchanged import manifest, pg_dump_runs as dumps, snap
-from fpvault import pgsource
+from fpvault import pgsource, snapshot
 from fpvault.vault import Vault
 
 SCHEMA = ("CREATE TABLE a (id int PRIMARY KEY, v text); "
@@ -138,3 +138,16 @@ def test_a_role_that_cannot_read_every_catalog_always_dumps(pg, db, repo, monkey
         assert pgsource.catalog_fingerprint(conn) == ""
     with pg.connect(db) as conn:
         assert pgsource.catalog_fingerprint(conn).startswith("1:")
+
+
+def test_a_small_database_takes_no_fingerprint(pg, db, repo, monkeypatch):
+    """Below CATALOG_FINGERPRINT_MIN_TABLES tables, pg_dump costs no more than the
+    fingerprint: none is taken, and pg_dump runs after every commit."""
+    monkeypatch.setattr(snapshot, "CATALOG_FINGERPRINT_MIN_TABLES", 10 ** 9)
+    pg.execute(db, SCHEMA)
+    first = snap(pg, repo, db)
+    runs = dumps(monkeypatch)
+    commit_elsewhere(pg)
+    second = snap(pg, repo, db)
+    assert len(runs) == 1 and second["tables_reused"] == 2
+    assert manifest(repo, first["id"]).catalog == manifest(repo, second["id"]).catalog == ""
