@@ -103,6 +103,7 @@ BATCH_BYTES = pgsource.PROBE_MIN_BYTES
 # pg_dump that does run, which costs a first snapshot of 3,400 tables 0.2 s on two
 # cores.
 CATALOG_FINGERPRINT_MIN_TABLES = 1000
+CATALOG_FINGERPRINT_CONNECTIONS = 2
 # A changed chunk's delta is encoded on the compressor threads, off the thread that
 # reads the table, where the machine has this many cores per connection reading
 # (their server backend, psql and reader keep about three busy).  The hand-offs cost
@@ -425,21 +426,22 @@ def _nothing_since(vault: Vault, prev: Snapshot, mark: XactMark | None, user: st
 
 
 def _catalog_fingerprint(conninfo: str, encoding: str, snapshot_name: str) -> str:
-    """pgsource.catalog_fingerprint in the snapshot, on a connection of its own, so
-    that it runs beside the leader's catalog queries; "" (cannot tell: pg_dump runs)
-    if that connection or its query fails."""
+    """pgsource.catalog_fingerprint in the snapshot, on two connections of its own,
+    so that it runs beside the leader's catalog queries, and its scans beside each
+    other (on two cores, it ends the wait before a wide schema's tables are locked);
+    "" (cannot tell: pg_dump runs) if a connection or a query fails."""
+    conns: list[psycopg.Connection] = []
     try:
-        conn = pgsource.connect(conninfo, "to read the catalog")
-    except DatabaseError:
-        return ""
-    try:
-        pgsource.setup_session(conn, encoding)
-        pgsource.begin_snapshot(conn, snapshot_name)
-        return pgsource.catalog_fingerprint(conn)
-    except psycopg.Error:
+        for _ in range(CATALOG_FINGERPRINT_CONNECTIONS):
+            conns.append(pgsource.connect(conninfo, "to read the catalog"))
+            pgsource.setup_session(conns[-1], encoding)
+            pgsource.begin_snapshot(conns[-1], snapshot_name)
+        return pgsource.catalog_fingerprint(*conns)
+    except (DatabaseError, psycopg.Error):
         return ""
     finally:
-        conn.close()
+        for conn in conns:
+            conn.close()
 
 
 def _kept_schema(vault: Vault, prev: Snapshot, path: str, find_restore: Future

@@ -151,3 +151,17 @@ def test_a_small_database_takes_no_fingerprint(pg, db, repo, monkeypatch):
     second = snap(pg, repo, db)
     assert len(runs) == 1 and second["tables_reused"] == 2
     assert manifest(repo, first["id"]).catalog == manifest(repo, second["id"]).catalog == ""
+
+
+def test_the_fingerprint_is_the_same_on_more_connections(pg, db):
+    """Shared among connections in one snapshot, the catalogs' scans give the same
+    fingerprint as on one."""
+    pg.execute(db, SCHEMA)
+    with pg.connect(db) as one, pg.connect(db) as two, pg.connect(db) as three:
+        name = pgsource.begin_snapshot(one)
+        pgsource.begin_snapshot(two, name)
+        pgsource.begin_snapshot(three, name)
+        alone = pgsource.catalog_fingerprint(one)
+        assert alone.startswith("1:")
+        assert pgsource.catalog_fingerprint(one, two) == alone
+        assert pgsource.catalog_fingerprint(one, two, three) == alone
