@@ -77,6 +77,8 @@ SPLIT_MIN_BYTES = 64 * 1024 * 1024
 # adds its own work.  On 2 cores, bench database, first snapshot -j 2: 0.81x of
 # pg_dump -Fc unsplit, 0.85x split (docs/benchmarks.md); key-order reads split
 # regardless (a full re-read, -j 2: 2.56 s split, 2.65 s not).
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+    os.cpu_count() or 1)
 # A worker connection (-j) commits and joins the snapshot again after this many
 # tables: the locks it takes to read them (the table's, and its indexes' when a
 # query plans on it) are held until its transaction ends, and the server's lock
@@ -112,8 +114,6 @@ CATALOG_FINGERPRINT_CONNECTIONS = 2
 # 1.26; on 2 cores, where the server and psql want them too, the churned bench
 # snapshot took 2.90 s instead of 2.82 (docs/benchmarks.md, "deltas off the reader").
 DELTAS_OFF_THREAD_CORES_PER_JOB = 4
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-    os.cpu_count() or 1)
 
 
 @dataclass

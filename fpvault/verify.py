@@ -94,8 +94,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
     for name in index.damaged:
         report.problems.append(f"index file {name} is damaged; 'fpvault repair index' rebuilds "
                                "the index from the packs")
-    # (A manifest whose head decodes but whose lists do not is damaged too.)
-    snapshots = [head for head in vault.snapshots() if _loads(vault, head)]
+    snapshots, lists = _loadable(vault, vault.snapshots())
     for sid, why in vault.damaged_snapshots:
         report.problems.append(f"snapshot {sid[:8]}: manifest damaged ({why})")
         report.hit(sid, "manifest")
@@ -119,7 +118,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
         return out
 
     say("checking snapshots")
-    for snap, what, _, found in _per_stream(vault, snapshots, missing_of):
+    for snap, what, _, found in _per_stream(vault, snapshots, lists, missing_of):
         if isinstance(found, RepositoryDamaged):
             report.problems.append(f"snapshot {snap.id[:8]}, {what}: chunk list "
                                    f"unreadable ({found})")
@@ -248,7 +247,7 @@ def verify(vault: Vault, *, read_data: bool = False, subset: float | None = None
                 damaged(blob, why)
 
     if bad:
-        _name_victims(vault, snapshots, bad, report)
+        _name_victims(vault, snapshots, lists, bad, report)
 
     if restore_test:
         targets = restore_snapshots or (["latest"] if snapshots else [])
@@ -290,26 +289,32 @@ def _chain_order(vault: Vault, rank: dict[bytes, int], e: packs.BlobEntry) -> in
             | e.generation)
 
 
-def _loads(vault: Vault, head: SnapshotHead) -> bool:
-    try:
-        vault.load_snapshot(head.id)
-    except RepositoryDamaged:
-        return False   # and it is in vault.damaged_snapshots
-    return True
+def _loadable(vault: Vault, heads: list[SnapshotHead]
+              ) -> tuple[list[SnapshotHead], set[bytes]]:
+    """Those of ``heads`` whose manifests load whole, and the distinct chunk lists of
+    their streams.  A manifest whose head decodes but whose lists do not is damaged
+    too: it joins ``vault.damaged_snapshots``."""
+    loaded, lists = [], set()
+    for head in heads:
+        try:
+            snap = vault.load_snapshot(head.id)
+        except RepositoryDamaged:
+            continue
+        loaded.append(head)
+        lists.update(bytes.fromhex(stream.list) for _, stream in snapshot_streams(snap))
+    return loaded, lists
 
 
-def _per_stream(vault: Vault, snaps: list[SnapshotHead],
+def _per_stream(vault: Vault, snaps: list[SnapshotHead], lists: set[bytes],
                 inspect: Callable[[bytes, list[ChunkRef]], T]
                 ) -> Iterator[tuple[SnapshotHead, str, bytes, T | RepositoryDamaged]]:
     """(snapshot, what, list id, finding) for each stream of each of ``snaps``, in
     order: what ``inspect`` found in its chunk list, or why the list cannot be read.  Each
-    distinct list is read and inspected once (an unchanged table's is shared by every
-    snapshot since it last changed), neighbours together and, on a remote backend, by
-    a few threads (ChunkStore.read_lists); only the findings are kept.  The manifests
-    are loaded one at a time, twice: a list of every stream of every snapshot would
-    grow with tables times snapshots."""
-    lists = {bytes.fromhex(stream.list)
-             for head in snaps for _, stream in snapshot_streams(vault.load_snapshot(head.id))}
+    of ``lists``, the distinct ones (an unchanged table's is shared by every snapshot
+    since it last changed; _loadable), is read and inspected once, neighbours together
+    and, on a remote backend, by a few threads (ChunkStore.read_lists); only the
+    findings are kept.  The manifests are loaded again one at a time: a list of every
+    stream of every snapshot would grow with tables times snapshots."""
     found: dict[bytes, T | RepositoryDamaged] = {}
     for list_id, refs in vault.store.read_lists(lists):
         found[list_id] = refs if isinstance(refs, RepositoryDamaged) else inspect(list_id, refs)
@@ -319,8 +324,8 @@ def _per_stream(vault: Vault, snaps: list[SnapshotHead],
             yield head, what, list_id, found[list_id]
 
 
-def _name_victims(vault: Vault, snapshots: list[SnapshotHead], bad: dict[bytes, list[str]],
-                  report: Report) -> None:
+def _name_victims(vault: Vault, snapshots: list[SnapshotHead], lists: set[bytes],
+                  bad: dict[bytes, list[str]], report: Report) -> None:
     """Report each damaged blob once for every snapshot stream that needs it (itself,
     or as a delta base, or as its chunk list)."""
     index = vault.index
@@ -329,7 +334,7 @@ def _name_victims(vault: Vault, snapshots: list[SnapshotHead], bad: dict[bytes, 
         ids = {list_id, *(ref.id for ref in refs or ())}
         return sorted(blob for blob in with_bases(index, ids) if blob in bad)
 
-    for snap, what, list_id, found in _per_stream(vault, snapshots, hits):
+    for snap, what, list_id, found in _per_stream(vault, snapshots, lists, hits):
         if isinstance(found, RepositoryDamaged):
             found = hits(list_id, None)
         for blob in found:
