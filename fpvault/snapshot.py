@@ -705,9 +705,13 @@ class Spool:
 
 def copy_out(conn: psycopg.Connection, reader: pgsource.PsqlReader | None,
              table: pgsource.TableInfo, key_range: tuple[int | None, int | None] | None,
-             rows: list[int]) -> Iterator[bytearray]:
-    """A table's COPY stream (or a key range of it): through a psql process if the
-    table is large and psql can connect, else through ``conn``."""
+             rows: list[int], copies: pgsource.CopyOuts | None = None) -> Iterator[bytearray]:
+    """A table's COPY stream (or a key range of it): from ``copies`` if the table is
+    one of a batch asked for at once, through a psql process if the table is large
+    and psql can connect, else through ``conn``."""
+    if copies is not None:
+        yield from copies.stream(table, rows)
+        return
     if reader is not None and not reader.disabled and table.size >= pgsource.PSQL_MIN_BYTES:
         stream = reader.copy_out(table, key_range, rows)
         try:
@@ -739,15 +743,33 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
         same = looks.unchanged(conn, batch)
         out = []
         for table in batch:
-            if stop is not None and stop.is_set():
-                raise Stopped()
             if table.oid in same:
                 looked[table.oid] = looks.old[table.oid]
                 out.append(_reused_entry(table, looks.old[table.oid], progress))
-            else:
+        # Small tables' streams are asked for in one query: a round trip each cost
+        # more than reading them.  Not a table psql may read, nor a condition's (an
+        # extension's text): the server parses the whole query first, and a syntax
+        # error in one would be the first table's.  Those go first, one by one.
+        to_read = [t for t in batch if t.oid not in same]
+        together = [t for t in to_read
+                    if t.size < pgsource.PSQL_MIN_BYTES and not t.condition]
+        if len(together) < 2:
+            together = []
+        alone = [t for t in to_read if t not in together]
+        copies = None
+        try:
+            for table in alone + together:
+                if stop is not None and stop.is_set():
+                    raise Stopped()
+                if together and table is together[0]:
+                    copies = pgsource.CopyOuts(conn, together)
                 out.append(_copy_table(
                     vault, conn, reader, table, progress, previous, spools, first_range, stop,
-                    deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs))
+                    deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs,
+                    copies=copies))
+        finally:
+            if copies is not None:
+                copies.close()
         return out
 
     # Largest first, so the long tables start early and the small ones fill the gaps.
@@ -907,14 +929,15 @@ def _copy_table(vault: Vault, conn: psycopg.Connection, reader: pgsource.PsqlRea
                 table: pgsource.TableInfo, progress: Progress,
                 previous: dict[tuple[str, str], Stream],
                 spools: list[Spool] = (), first_range: tuple | None = None,
-                stop: threading.Event | None = None, deltas_off_thread: bool = False
-                ) -> TableEntry:
+                stop: threading.Event | None = None, deltas_off_thread: bool = False,
+                copies: pgsource.CopyOuts | None = None) -> TableEntry:
     """Read and store one table; when it is split, its first range from ``conn``
-    and then the later ranges from their ``spools``, in order."""
+    and then the later ranges from their ``spools``, in order; from ``copies`` if
+    it is one of them."""
     rows: list[int] = []
 
     def counted():
-        for buf in copy_out(conn, reader, table, first_range, rows):
+        for buf in copy_out(conn, reader, table, first_range, rows, copies):
             progress.advance(len(buf))
             yield buf
         for spool in spools:

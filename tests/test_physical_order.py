@@ -27,9 +27,9 @@ def spy_on_copy(monkeypatch):
     seen = []
     real = snapshot.copy_out
 
-    def copy_out(conn, reader, table, key_range, rows):
+    def copy_out(conn, reader, table, key_range, rows, copies=None):
         seen.append((table.name, table.physical, key_range))
-        return real(conn, reader, table, key_range, rows)
+        return real(conn, reader, table, key_range, rows, copies)
 
     monkeypatch.setattr(snapshot, "copy_out", copy_out)
     return seen

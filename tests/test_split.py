@@ -24,11 +24,11 @@ def spy_on_copy(monkeypatch, fail_range=False):
     seen = []
     real = snapshot.copy_out
 
-    def copy_out(conn, reader, table, key_range, rows):
+    def copy_out(conn, reader, table, key_range, rows, copies=None):
         seen.append((table.name, key_range))
         if fail_range and key_range is not None and key_range[0] is not None:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return real(conn, reader, table, key_range, rows)
+        return real(conn, reader, table, key_range, rows, copies)
 
     monkeypatch.setattr(snapshot, "copy_out", copy_out)
     return seen
@@ -239,9 +239,9 @@ def test_with_many_tables_the_leader_only_holds_the_snapshot(pg, db, repo, monke
         conns.append(real_connect(*args, **kwargs))
         return conns[-1]
 
-    def copy_out(conn, reader, table, key_range, rows):
+    def copy_out(conn, reader, table, key_range, rows, copies=None):
         read_on.append(conns.index(conn))
-        return real_copy(conn, reader, table, key_range, rows)
+        return real_copy(conn, reader, table, key_range, rows, copies)
 
     def looked_on(monkeypatch):
         on = []

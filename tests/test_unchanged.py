@@ -34,9 +34,9 @@ def reads(monkeypatch):
     seen = []
     real = snapshot.copy_out
 
-    def spy(conn, reader, table, key_range, rows):
+    def spy(conn, reader, table, key_range, rows, copies=None):
         seen.append(table.name)
-        return real(conn, reader, table, key_range, rows)
+        return real(conn, reader, table, key_range, rows, copies)
 
     monkeypatch.setattr(snapshot, "copy_out", spy)
     return seen

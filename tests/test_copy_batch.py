@@ -1,0 +1,153 @@
+"""Small tables' COPY streams asked for in one query (pgsource.CopyOuts)."""
+
+import json
+
+import psycopg
+import pytest
+
+from conftest import run
+from fpvault import pgsource, snapshot
+
+TABLES = """
+CREATE TABLE a (id int PRIMARY KEY, v text);
+INSERT INTO a SELECT g, repeat(md5(g::text), 40) FROM generate_series(1, 3000) g;
+CREATE TABLE b (id int PRIMARY KEY, v text);
+INSERT INTO b VALUES (1, E'tab\\there'), (2, NULL), (3, '\\.');
+CREATE TABLE c (id int PRIMARY KEY, v text);
+CREATE TABLE d (id int PRIMARY KEY, v text);
+INSERT INTO d SELECT g, md5(g::text) FROM generate_series(1, 50) g;
+"""
+
+
+@pytest.fixture
+def conn(pg, db):
+    pg.execute(db, TABLES)
+    conn = pgsource.connect(pg.dsn(db))
+    pgsource.setup_session(conn)
+    yield conn
+    conn.close()
+
+
+def infos(conn, *names):
+    oids = [conn.execute("SELECT %s::regclass::oid", ("public." + n,)).fetchone()[0] for n in names]
+    by_oid = {t.oid: t for t in pgsource.table_infos(conn, oids)}
+    return [by_oid[o] for o in oids]
+
+
+def one_at_a_time(conn, tables):
+    out = []
+    for t in tables:
+        rows = []
+        out.append((b"".join(pgsource.copy_out(conn, t, rows=rows)), rows))
+    return out
+
+
+def test_streams_asked_for_at_once_are_each_tables_own(conn):
+    tables = infos(conn, "a", "b", "c", "d")
+    copies = pgsource.CopyOuts(conn, tables)
+    got = []
+    try:
+        for t in tables:
+            rows = []
+            got.append((b"".join(copies.stream(t, rows)), rows))
+    finally:
+        copies.close()
+    assert got == one_at_a_time(conn, tables)
+    assert [rows for _, rows in got] == [[3000], [3], [0], [50]]
+    assert len(got[0][0]) > 2 * pgsource.COPY_BATCH   # several buffers
+    assert conn.execute("SELECT 1").fetchone() == (1,)   # the connection is free
+
+
+def test_streams_left_unread_are_skipped(conn):
+    a, b, c, d = infos(conn, "a", "b", "c", "d")
+    expected = dict(zip("abcd", one_at_a_time(conn, [a, b, c, d])))
+    copies = pgsource.CopyOuts(conn, [a, b, c, d])
+    try:
+        partly = copies.stream(a, [])
+        first = next(partly)
+        assert expected["a"][0].startswith(first) and len(first) < len(expected["a"][0])
+        partly.close()   # the consumer stops early
+        rows = []
+        assert b"".join(copies.stream(c, rows)) == expected["c"][0]   # b is skipped
+        with pytest.raises(RuntimeError, match="read already"):
+            next(copies.stream(b, []))
+    finally:
+        copies.close()   # and d is read and dropped
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_failing_statement_fails_its_own_stream(conn):
+    a, b, d = infos(conn, "a", "b", "d")
+    b.condition = "WHERE 1 / (id - 2) > 0"   # division by zero on its second row
+    copies = pgsource.CopyOuts(conn, [a, b, d])
+    rows_a = []
+    assert b"".join(copies.stream(a, rows_a)) and rows_a == [3000]
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        b"".join(copies.stream(b, []))
+    copies.close()   # the server ran nothing after it; nothing more to raise
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_closing_unread_streams_frees_the_connection(conn):
+    copies = pgsource.CopyOuts(conn, infos(conn, "a", "b", "c"))
+    copies.close()
+    copies.close()
+    assert conn.execute("SELECT count(*) FROM public.a").fetchone() == (3000,)
+
+
+def test_a_batch_whose_table_is_refused_names_that_table(pg, db, repo):
+    """Row level security refuses one table of a batch: snap fails naming it, and
+    writes nothing."""
+    with pg.connect() as conn:
+        conn.execute("""DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fpv_batch') THEN
+              CREATE ROLE fpv_batch LOGIN NOSUPERUSER NOBYPASSRLS;
+            END IF; END $$""")
+    pg.execute(db, TABLES + """
+        ALTER TABLE a OWNER TO fpv_batch; ALTER TABLE b OWNER TO fpv_batch;
+        ALTER TABLE c OWNER TO fpv_batch; ALTER TABLE d OWNER TO fpv_batch;
+        ALTER TABLE c ENABLE ROW LEVEL SECURITY; ALTER TABLE c FORCE ROW LEVEL SECURITY;
+        CREATE POLICY none ON c USING (false)""")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_batch"))
+    assert r.code == 5, r.err
+    assert "row-level security policy for table \"c\"" in r.err, r.err
+    assert "No snapshot was written" in r.err, r.err
+    r = run("list", "-r", repo, "--json")
+    assert r.code == 0 and json.loads(r.out) == []
+
+
+def test_batches_are_read_with_one_query_each(pg, db, repo, monkeypatch):
+    """The small tables of a snapshot go in batches, each one query, on the leader
+    and on workers alike; what is stored is what one query per table stores."""
+    pg.execute(db, TABLES + "DO $$ BEGIN FOR i IN 1..40 LOOP EXECUTE format("
+                   "'CREATE TABLE m%s (id int PRIMARY KEY, v text); "
+                   "INSERT INTO m%s SELECT g, md5(g::text) FROM generate_series(1, %s) g', "
+                   "i, i, i); END LOOP; END $$")
+    batches = []
+    real = pgsource.CopyOuts.__init__
+
+    def spy(self, conn, tables, key_range=None):
+        batches.append(len(tables))
+        real(self, conn, tables, key_range)
+
+    monkeypatch.setattr(pgsource.CopyOuts, "__init__", spy)
+    results = []
+    for args in ([], ["--reread", "-j", "2"]):
+        batches.clear()
+        r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", *args)
+        assert r.code == 0, r.err
+        results.append(json.loads(r.out))
+        assert sum(n for n in batches if n > 1) == 43, batches   # a goes through psql
+        assert max(batches) <= snapshot.BATCH_TABLES
+    # Read one statement at a time: the same streams, nothing new stored.
+    monkeypatch.setattr(snapshot, "BATCH_TABLES", 1)
+    batches.clear()
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", "--reread")
+    assert r.code == 0, r.err
+    assert batches and set(batches) == {1}
+    assert json.loads(r.out)["bytes_added"] < 16 * 1024
+    target = pg.createdb()
+    assert run("restore", results[1]["id"], "-r", repo, "--to", pg.dsn(target)).code == 0
+    for table in ("a", "b", "m40"):
+        q = f"SELECT md5(string_agg(t::text, '|' ORDER BY id)) FROM {table} t"
+        assert pg.query(target, q) == pg.query(db, q)
