@@ -231,17 +231,25 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
         find_restore = tools.submit(pgtools.find_tool, "pg_restore", pg_dump.major,
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
+        # The tables pg_dump dumps, unless filters leave some out: not other sessions'
+        # temporary tables, nor extensions' own (but their configuration tables).
+        user_tables = [r[0] for r in leader.execute("""
+            SELECT c.oid FROM pg_catalog.pg_class c
+            WHERE c.relkind = 'r' AND c.oid >= 16384 AND c.relpersistence <> 't'
+              AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
+                              WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
+                                AND d.objid = c.oid AND d.deptype = 'e')""")]
         # (Only where it costs less than the pg_dump it would save.)
-        (tables_in_database,) = leader.execute(
-            "SELECT count(*) FROM pg_catalog.pg_class WHERE relkind = 'r' AND oid >= 16384"
-        ).fetchone()
         fingerprint = (tools.submit(_catalog_fingerprint, conninfo, encoding, snapshot_name)
-                       if tables_in_database >= CATALOG_FINGERPRINT_MIN_TABLES else None)
-        # And what the catalog says of the tables the previous snapshot held, most of
-        # them mostly (0.2 s for 3,400 tables): in our snapshot, the same whenever asked.
-        known = (tools.submit(pgsource.table_infos, leader, [t.oid for t in prev.tables],
-                              missing_ok=True)
-                 if prev is not None else None)
+                       if len(user_tables) >= CATALOG_FINGERPRINT_MIN_TABLES else None)
+        # And what the catalog says of the tables pg_dump will most likely name (0.2 s
+        # for 3,400 tables): those the previous snapshot held, or, for a first snapshot
+        # without filters, all of them.  In our snapshot, the same whenever asked.
+        # (Its size takes each table's lock for an instant: not those pg_dump skips,
+        # which a long transaction may hold.)
+        likely = ([t.oid for t in prev.tables] if prev is not None
+                  else user_tables if not filters.as_dict() else [])
+        known = tools.submit(pgsource.table_infos, leader, likely, missing_ok=True)
         with tempfile.TemporaryDirectory(prefix="fpvault-") as tmp:
             # Where the catalog is the one the previous snapshot saw, so is pg_dump's
             # schema dump, which is then not run: its archive and text are taken from
@@ -292,7 +300,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     rels = pgsource.relations(leader, class_oids)
     table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
     seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
-    infos = {t.oid: t for t in known.result()} if known is not None else {}
+    infos = {t.oid: t for t in known.result()}
     infos |= {t.oid: t for t in pgsource.table_infos(
         leader, [o for o in table_oids if o not in infos])}
     tables = [infos[o] for o in table_oids]

@@ -1,6 +1,7 @@
 """Small tables' COPY streams asked for in one query (pgsource.CopyOuts)."""
 
 import json
+import threading
 
 import psycopg
 import pytest
@@ -151,3 +152,49 @@ def test_batches_are_read_with_one_query_each(pg, db, repo, monkeypatch):
     for table in ("a", "b", "m40"):
         q = f"SELECT md5(string_agg(t::text, '|' ORDER BY id)) FROM {table} t"
         assert pg.query(target, q) == pg.query(db, q)
+
+
+def blocked_while(pg, db, hold, *snap_args, repo):
+    """Run snap while another session holds the lock that ``hold`` takes in an open
+    transaction; if snap is still running after 15 s, say whether a backend of ours
+    waits for that session, and let go.  (snap, whether it waited)."""
+    waited = []
+    with psycopg.connect(pg.dsn(db), autocommit=True) as other:
+        for statement in hold:
+            other.execute(statement)
+        holder = other.info.backend_pid
+
+        def watchdog():
+            with psycopg.connect(pg.dsn(db), autocommit=True) as look:
+                waited.extend(look.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND %s = ANY(pg_blocking_pids(pid))", (holder,)).fetchall())
+                look.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                             "WHERE wait_event_type = 'Lock'")
+
+        timer = threading.Timer(15, watchdog)
+        timer.start()
+        try:
+            r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json", *snap_args)
+        finally:
+            timer.cancel()
+        other.execute("ROLLBACK")
+    return r, waited
+
+
+def test_another_sessions_temporary_table_does_not_hold_up_a_snapshot(pg, db, repo):
+    """pg_dump leaves other sessions' temporary tables out, and so must everything
+    snap asks of the catalog: such a table's session may hold its lock for long."""
+    pg.execute(db, TABLES)
+    r, waited = blocked_while(pg, db, ["CREATE TEMPORARY TABLE scratch (id int)", "BEGIN",
+                                       "LOCK TABLE scratch IN ACCESS EXCLUSIVE MODE"], repo=repo)
+    assert not waited and r.code == 0, (waited, r.err)
+    assert sorted(t["name"] for t in json.loads(
+        run("show", json.loads(r.out)["id"], "-r", repo, "--json").out)["tables"]) == [f"public.{n}" for n in "abcd"]
+
+
+def test_a_table_left_out_does_not_hold_up_a_snapshot(pg, db, repo):
+    pg.execute(db, TABLES)
+    r, waited = blocked_while(pg, db, ["BEGIN", "LOCK TABLE c IN ACCESS EXCLUSIVE MODE"],
+                              "--exclude-table", "public.c", repo=repo)
+    assert not waited and r.code == 0, (waited, r.err)
