@@ -43,6 +43,7 @@ everything anyway.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import tempfile
@@ -520,9 +521,16 @@ def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
     snap.seconds = round(time.monotonic() - started, 3)
     snap.bytes_added = store.stats.bytes_added
     snap.program = PROGRAM
+    # The leader's transaction holds the snapshot and every table's lock: it must have
+    # lasted until the last row was read, or a TRUNCATE or a rewrite may have come in
+    # between.  A connection lost while the rows it had sent were still being read
+    # shows only at the next statement: this one.
+    leader.execute("SELECT 1")
     sid = vault.save_snapshot(snap)
-    # The manifest is written; only now does the snapshot's transaction end.
-    leader.execute("COMMIT")
+    # The manifest is written; only now does the snapshot's transaction end.  (Read
+    # only: if the connection is lost now, nothing is.)
+    with contextlib.suppress(psycopg.Error):
+        leader.execute("COMMIT")
     return SnapResult(sid, snap, bytes_read, store.stats.bytes_added, time.monotonic() - started)
 
 

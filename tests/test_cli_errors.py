@@ -393,6 +393,29 @@ def test_connection_lost_mid_snapshot_writes_nothing(pg, db, repo):
     assert snap(pg, repo, db)["rows"] == 600000
 
 
+def test_connection_lost_once_the_manifest_is_written_is_a_snapshot(pg, db, repo, monkeypatch):
+    """The leader's transaction must last until every row is read (snap asks it before
+    writing the manifest); once the manifest is written, losing it costs nothing, and
+    snap must not say that no snapshot was written."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
+    real = Vault.save_snapshot
+
+    def save_then_lose(self, snapshot):
+        sid = real(self, snapshot)
+        with pg.connect() as conn:
+            assert conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = %s AND backend_type = 'client backend' "
+                                "AND pid <> pg_backend_pid()", (db,)).fetchall()
+        return sid
+
+    monkeypatch.setattr(Vault, "save_snapshot", save_then_lose)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0, r.err
+    assert listed(repo) == [json.loads(r.out)["id"]]
+    monkeypatch.setattr(Vault, "save_snapshot", real)
+    assert run("verify", "-r", repo).code == 0
+
+
 def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
     pg.execute(db, "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY); "
                    "INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 20000) g; "

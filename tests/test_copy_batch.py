@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 import psycopg
 import pytest
@@ -198,3 +199,32 @@ def test_a_table_left_out_does_not_hold_up_a_snapshot(pg, db, repo):
     r, waited = blocked_while(pg, db, ["BEGIN", "LOCK TABLE c IN ACCESS EXCLUSIVE MODE"],
                               "--exclude-table", "public.c", repo=repo)
     assert not waited and r.code == 0, (waited, r.err)
+
+
+def test_connection_lost_in_a_batch_writes_nothing(pg, db, repo, monkeypatch):
+    pg.execute(db, "DO $$ BEGIN FOR i IN 1..30 LOOP EXECUTE format("
+                   "'CREATE TABLE s%s (id int PRIMARY KEY, v text); "
+                   "INSERT INTO s%s SELECT g, md5(g::text) FROM generate_series(1, 500) g', "
+                   "i, i); END LOOP; END $$")
+    killed = threading.Event()
+    real = pgsource.CopyOuts.stream
+
+    def stream(self, table, rows=None):   # slow enough for the backend to be killed meanwhile
+        if not killed.is_set():
+            with pg.connect() as conn:
+                if conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                "WHERE datname = %s AND query LIKE 'COPY%%; COPY%%'",
+                                (db,)).fetchall():
+                    killed.set()
+                    time.sleep(0.2)
+        yield from real(self, table, rows)
+
+    monkeypatch.setattr(pgsource.CopyOuts, "stream", stream)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert killed.is_set()
+    assert r.code == 5, r.err
+    assert "No snapshot was written" in r.err and "Traceback" not in r.err, r.err
+    assert json.loads(run("list", "-r", repo, "--json").out) == []
+    monkeypatch.setattr(pgsource.CopyOuts, "stream", real)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0 and json.loads(r.out)["rows"] == 30 * 500
