@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 
+from . import interrupts
 from .errors import FpvaultError, RepositoryDamaged
 from .manifest import SnapshotHead
 from .locks import Lock
@@ -992,21 +993,47 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminated(_signum, _frame) -> None:
-    raise Terminated()
+    interrupts.interrupt(Terminated)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _interrupt(_signum, _frame) -> None:
+    interrupts.interrupt(KeyboardInterrupt)
+
+
+def main(argv: list[str] | None = None, *, in_process: bool = False) -> None:
+    """The command line.  ``in_process``: called by a program that goes on after it
+    (the tests), whose signal handlers are put back; else the process ends with it,
+    and a signal that comes once the exit code is known ends it with that code."""
     ctx = Ctx()
     keep_freed_buffers()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    before = None
+    interrupts.reset()
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        before = signal.signal(signal.SIGTERM, _terminated)
+        handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminated),
+                    signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
+    code: int | str | None = 1
     try:
         _main(ctx, argv, debug)
+    except SystemExit as exc:
+        code = exc.code
+        raise
     finally:
-        if before is not None:
-            signal.signal(signal.SIGTERM, before)
+        if in_process:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            interrupts.reset()
+        elif handlers:
+            # Interpreter exit joins the worker threads: a signal meanwhile would
+            # kill the process (-15) after the command said how it ended.
+            def exit_now(_signum, _frame) -> None:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code if isinstance(code, int) else (0 if code is None else 1))
+
+            for signum in handlers:
+                signal.signal(signum, exit_now)
 
 
 def _interrupted(exc: BaseException | None) -> None:
@@ -1046,6 +1073,9 @@ def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
         click.echo(f"fpvault: internal error: {type(exc).__name__}: {exc}. "
                    "Rerun with --debug for a traceback and report it.", err=True)
         sys.exit(1)
+    if interrupts.pending() is not None:
+        word = "Terminated" if interrupts.pending() is Terminated else "Interrupted"
+        click.echo(f"{word} once {interrupts.held()}: it is complete.", err=True)
     sys.exit(0)
 
 

@@ -33,7 +33,7 @@ from typing import BinaryIO, Callable, Iterator
 
 from typing import TYPE_CHECKING
 
-from . import pgtools
+from . import interrupts, pgtools
 from .pgtools import python_codec
 from .errors import (DatabaseError, FpvaultError, RepositoryDamaged, RestoreFailed, Stopped,
                      UsageError, first_cause)
@@ -407,7 +407,13 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
                 step = "the check of the restored data"
                 before_commit(cur)
             step = "commit"
-            cur.execute("COMMIT" if commit else "ROLLBACK")
+            if commit:
+                # Once it commits, the restore is done: Ctrl-C or SIGTERM meanwhile no
+                # longer makes the restore say it was rolled back (interrupts).
+                with interrupts.durable("the restore was committed"):
+                    cur.execute("COMMIT")
+            else:
+                cur.execute("ROLLBACK")
     except psycopg.OperationalError as exc:
         if not pgsource.connection_lost(exc):
             raise RestoreFailed(f"Restoring {step} into {where} failed: "

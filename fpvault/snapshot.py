@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import psycopg
 import zstandard
 
-from . import __version__, pgsource, pgtools
+from . import __version__, interrupts, pgsource, pgtools
 from .errors import DatabaseError, SnapshotFailed, Stopped, ToolError, first_cause
 from .errors import RepositoryDamaged
 from .manifest import (FORMAT_VERSION, LargeObject, SchemaBlobs, SequenceState, Snapshot,
@@ -526,11 +526,16 @@ def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
     # between.  A connection lost while the rows it had sent were still being read
     # shows only at the next statement: this one.
     leader.execute("SELECT 1")
-    sid = vault.save_snapshot(snap)
+    # From here on the snapshot is complete: Ctrl-C or SIGTERM no longer stops snap
+    # before it says so (interrupts).
+    with interrupts.durable("the snapshot was written"):
+        sid = vault.save_snapshot(snap)
     # The manifest is written; only now does the snapshot's transaction end.  (Read
-    # only: if the connection is lost now, nothing is.)
-    with contextlib.suppress(psycopg.Error):
-        leader.execute("COMMIT")
+    # only: if the connection is lost now, nothing is; nor if it is not ended, when
+    # snap was asked to stop and closing the connection will do.)
+    if interrupts.pending() is None:
+        with contextlib.suppress(psycopg.Error):
+            leader.execute("COMMIT")
     return SnapResult(sid, snap, bytes_read, store.stats.bytes_added, time.monotonic() - started)
 
 

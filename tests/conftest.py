@@ -230,7 +230,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> Result:
     runner = CliRunner()
     with runner.isolation(env=env) as streams:
         try:
-            main(list(args))
+            main(list(args), in_process=True)
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1

@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import zstandard
 
 from conftest import run
 from fpvault import pgsource
+from fpvault.chunkstore import ChunkStore
 from fpvault.cli import cli
 from fpvault.vault import SNAPSHOTS, Vault
 
@@ -414,6 +416,74 @@ def test_connection_lost_once_the_manifest_is_written_is_a_snapshot(pg, db, repo
     assert listed(repo) == [json.loads(r.out)["id"]]
     monkeypatch.setattr(Vault, "save_snapshot", real)
     assert run("verify", "-r", repo).code == 0
+
+
+def test_sigterm_once_the_manifest_is_written_is_a_snapshot(pg, db, repo, monkeypatch):
+    """SIGTERM (a cron job's timeout) in the last instant: snap still prints the id of
+    the snapshot it wrote, and exits 0 saying it was asked to stop; before the
+    manifest, it stops (exit 143) with nothing written."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
+    real_save, real_flush = Vault.save_snapshot, ChunkStore.flush
+
+    def save_then_term(self, snapshot):
+        sid = real_save(self, snapshot)
+        os.kill(os.getpid(), signal.SIGTERM)   # handled in this thread, at once
+        time.sleep(0.01)
+        return sid
+
+    monkeypatch.setattr(Vault, "save_snapshot", save_then_term)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0, r.err
+    assert r.err.strip() == "Terminated once the snapshot was written: it is complete."
+    assert listed(repo) == [json.loads(r.out)["id"]]
+    monkeypatch.setattr(Vault, "save_snapshot", real_save)
+
+    def flush_then_term(self, *args, **kwargs):
+        real_flush(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+    monkeypatch.setattr(ChunkStore, "flush", flush_then_term)
+    pg.execute(db, "INSERT INTO t VALUES (3)")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 143 and r.err.strip() == "Terminated.", (r.code, r.err)
+    assert len(listed(repo)) == 1
+    monkeypatch.setattr(ChunkStore, "flush", real_flush)
+    assert snap(pg, repo, db)["rows"] == 3
+
+
+def test_sigterm_as_a_restore_commits_does_not_say_it_was_rolled_back(pg, db, repo, monkeypatch):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
+    sid = snap(pg, repo, db)["id"]
+    real = psycopg.Cursor.execute
+
+    def execute(self, query, *args, **kwargs):
+        out = real(self, query, *args, **kwargs)
+        if query == "COMMIT":   # the restore's, in one transaction
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+        return out
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    target = pg.createdb()
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))
+    monkeypatch.setattr(psycopg.Cursor, "execute", real)
+    assert r.code == 0, r.err
+    assert "Terminated once the restore was committed: it is complete." in r.err, r.err
+    assert pg.query(target, "SELECT count(*) FROM t") == [(2,)]
+
+
+def test_a_signal_once_the_exit_code_is_known_ends_with_that_code(repo):
+    """As the interpreter exits (joining worker threads), SIGTERM ends the process
+    with the command's own exit code, not -15."""
+    late = ("import atexit, os, signal, sys, time; "
+            "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5))); "
+            "from fpvault.cli import main; main(sys.argv[1:])")
+    for args, code in ((["list", "-r", repo, "--json"], 0), (["show", "abcdef", "-r", repo], 2)):
+        p = subprocess.run([sys.executable, "-c", late, *args], capture_output=True, timeout=60)
+        assert p.returncode == code, (p.returncode, p.stderr)
+    assert json.loads(subprocess.run([sys.executable, "-c", late, "list", "-r", repo, "--json"],
+                                     capture_output=True, timeout=60).stdout) == []
 
 
 def test_damaged_chunk_stops_restore_naming_table(pg, db, repo):
