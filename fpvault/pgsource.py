@@ -1019,6 +1019,10 @@ class CopyOuts:
     raised as the same psycopg exceptions a cursor would raise, each from the
     stream of the table it is about; the server runs none of the statements
     after one that fails.
+
+    Where the results are is kept here, not in the stream generators: a consumer
+    may drop a stream anywhere (an exception while it holds a buffer), and the
+    next stream, or ``close``, goes on from where that one stopped.
     """
 
     def __init__(self, conn: psycopg.Connection, tables: list[TableInfo],
@@ -1028,8 +1032,10 @@ class CopyOuts:
         self.conn = conn
         self.pgconn = conn.pgconn
         self.oids = [t.oid for t in tables]
-        self.read = 0        # statements whose results have been read to their end
-        self.failed = False  # a statement failed: the server ran none after it
+        self.read = 0           # statements whose results have been read to their end
+        self.open = False       # statement ``read`` has begun (its COPY_OUT taken)
+        self.rows_sent = False  # ... and its rows were all read
+        self.failed = False     # a statement failed: the server runs none after it
         self.closed = False
         query = b"; ".join(t.copy_statement(key_range).as_bytes(conn) for t in tables)
         # In a SQL_ASCII database the session reads text as UTF-8 (connect), against
@@ -1044,6 +1050,7 @@ class CopyOuts:
             while self.pgconn.flush():
                 select.select([], [self.pgconn.socket], [])
         except BaseException:
+            self.closed = True
             conn.lock.release()
             raise
 
@@ -1052,23 +1059,40 @@ class CopyOuts:
         ``rows``.  The streams of the tables before it that were not read are
         skipped."""
         index = self.oids.index(table.oid)
-        while self.read < index:
-            for _ in self._statement(None):
-                pass
-        if self.read != index:
+        if self.closed or index < self.read + self.open:
             raise RuntimeError(f"{table.qname}'s COPY stream was read already")
-        yield from self._statement(rows)
+        while self.read < index:
+            self._skip()
+        self._begin()
+        try:
+            yield from self._rows()
+        finally:
+            if self.open and self.read == index and not self.closed:
+                self._end(rows)
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
         """Read the rest of the results (an error among them is raised), so the
-        connection is usable again."""
+        connection is usable again.  ``cancel``: the consumer is giving up (an
+        exception is on its way): the server is asked to stop, and nothing more
+        is raised."""
         if self.closed:
             return
         self.closed = True
         try:
+            if cancel:
+                with contextlib.suppress(Exception):
+                    if self.read < len(self.oids) and not self.failed:
+                        self.conn.cancel()
+                    while (res := self._next_result()) is not None:
+                        if res.status == pq.ExecStatus.COPY_OUT:
+                            self.open, self.rows_sent = True, False
+                        if self.open:
+                            for _ in self._rows():
+                                pass
+                            self.open = False
+                return
             while self.read < len(self.oids) and not self.failed:
-                for _ in self._statement(None):
-                    pass
+                self._skip()
             while (res := self._next_result()) is not None:   # only the end to come
                 self._check(res, pq.ExecStatus.COMMAND_OK)
             if self.pgconn.status != pq.ConnStatus.OK:
@@ -1076,51 +1100,61 @@ class CopyOuts:
                                                or "connection lost")
         finally:
             self.conn.lock.release()
-            if self.raw and self.pgconn.status == pq.ConnStatus.OK:
+            if (self.raw and self.pgconn.status == pq.ConnStatus.OK
+                    and self.pgconn.transaction_status in (pq.TransactionStatus.IDLE,
+                                                           pq.TransactionStatus.INTRANS)):
                 self.conn.execute("SET client_encoding = 'UTF8'")
 
-    def _statement(self, rows: list[int] | None) -> Iterator[bytearray]:
-        """The next statement's rows, which are read to their end even if the consumer
-        stops early."""
+    def _skip(self) -> None:
+        """Read the next unread statement's results (its rows are dropped)."""
+        if not self.open:
+            self._begin()
+        for _ in self._rows():
+            pass
+        self._end(None)
+
+    def _begin(self) -> None:
+        if self.open:   # a stream dropped before its end: finish it first
+            self._skip()
         res = self._next_result()
         if res is None:
             self.failed = True
             raise psycopg.OperationalError(self.pgconn.get_error_message()
                                            or "the server ended the COPY statements early")
         self._check(res, pq.ExecStatus.COPY_OUT)
+        self.open, self.rows_sent = True, False
+
+    def _rows(self) -> Iterator[bytearray]:
+        """The rest of the open statement's rows, in buffers of about COPY_BATCH."""
         get = self.pgconn.get_copy_data
         buf = bytearray()
-        at_end = False
-        try:
-            while True:
-                nbytes, data = get(1)
-                if nbytes > 0:
-                    buf += data
-                    if len(buf) >= COPY_BATCH:
-                        yield buf
-                        buf = bytearray()
-                elif nbytes == 0:
-                    self._wait_readable()
-                else:
-                    break
-            at_end = True
-            if buf:
-                yield buf
-        finally:
-            while not at_end:   # the consumer stopped early: skip to the statement's end
-                nbytes, _ = get(1)
-                if nbytes == 0:
-                    self._wait_readable()
-                at_end = nbytes < 0
-            res = self._next_result()
-            if res is None:
-                self.failed = True
-                raise psycopg.OperationalError(self.pgconn.get_error_message()
-                                               or "connection lost")
-            self._check(res, pq.ExecStatus.COMMAND_OK)
-            self.read += 1
-            if rows is not None:
-                rows.append(res.command_tuples or 0)
+        while not self.rows_sent:
+            nbytes, data = get(1)
+            if nbytes > 0:
+                buf += data
+                if len(buf) >= COPY_BATCH:
+                    yield buf
+                    buf = bytearray()
+            elif nbytes == 0:
+                self._wait_readable()
+            else:
+                self.rows_sent = True
+        if buf:
+            yield buf
+
+    def _end(self, rows: list[int] | None) -> None:
+        """Finish the open statement: the rest of its rows dropped, its result read."""
+        for _ in self._rows():
+            pass
+        self.open = False
+        res = self._next_result()
+        if res is None:
+            self.failed = True
+            raise psycopg.OperationalError(self.pgconn.get_error_message() or "connection lost")
+        self._check(res, pq.ExecStatus.COMMAND_OK)
+        self.read += 1
+        if rows is not None:
+            rows.append(res.command_tuples or 0)
 
     def _wait_readable(self) -> None:
         select.select([self.pgconn.socket], [], [])
@@ -1136,7 +1170,8 @@ class CopyOuts:
             self.failed = True
             if res.status in (pq.ExecStatus.FATAL_ERROR, pq.ExecStatus.NONFATAL_ERROR):
                 raise psycopg.errors.error_from_result(res, encoding=self.conn.info.encoding)
-            raise psycopg.OperationalError(f"unexpected result of COPY: {res.status.name}")
+            raise psycopg.OperationalError(
+                f"unexpected result of COPY: {pq.ExecStatus(res.status).name}")
 
 
 class PsqlUnavailable(Exception):

@@ -233,10 +233,13 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                                     "to read pg_dump's archive")
         find_psql = tools.submit(pgtools.find_psql, pg_dump)
         # The tables pg_dump dumps, unless filters leave some out: not other sessions'
-        # temporary tables, nor extensions' own (but their configuration tables).
+        # temporary tables, nor extensions' own (but their configuration tables), nor
+        # any in the system's schemas (a superuser may make one there).
         user_tables = [r[0] for r in leader.execute("""
             SELECT c.oid FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind = 'r' AND c.oid >= 16384 AND c.relpersistence <> 't'
+              AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
               AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d
                               WHERE d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass
                                 AND d.objid = c.oid AND d.deptype = 'e')""")]
@@ -281,6 +284,9 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
                 toc, pre_sql, post_sql = toc_job.result(), pre_job.result(), post_job.result()
         psql = find_psql.result()
         catalog = fingerprint.result() if fingerprint is not None else ""
+        # (Its error first: it ran on the leader, whose next statement would only say
+        # that the transaction is aborted.)
+        known_infos = known.result()
     reader = (pgsource.PsqlReader(psql.path, safe, env, snapshot_name, encoding)
               if psql is not None else None)
 
@@ -301,7 +307,7 @@ def _take(vault: Vault, leader: psycopg.Connection, conninfo: str, tags, filters
     rels = pgsource.relations(leader, class_oids)
     table_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "r"]
     seq_oids = [o for o in class_oids if rels.get(o, ("",))[0] == "S"]
-    infos = {t.oid: t for t in known.result()}
+    infos = {t.oid: t for t in known_infos}
     infos |= {t.oid: t for t in pgsource.table_infos(
         leader, [o for o in table_oids if o not in infos])}
     tables = [infos[o] for o in table_oids]
@@ -526,6 +532,9 @@ def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
     # between.  A connection lost while the rows it had sent were still being read
     # shows only at the next statement: this one.
     leader.execute("SELECT 1")
+    if leader.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
+        raise SnapshotFailed("The snapshot's transaction ended before its last row was read; "
+                             "take the snapshot again. No snapshot was written.")
     # From here on the snapshot is complete: Ctrl-C or SIGTERM no longer stops snap
     # before it says so (interrupts).
     with interrupts.durable("the snapshot was written"):
@@ -788,9 +797,12 @@ def _copy_tables(vault: Vault, leader: psycopg.Connection, conninfo: str, snapsh
                     vault, conn, reader, table, progress, previous, spools, first_range, stop,
                     deltas_off_thread=CORES >= DELTAS_OFF_THREAD_CORES_PER_JOB * jobs,
                     copies=copies))
-        finally:
-            if copies is not None:
-                copies.close()
+        except BaseException:
+            if copies is not None:   # the snapshot fails: the server need not send the rest
+                copies.close(cancel=True)
+            raise
+        if copies is not None:
+            copies.close()
         return out
 
     # Largest first, so the long tables start early and the small ones fill the gaps.

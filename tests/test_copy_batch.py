@@ -1,6 +1,7 @@
 """Small tables' COPY streams asked for in one query (pgsource.CopyOuts)."""
 
 import json
+import os
 import threading
 import time
 
@@ -9,6 +10,8 @@ import pytest
 
 from conftest import run
 from fpvault import pgsource, snapshot
+from fpvault.errors import FpvaultError
+from fpvault.vault import StreamWriter
 
 TABLES = """
 CREATE TABLE a (id int PRIMARY KEY, v text);
@@ -228,3 +231,65 @@ def test_connection_lost_in_a_batch_writes_nothing(pg, db, repo, monkeypatch):
     monkeypatch.setattr(pgsource.CopyOuts, "stream", real)
     r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
     assert r.code == 0 and json.loads(r.out)["rows"] == 30 * 500
+
+
+@pytest.mark.parametrize("failure", ["store", "interrupt"])
+def test_a_failure_while_a_batch_is_stored_is_that_failure(pg, db, repo, monkeypatch, failure):
+    """Storing a batch's table fails while it holds the table's last (here only)
+    buffer: the snapshot fails with that error, and the rest of the batch is not
+    mistaken for it."""
+    pg.execute(db, TABLES)
+    real = StreamWriter.write
+
+    def write(self, buf):
+        if b"tab\\there" in bytes(buf):   # table b's rows
+            if failure == "store":
+                raise FpvaultError("No space left on the device of the repository")
+            raise KeyboardInterrupt()
+        return real(self, buf)
+
+    monkeypatch.setattr(StreamWriter, "write", write)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    if failure == "store":
+        assert r.code == 1 and r.err.strip() == "fpvault: No space left on the device of the " \
+            "repository", r.err
+    else:
+        assert r.code == 130 and r.err.strip() == "Interrupted.", r.err
+    assert json.loads(run("list", "-r", repo, "--json").out) == []
+    monkeypatch.setattr(StreamWriter, "write", real)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 0 and json.loads(r.out)["tables"] == 4, r.err
+
+
+def test_a_refusal_in_a_sql_ascii_batch_is_the_refusal(pg, repo):
+    """In a SQL_ASCII database each COPY switches the session's encoding and back:
+    not in a transaction that the refusal aborted, which would hide it."""
+    db = f"ascii_{os.getpid()}"
+    with pg.connect() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}"')
+        conn.execute(f"CREATE DATABASE \"{db}\" TEMPLATE template0 ENCODING 'SQL_ASCII' "
+                     "LC_COLLATE 'C' LC_CTYPE 'C'")
+        conn.execute("""DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fpv_batch') THEN
+              CREATE ROLE fpv_batch LOGIN NOSUPERUSER NOBYPASSRLS;
+            END IF; END $$""")
+    pg.execute(db, TABLES + """
+        ALTER TABLE a OWNER TO fpv_batch; ALTER TABLE b OWNER TO fpv_batch;
+        ALTER TABLE c OWNER TO fpv_batch; ALTER TABLE d OWNER TO fpv_batch;
+        ALTER TABLE c ENABLE ROW LEVEL SECURITY; ALTER TABLE c FORCE ROW LEVEL SECURITY;
+        CREATE POLICY none ON c USING (false)""")
+    r = run("snap", "-r", repo, "-d", pg.dsn(db, user="fpv_batch"))
+    assert r.code == 5, r.err
+    assert "row-level security policy for table \"c\"" in r.err, r.err
+
+
+def test_a_table_in_information_schema_does_not_hold_up_a_snapshot(pg, db, repo):
+    """pg_dump skips the system schemas, where a superuser may still make a table."""
+    pg.execute(db, TABLES + "CREATE TABLE information_schema.scratch_fpv (id int)")
+    try:
+        r, waited = blocked_while(
+            pg, db, ["BEGIN", "LOCK TABLE information_schema.scratch_fpv IN ACCESS EXCLUSIVE MODE"],
+            repo=repo)
+    finally:
+        pg.execute(db, "DROP TABLE information_schema.scratch_fpv")
+    assert not waited and r.code == 0, (waited, r.err)
