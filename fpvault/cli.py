@@ -1000,18 +1000,19 @@ def _interrupt(_signum, _frame) -> None:
     interrupts.interrupt(KeyboardInterrupt)
 
 
-def main(argv: list[str] | None = None, *, in_process: bool = False) -> None:
-    """The command line.  ``in_process``: called by a program that goes on after it
-    (the tests), whose signal handlers are put back; else the process ends with it,
-    and a signal that comes once the exit code is known ends it with that code."""
+def main(argv: list[str] | None = None, *, in_process: bool = True) -> None:
+    """The command line, as a call that returns (by SystemExit), its signal handlers
+    put back; ``entry`` is the console script's."""
     ctx = Ctx()
     keep_freed_buffers()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     interrupts.reset()
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers = {signal.SIGTERM: signal.signal(signal.SIGTERM, _terminated),
-                    signal.SIGINT: signal.signal(signal.SIGINT, _interrupt)}
+        for signum, handler in ((signal.SIGTERM, _terminated), (signal.SIGINT, _interrupt)):
+            # (A signal the parent had ignored stays ignored: a shell's background job.)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                handlers[signum] = signal.signal(signum, handler)
     code: int | str | None = 1
     try:
         _main(ctx, argv, debug)
@@ -1023,24 +1024,34 @@ def main(argv: list[str] | None = None, *, in_process: bool = False) -> None:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             interrupts.reset()
-        elif handlers:
+        else:
             # Interpreter exit joins the worker threads: a signal meanwhile would
             # kill the process (-15) after the command said how it ended.
             def exit_now(_signum, _frame) -> None:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
+                for stream in (sys.stdout, sys.stderr):
+                    with contextlib.suppress(Exception):
+                        stream.flush()
                 os._exit(code if isinstance(code, int) else (0 if code is None else 1))
 
             for signum in handlers:
                 signal.signal(signum, exit_now)
 
 
+def entry() -> None:
+    """The console script: the process ends with the command, and a signal that comes
+    once its exit code is known ends it with that code."""
+    main(in_process=False)
+
+
 def _interrupted(exc: BaseException | None) -> None:
     """Ctrl-C (130) or SIGTERM (143): what was not committed is as if never begun,
     unless the command says otherwise (a restore with -j leaves the tables it loaded)."""
     word = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
-    click.echo(" ".join([f"{word}.", *(getattr(exc, "__notes__", None) or [])]), err=True)
+    notes = list(getattr(exc, "__notes__", None) or [])
+    if interrupts.held():   # a second signal, after the work was done
+        done = interrupts.held()
+        notes.append(f"{done[0].upper()}{done[1:]} before that: it is complete.")
+    click.echo(" ".join([f"{word}.", *notes]), err=True)
     sys.exit(143 if isinstance(exc, Terminated) else 130)
 
 
@@ -1080,4 +1091,4 @@ def _main(ctx: "Ctx", argv: list[str] | None, debug: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()

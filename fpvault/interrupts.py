@@ -5,9 +5,10 @@ so that locks, temporary files and child processes are cleaned up.  But once a
 snapshot's manifest is written, the snapshot is complete: an interrupt that
 comes then must neither make the command say that it failed nor stop it before
 it prints the snapshot's id, which scripts read.  ``durable`` marks that write:
-from just before it to the end of the command, an interrupt is remembered
-(``pending``) instead of raised, and the command ends as it would have, saying
-that it was asked to stop.
+from just before it to the end of the command, the first interrupt is
+remembered (``pending``) instead of raised, and the command ends as it would
+have, saying that it was asked to stop.  A second one is raised: a write or a
+COMMIT that hangs can still be stopped without SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,42 +16,44 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-_held: str | None = None                      # what was made durable, once it was
 _holding = False
+_held: str | None = None                      # what was made durable, once it was
 _pending: type[BaseException] | None = None   # the interrupt that came meanwhile
 
 
 def reset() -> None:
     """Forget all of it (a new command in the same process)."""
-    global _held, _holding, _pending
-    _held, _holding, _pending = None, False, None
+    global _holding, _held, _pending
+    _holding, _held, _pending = False, None, None
 
 
 def interrupt(exc: type[BaseException]) -> None:
-    """From a signal handler: raise ``exc``, or remember it while work is made durable
-    or after it was."""
+    """From a signal handler: raise ``exc``, or, while work is made durable or after it
+    was, remember the first one."""
     global _pending
-    if _holding:
-        _pending = _pending or exc
+    if _holding and _pending is None:
+        _pending = exc
         return
     raise exc()
 
 
 @contextmanager
-def durable(what: str) -> Iterator[None]:
+def durable(what: str, unsure: str) -> Iterator[None]:
     """Around the write that makes the command's work durable (``what``: "the
-    snapshot was written").  An interrupt waits until the block ends; if the block
-    raises, so does the interrupt then (else the error); if not, it is remembered
-    until the command ends."""
-    global _held, _holding, _pending
+    snapshot was written").  The first interrupt waits until the block ends, and is
+    then remembered until the command ends; if the block fails, its error is
+    raised as it would have been.  A second interrupt stops the block, noting
+    ``unsure`` (what is then not known, and how to find out)."""
+    global _holding, _held, _pending
     _holding = True
     try:
         yield
+    except KeyboardInterrupt as exc:   # a second signal (SIGTERM too: cli.Terminated)
+        _holding, _pending = False, None
+        exc.add_note(unsure)
+        raise
     except BaseException:
-        _holding = False
-        pending, _pending = _pending, None
-        if pending is not None:
-            raise pending()   # the command stops, as it was asked; the error is chained
+        _holding, _pending = False, None
         raise
     _held = what
 

@@ -410,7 +410,9 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
             if commit:
                 # Once it commits, the restore is done: Ctrl-C or SIGTERM meanwhile no
                 # longer makes the restore say it was rolled back (interrupts).
-                with interrupts.durable("the restore was committed"):
+                with interrupts.durable("the restore was committed",
+                                        "It came as the restore was committing: whether it "
+                                        "did is not known; look in the database."):
                     cur.execute("COMMIT")
             else:
                 cur.execute("ROLLBACK")
@@ -419,6 +421,10 @@ def to_database(vault: Vault, plan: Plan, conninfo: str,
             raise RestoreFailed(f"Restoring {step} into {where} failed: "
                                 f"{pgsource.pg_message(exc)}.{_hint(exc)} The restore was rolled "
                                 "back; the database is as it was.") from exc
+        if step == "commit":
+            raise DatabaseError(f"Lost the connection to {where} as the restore committed: "
+                                f"{pgsource.pg_message(exc)}. Whether it did is not known: "
+                                "look in the database.") from exc
         raise DatabaseError(f"Lost the connection to {where} while restoring {step}: "
                             f"{pgsource.pg_message(exc)}. The restore was rolled back.") from exc
     except psycopg.Error as exc:

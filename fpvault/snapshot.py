@@ -537,7 +537,9 @@ def _save(vault: Vault, leader: psycopg.Connection, snap: Snapshot,
                              "take the snapshot again. No snapshot was written.")
     # From here on the snapshot is complete: Ctrl-C or SIGTERM no longer stops snap
     # before it says so (interrupts).
-    with interrupts.durable("the snapshot was written"):
+    with interrupts.durable("the snapshot was written",
+                            "It came as the snapshot's manifest was being written: 'fpvault "
+                            "list' shows whether it was."):
         sid = vault.save_snapshot(snap)
     # The manifest is written; only now does the snapshot's transaction end.  (Read
     # only: if the connection is lost now, nothing is; nor if it is not ended, when

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import blake3
 import psycopg
+import pytest
 import msgspec
 import zstandard
 
 from conftest import run
 from fpvault import pgsource
 from fpvault.chunkstore import ChunkStore
+from fpvault import cli as fpvault_cli
 from fpvault.cli import cli
 from fpvault.vault import SNAPSHOTS, Vault
 
@@ -452,6 +454,94 @@ def test_sigterm_once_the_manifest_is_written_is_a_snapshot(pg, db, repo, monkey
     assert snap(pg, repo, db)["rows"] == 3
 
 
+def test_a_second_sigterm_stops_snap_even_as_it_writes_the_manifest(pg, db, repo, monkeypatch):
+    """The first signal waits for the manifest; a second one, as to a write that hangs,
+    stops snap, saying what is not known; after the manifest, saying it is complete."""
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    real_save = Vault.save_snapshot
+
+    def term():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+
+    def hung_save(self, snapshot):
+        term()
+        term()   # the write would hang here
+        return real_save(self, snapshot)
+
+    monkeypatch.setattr(Vault, "save_snapshot", hung_save)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db))
+    assert r.code == 143, r.err
+    assert r.err.strip() == ("Terminated. It came as the snapshot's manifest was being "
+                             "written: 'fpvault list' shows whether it was."), r.err
+    assert listed(repo) == []
+
+    def save_then_term(self, snapshot):
+        sid = real_save(self, snapshot)
+        term()   # remembered
+        return sid
+
+    real_emit = fpvault_cli.emit_json
+
+    def emit_after_term(doc):
+        term()   # the second: raised, after the manifest
+        real_emit(doc)
+
+    monkeypatch.setattr(Vault, "save_snapshot", save_then_term)
+    monkeypatch.setattr(fpvault_cli, "emit_json", emit_after_term)
+    r = run("snap", "-r", repo, "-d", pg.dsn(db), "--json")
+    assert r.code == 143, r.err
+    assert r.err.strip() == "Terminated. The snapshot was written before that: it is complete."
+    monkeypatch.setattr(fpvault_cli, "emit_json", real_emit)
+    assert len(listed(repo)) == 1
+
+
+def test_main_called_from_a_program_puts_its_signal_handlers_back(repo, capsys):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_:
+        fpvault_cli.main(["list", "-r", repo, "--json"])
+    assert exit_.value.code == 0 and json.loads(capsys.readouterr().out) == []
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_sigint_that_the_parent_ignores_stays_ignored(repo):
+    """A shell's background job ignores Ctrl-C: so does fpvault run as one."""
+    script = ("import os, signal, sys, time; from fpvault import vault; "
+              "real = vault.Vault.snapshots\n"
+              "def snapshots(self, *a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGINT); time.sleep(0.05)\n"
+              "    return real(self, *a, **k)\n"
+              "vault.Vault.snapshots = snapshots\n"
+              "from fpvault.cli import entry; entry()")
+    args = [sys.executable, "-c", script, "list", "-r", repo, "--json"]
+    p = subprocess.run(args, capture_output=True, timeout=60,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert p.returncode == 0 and json.loads(p.stdout) == [], p.stderr
+    p = subprocess.run(args, capture_output=True, timeout=60)
+    assert p.returncode == 130 and p.stderr.strip() == b"Interrupted.", p.stderr
+
+
+def test_a_connection_lost_as_a_restore_commits_is_not_called_a_rollback(pg, db, repo,
+                                                                        monkeypatch):
+    pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+    sid = snap(pg, repo, db)["id"]
+    target = pg.createdb()
+    real = psycopg.Cursor.execute
+
+    def execute(self, query, *args, **kwargs):
+        if query == "COMMIT":
+            with pg.connect() as conn:
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = %s", (target,))
+        return real(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+    r = run("restore", sid, "-r", repo, "--to", pg.dsn(target))
+    assert r.code == 5, r.err
+    assert "as the restore committed" in r.err and "Whether it did is not known" in r.err
+    assert "rolled back" not in r.err, r.err
+
+
 def test_sigterm_as_a_restore_commits_does_not_say_it_was_rolled_back(pg, db, repo, monkeypatch):
     pg.execute(db, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)")
     sid = snap(pg, repo, db)["id"]
@@ -478,7 +568,7 @@ def test_a_signal_once_the_exit_code_is_known_ends_with_that_code(repo):
     with the command's own exit code, not -15."""
     late = ("import atexit, os, signal, sys, time; "
             "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(5))); "
-            "from fpvault.cli import main; main(sys.argv[1:])")
+            "from fpvault.cli import entry; entry()")
     for args, code in ((["list", "-r", repo, "--json"], 0), (["show", "abcdef", "-r", repo], 2)):
         p = subprocess.run([sys.executable, "-c", late, *args], capture_output=True, timeout=60)
         assert p.returncode == code, (p.returncode, p.stderr)

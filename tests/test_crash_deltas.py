@@ -23,7 +23,7 @@ FORCED = ("import sys, os, atexit; from fpvault import snapshot, chunkstore; "
           "lambda *a: (n.__setitem__(0, n[0] + 1), real(*a))[1]; "
           "atexit.register(lambda: os.environ.get('FPVAULT_TEST_DELTA_JOBS') and "
           "open(os.environ['FPVAULT_TEST_DELTA_JOBS'], 'a').write(f'{n[0]}\\n')); "
-          "from fpvault.cli import main; main(sys.argv[1:])")
+          "from fpvault.cli import entry; entry()")
 
 
 def count(repo) -> int:
